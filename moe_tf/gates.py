@@ -1,0 +1,262 @@
+"""Gating networks as Keras layers: flat noisy top-k, hierarchical, strictly balanced.
+
+Every gate maps float32 tokens `[tokens, input_dim]` (and an optional boolean token mask
+`[tokens]`) to a `GateOutput`: the routing for the dispatcher and the Importance and Load
+vectors `[experts]` from which the layer forms its balancing loss. Gates always compute in
+float32 (their dtype policy is fixed), whatever the model's mixed-precision policy.
+"""
+
+from typing import NamedTuple, Optional, Union
+
+import keras
+import tensorflow as tf
+
+from moe_tf import gating
+from moe_tf.routing import DenseRouting, SlotRouting
+
+
+class GateOutput(NamedTuple):
+    """What a gate decided for one batch of tokens.
+
+    Attributes:
+        routing: a `SlotRouting` or `DenseRouting`.
+        importance: float32 `[experts]`, Importance(X).
+        load: float32 `[experts]`, Load(X): the smooth estimator of Eq. 10 while training
+            with noise, otherwise the number of tokens each expert receives.
+    """
+
+    routing: Union[SlotRouting, DenseRouting]
+    importance: tf.Tensor
+    load: tf.Tensor
+
+
+def _mask_as_float(mask: Optional[tf.Tensor], num_tokens) -> tf.Tensor:
+    """`[tokens]` float32 of 1.0 for tokens that count, 0.0 for masked ones."""
+    if mask is None:
+        return tf.ones([num_tokens], tf.float32)
+    return tf.cast(mask, tf.float32)
+
+
+class _GateBase(keras.layers.Layer):
+    """Shared plumbing: float32 policy and the seed for the gating noise."""
+
+    def __init__(self, *, seed: Optional[int] = None, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def _gate_weight(self, name: str, shape) -> keras.Variable:
+        # Appendix A: zero gate weights give every expert the same start.
+        return self.add_weight(name=name, shape=shape, initializer="zeros",
+                               autocast=False)
+
+    def _normal(self, shape) -> tf.Tensor:
+        return keras.random.normal(shape, seed=self.seed_generator, dtype="float32")
+
+    def _noisy_top_k(self, clean_logits: tf.Tensor, raw_noise_logits: Optional[tf.Tensor],
+                     k: int) -> gating.TopKGating:
+        """Noisy top-k over the last axis; `raw_noise_logits` None means no noise."""
+        if raw_noise_logits is None:
+            return gating.noisy_top_k_gating(clean_logits, k)
+        return gating.noisy_top_k_gating(
+            clean_logits, k, noise=self._normal(tf.shape(clean_logits)),
+            stddev=gating.noise_stddev(raw_noise_logits, self.noise_epsilon))
+
+
+class NoisyTopKGate(_GateBase):
+    """Noisy top-k gating over `num_experts` experts (Section 2.1).
+
+    Weights: `w_gate` and `w_noise`, `[input_dim, num_experts]`, zero-initialised.
+    """
+
+    def __init__(self, *, num_experts: int, k: int, noisy_gating: bool = True,
+                 noise_epsilon: float = gating.DEFAULT_NOISE_EPSILON,
+                 seed: Optional[int] = None, **kwargs):
+        super().__init__(seed=seed, **kwargs)
+        self.num_experts = num_experts
+        self.k = k
+        self.noisy_gating = noisy_gating
+        self.noise_epsilon = noise_epsilon
+
+    def build(self, input_shape):
+        input_dim = input_shape[-1]
+        self.w_gate = self._gate_weight("w_gate", (input_dim, self.num_experts))
+        self.w_noise = (self._gate_weight("w_noise", (input_dim, self.num_experts))
+                        if self.noisy_gating else None)
+
+    def call(self, inputs, *, training=None, mask=None) -> GateOutput:
+        """inputs: float32 `[tokens, input_dim]`; mask: bool `[tokens]` or None."""
+        token_weight = _mask_as_float(mask, tf.shape(inputs)[0])
+        noisy = bool(training) and self.noisy_gating
+        result = self._noisy_top_k(
+            tf.matmul(inputs, self.w_gate),
+            tf.matmul(inputs, self.w_noise) if noisy else None, self.k)
+        routing = SlotRouting(expert_index=result.index,
+                              gate=result.gate * token_weight[:, None],
+                              num_experts=self.num_experts)
+        load = tf.reduce_sum(result.load * token_weight[:, None], axis=0)
+        return GateOutput(routing=routing, importance=routing.importance(), load=load)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_experts=self.num_experts, k=self.k,
+                      noisy_gating=self.noisy_gating, noise_epsilon=self.noise_epsilon,
+                      seed=self.seed)
+        return config
+
+
+class HierarchicalNoisyTopKGate(_GateBase):
+    """Two-level noisy top-k gating (Appendix B).
+
+    A primary gate picks `group_k` of `num_groups` groups; inside each picked group a
+    secondary gate picks `k` of its `experts_per_group` experts. Expert (i, j) is expert
+    number `i * experts_per_group + j`, and its gate is Gp(x)_i * G_i(x)_j.
+
+    Weights: `w_gate`, `w_noise` `[input_dim, num_groups]` (primary) and
+    `w_gate_secondary`, `w_noise_secondary` `[num_groups, input_dim, experts_per_group]`,
+    all zero-initialised.
+    """
+
+    def __init__(self, *, num_groups: int, experts_per_group: int, group_k: int, k: int,
+                 noisy_gating: bool = True,
+                 noise_epsilon: float = gating.DEFAULT_NOISE_EPSILON,
+                 seed: Optional[int] = None, **kwargs):
+        super().__init__(seed=seed, **kwargs)
+        self.num_groups = num_groups
+        self.experts_per_group = experts_per_group
+        self.group_k = group_k
+        self.k = k
+        self.noisy_gating = noisy_gating
+        self.noise_epsilon = noise_epsilon
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_groups * self.experts_per_group
+
+    def build(self, input_shape):
+        input_dim = input_shape[-1]
+        self.w_gate = self._gate_weight("w_gate", (input_dim, self.num_groups))
+        secondary_shape = (self.num_groups, input_dim, self.experts_per_group)
+        self.w_gate_secondary = self._gate_weight("w_gate_secondary", secondary_shape)
+        if self.noisy_gating:
+            self.w_noise = self._gate_weight("w_noise", (input_dim, self.num_groups))
+            self.w_noise_secondary = self._gate_weight("w_noise_secondary",
+                                                       secondary_shape)
+        else:
+            self.w_noise = self.w_noise_secondary = None
+
+    def call(self, inputs, *, training=None, mask=None) -> GateOutput:
+        """inputs: float32 `[tokens, input_dim]`; mask: bool `[tokens]` or None."""
+        token_weight = _mask_as_float(mask, tf.shape(inputs)[0])
+        noisy = bool(training) and self.noisy_gating
+        primary = self._noisy_top_k(
+            tf.matmul(inputs, self.w_gate),
+            tf.matmul(inputs, self.w_noise) if noisy else None, self.group_k)
+
+        def secondary_logits(weights):
+            # [tokens, group_k, experts_per_group]: only the picked groups' gates.
+            all_groups = tf.einsum("td,gde->tge", inputs, weights)
+            return tf.gather(all_groups, primary.index, batch_dims=1)
+
+        secondary = self._noisy_top_k(
+            secondary_logits(self.w_gate_secondary),
+            secondary_logits(self.w_noise_secondary) if noisy else None, self.k)
+
+        slots = self.group_k * self.k
+        expert_index = tf.reshape(
+            primary.index[..., None] * self.experts_per_group + secondary.index,
+            [-1, slots])
+        gate = tf.reshape(primary.gate[..., None] * secondary.gate, [-1, slots])
+        routing = SlotRouting(expert_index=expert_index, gate=gate * token_weight[:, None],
+                              num_experts=self.num_experts)
+
+        # Load_H(X)_ij = Load_p(X)_i * Load_i(X^(i))_j / |X^(i)|.
+        primary_load = tf.reduce_sum(primary.load * token_weight[:, None], axis=0)
+        group_ids = tf.reshape(primary.index, [-1])
+        pair_weight = tf.reshape(tf.tile(token_weight[:, None], [1, self.group_k]), [-1])
+        secondary_load = tf.math.unsorted_segment_sum(
+            tf.reshape(secondary.load, [-1, self.experts_per_group]) * pair_weight[:, None],
+            group_ids, self.num_groups)                                 # [groups, b]
+        group_sizes = tf.math.unsorted_segment_sum(pair_weight, group_ids,
+                                                   self.num_groups)     # |X^(i)|
+        load = tf.math.divide_no_nan(primary_load[:, None] * secondary_load,
+                                     group_sizes[:, None])
+        return GateOutput(routing=routing, importance=routing.importance(),
+                          load=tf.reshape(load, [-1]))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_groups=self.num_groups,
+                      experts_per_group=self.experts_per_group, group_k=self.group_k,
+                      k=self.k, noisy_gating=self.noisy_gating,
+                      noise_epsilon=self.noise_epsilon, seed=self.seed)
+        return config
+
+
+class StrictlyBalancedGate(_GateBase):
+    """Strictly balanced gating (Appendix F).
+
+    X = softmax(x W_g) over all experts. While training each expert takes exactly the
+    m = ceil(k |X| / n) tokens of the batch with the largest X for it (the batchwise mask);
+    at inference a token goes to every expert i with X_i > T_i, T a learned per-expert
+    threshold. A token's gates are its X renormalised over the experts it goes to.
+    The threshold loss (Eq. 19 of the paper, averaged over tokens)
+    sum_i (M_threshold(x, T)_i - M_batchwise(X, m)_i) (X_i - T_i)
+    trains T only: X is held constant in it so that it does not pull on the gate.
+
+    Weights: `w_gate` `[input_dim, num_experts]` (zeros) and `threshold` `[num_experts]`.
+    """
+
+    def __init__(self, *, num_experts: int, k: int, threshold_loss_weight: float = 1.0,
+                 seed: Optional[int] = None, **kwargs):
+        super().__init__(seed=seed, **kwargs)
+        self.num_experts = num_experts
+        self.k = k
+        self.threshold_loss_weight = threshold_loss_weight
+
+    def build(self, input_shape):
+        self.w_gate = self._gate_weight("w_gate", (input_shape[-1], self.num_experts))
+        self.threshold = self._gate_weight("threshold", (self.num_experts,))
+
+    def call(self, inputs, *, training=None, mask=None) -> GateOutput:
+        """inputs: float32 `[tokens, input_dim]`; mask: bool `[tokens]` or None."""
+        num_tokens = tf.shape(inputs)[0]
+        token_weight = _mask_as_float(mask, num_tokens)
+        probs = tf.nn.softmax(tf.matmul(inputs, self.w_gate), axis=-1)   # X, [T, E]
+        threshold_mask = tf.cast(probs > self.threshold, tf.float32)
+        if training:
+            batch_mask = self._batchwise_mask(probs, token_weight)
+            disagreement = (threshold_mask - batch_mask) * (
+                tf.stop_gradient(probs) - self.threshold)
+            threshold_loss = tf.math.divide_no_nan(
+                tf.reduce_sum(disagreement * token_weight[:, None]),
+                tf.reduce_sum(token_weight))
+            if self.threshold_loss_weight:
+                self.add_loss(self.threshold_loss_weight * threshold_loss)
+            selected = batch_mask
+        else:
+            selected = threshold_mask
+        kept = probs * selected * token_weight[:, None]
+        gate = tf.math.divide_no_nan(kept, tf.reduce_sum(kept, axis=-1, keepdims=True))
+        routing = DenseRouting(gate=gate)
+        return GateOutput(routing=routing, importance=routing.importance(),
+                          load=routing.expert_counts())
+
+    def _batchwise_mask(self, probs, token_weight):
+        """M_batchwise: 1 where a token is among its expert's top m; `[tokens, experts]`."""
+        num_valid = tf.reduce_sum(token_weight)
+        m = tf.cast(tf.math.ceil(self.k * num_valid / self.num_experts), tf.int32)
+        m = tf.minimum(m, tf.cast(num_valid, tf.int32))
+        # Masked tokens score below every softmax value, so they are never picked.
+        scores = tf.transpose(tf.where(token_weight[:, None] > 0, probs, -1.0))
+        _, top_tokens = tf.math.top_k(scores, k=m)                       # [E, m]
+        experts = tf.broadcast_to(tf.range(self.num_experts)[:, None], tf.shape(top_tokens))
+        indices = tf.stack([tf.reshape(top_tokens, [-1]), tf.reshape(experts, [-1])], -1)
+        return tf.scatter_nd(indices, tf.ones([tf.shape(indices)[0]]), tf.shape(probs))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_experts=self.num_experts, k=self.k,
+                      threshold_loss_weight=self.threshold_loss_weight, seed=self.seed)
+        return config

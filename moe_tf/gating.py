@@ -1,0 +1,145 @@
+"""The gating math of the paper, as pure functions of tensors.
+
+Shapes use `n` for the number of choices (experts, or groups at the primary level of a
+hierarchical layer) and `...` for any leading token dimensions. Everything here runs in
+float32: the layer casts its gating inputs up before calling in (mixed precision).
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import tensorflow as tf
+
+# The authors' code adds this to the softplus so that the load estimator never divides by
+# (almost) zero when the learned noise scale collapses.
+DEFAULT_NOISE_EPSILON = 1e-2
+# Guards the mean in the coefficient of variation.
+CV_EPSILON = 1e-10
+
+
+class TopKGating(NamedTuple):
+    """The result of (noisy) top-k gating over `n` choices.
+
+    Attributes:
+        index: int32 `[..., k]`, the selected choices, best first.
+        gate: float32 `[..., k]`, softmax over the selected logits (sums to 1).
+        load: float32 `[..., n]`, each token's contribution to Load(X): the smooth
+            probability P(x, i) of Eq. 9 while training with noise, otherwise the 0/1
+            indicator of being selected.
+    """
+
+    index: tf.Tensor
+    gate: tf.Tensor
+    load: tf.Tensor
+
+
+def normal_cdf(z: tf.Tensor) -> tf.Tensor:
+    """Phi(z), the standard normal CDF; erfc keeps precision in the lower tail."""
+    return 0.5 * tf.math.erfc(-z / math.sqrt(2.0))
+
+
+def noise_stddev(raw_noise_logits: tf.Tensor,
+                 epsilon: float = DEFAULT_NOISE_EPSILON) -> tf.Tensor:
+    """softplus((x W_noise)_i) + epsilon, the per-choice noise scale of Eq. 4."""
+    return tf.nn.softplus(raw_noise_logits) + epsilon
+
+
+def _kth_excluding_from_top(values: tf.Tensor, top_values: tf.Tensor,
+                            k: int) -> tf.Tensor:
+    """kth_excluding given the k+1 largest entries of `values`, sorted descending."""
+    threshold_if_in = top_values[..., k:k + 1]
+    threshold_if_out = top_values[..., k - 1:k]
+    # An entry strictly above the (k+1)-th largest is among the top k; ties at the
+    # boundary give the same threshold either way.
+    is_in = values > threshold_if_in
+    return tf.where(is_in, threshold_if_in, threshold_if_out)
+
+
+def kth_excluding(values: tf.Tensor, k: int) -> tf.Tensor:
+    """The k-th largest entry of `values[..., :]` leaving entry i out, for every i.
+
+    For an i inside the top k that is the (k+1)-th largest entry, otherwise the k-th.
+
+    Args:
+        values: `[..., n]` with n > k.
+        k: 1 <= k < n.
+
+    Returns:
+        `[..., n]`, same dtype as `values`.
+    """
+    n = values.shape[-1]
+    if n is not None and not 1 <= k < n:
+        raise ValueError(f"kth_excluding needs 1 <= k < n, got k={k}, n={n}.")
+    top_values, _ = tf.math.top_k(values, k=k + 1)
+    return _kth_excluding_from_top(values, top_values, k)
+
+
+def smooth_load(clean_logits: tf.Tensor, noisy_logits: tf.Tensor,
+                stddev: tf.Tensor, k: int) -> tf.Tensor:
+    """P(x, i) of Eq. 9: the probability that choice i stays in the top k under new noise.
+
+    P(x, i) = Phi(((x W_g)_i - kth_excluding(H(x), k, i)) / stddev_i).
+
+    Args:
+        clean_logits: `[..., n]`, x W_g (no noise).
+        noisy_logits: `[..., n]`, H(x).
+        stddev: `[..., n]`, the noise scale (strictly positive).
+        k: 1 <= k < n.
+
+    Returns:
+        `[..., n]` probabilities.
+    """
+    threshold = kth_excluding(noisy_logits, k)
+    return normal_cdf((clean_logits - threshold) / stddev)
+
+
+def noisy_top_k_gating(clean_logits: tf.Tensor, k: int, *,
+                       noise: Optional[tf.Tensor] = None,
+                       stddev: Optional[tf.Tensor] = None) -> TopKGating:
+    """G(x) = softmax(KeepTopK(H(x), k)), Eqs. 3-5, with each token's share of Load(X).
+
+    Args:
+        clean_logits: float32 `[..., n]`, x W_g.
+        k: how many choices each token keeps, 1 <= k <= n.
+        noise: standard normal samples `[..., n]`, only while training with noisy
+            gating; None for plain top-k (evaluation, or `noisy_gating=False`).
+        stddev: `[..., n]` noise scale (see `noise_stddev`), required with `noise`.
+
+    Returns:
+        A `TopKGating`.
+    """
+    n = clean_logits.shape[-1]
+    noisy = noise is not None
+    if noisy and stddev is None:
+        raise ValueError("noisy_top_k_gating: `stddev` is required with `noise`.")
+    logits = clean_logits + noise * stddev if noisy else clean_logits
+    # One top-k call serves both the selection and the load estimator's threshold.
+    top_values, top_index = tf.math.top_k(logits, k=min(k + 1, n))
+    gate = tf.nn.softmax(top_values[..., :k], axis=-1)
+    index = top_index[..., :k]
+    if noisy and k < n:
+        threshold = _kth_excluding_from_top(logits, top_values, k)
+        load = normal_cdf((clean_logits - threshold) / stddev)
+    else:
+        load = tf.reduce_sum(tf.one_hot(index, n, dtype=clean_logits.dtype), axis=-2)
+    return TopKGating(index=index, gate=gate, load=load)
+
+
+def cv_squared(values: tf.Tensor, epsilon: float = CV_EPSILON) -> tf.Tensor:
+    """The squared coefficient of variation (population variance / mean^2) of a vector.
+
+    A vector with one entry has no spread: returns 0.
+    """
+    values = tf.cast(values, tf.float32)
+    if values.shape[-1] == 1:
+        return tf.zeros([], tf.float32)
+    mean = tf.reduce_mean(values)
+    variance = tf.reduce_mean(tf.square(values - mean))
+    return variance / (tf.square(mean) + epsilon)
+
+
+def balancing_loss(importance: tf.Tensor, load: tf.Tensor, *,
+                   importance_weight: float, load_weight: float) -> tf.Tensor:
+    """w_importance * CV(Importance)^2 + w_load * CV(Load)^2 (Eqs. 6-7 and 11)."""
+    return (importance_weight * cv_squared(importance)
+            + load_weight * cv_squared(load))

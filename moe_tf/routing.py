@@ -1,0 +1,119 @@
+"""Which expert each token is sent to, in the two forms the gates produce.
+
+A gate decides, for `tokens` tokens and `experts` experts, a set of (token, expert, gate
+value) assignments. Top-k gates give every token the same number of slots (`SlotRouting`);
+the strictly balanced gate lets an expert pick any number of a token's slots, so it gives a
+dense matrix (`DenseRouting`). Both offer what the two dispatchers need:
+`assignments()` for the dropless sparse path and `capacity_masks()` for the fixed-capacity
+einsum path. A gate value of exactly 0 marks an unused slot (padding, masked tokens).
+"""
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+
+class Assignments(NamedTuple):
+    """A flat list of the active (token, expert, gate) triples, `[assignments]` each."""
+
+    token_index: tf.Tensor
+    expert_index: tf.Tensor
+    gate: tf.Tensor
+
+
+class SlotRouting(NamedTuple):
+    """K slots per token, best choice first.
+
+    Attributes:
+        expert_index: int32 `[tokens, slots]`.
+        gate: float32 `[tokens, slots]`, 0 for an unused slot.
+        num_experts: the number of experts (a Python int).
+    """
+
+    expert_index: tf.Tensor
+    gate: tf.Tensor
+    num_experts: int
+
+    def assignments(self) -> Assignments:
+        """The active slots, `[assignments]`; dynamic length."""
+        slots = tf.shape(self.gate)[1]
+        token_index = tf.repeat(tf.range(tf.shape(self.gate)[0]), slots)
+        active = tf.reshape(self.gate > 0, [-1])
+        return Assignments(
+            token_index=tf.boolean_mask(token_index, active),
+            expert_index=tf.boolean_mask(tf.reshape(self.expert_index, [-1]), active),
+            gate=tf.boolean_mask(tf.reshape(self.gate, [-1]), active))
+
+    def expert_counts(self) -> tf.Tensor:
+        """float32 `[experts]`: how many tokens each expert receives (dropless)."""
+        return tf.math.unsorted_segment_sum(
+            tf.reshape(tf.cast(self.gate > 0, tf.float32), [-1]),
+            tf.reshape(self.expert_index, [-1]), self.num_experts)
+
+    def importance(self) -> tf.Tensor:
+        """float32 `[experts]`: Importance(X)_i = sum_x G(x)_i."""
+        return tf.math.unsorted_segment_sum(
+            tf.reshape(self.gate, [-1]), tf.reshape(self.expert_index, [-1]),
+            self.num_experts)
+
+    def dense_gates(self) -> tf.Tensor:
+        """float32 `[tokens, experts]`, G(x) with zeros for unselected experts."""
+        one_hot = tf.one_hot(self.expert_index, self.num_experts, dtype=self.gate.dtype)
+        return tf.einsum("tk,tke->te", self.gate, one_hot)
+
+    def capacity_masks(self, capacity) -> tuple[tf.Tensor, tf.Tensor]:
+        """GShard-style dispatch and combine tensors, `[tokens, experts, capacity]` each.
+
+        Every token's first choice is placed before any token's second choice, so that
+        overflow drops the least preferred slots first; within a slot rank, earlier tokens
+        come first. Assignments beyond `capacity` are dropped (their one-hot row is empty).
+        """
+        active = tf.cast(self.gate > 0, self.gate.dtype)
+        one_hot = tf.one_hot(self.expert_index, self.num_experts,
+                             dtype=self.gate.dtype) * active[..., None]   # [T, K, E]
+        slot_major = tf.transpose(one_hot, [1, 0, 2])                     # [K, T, E]
+        flat = tf.reshape(slot_major, [-1, self.num_experts])
+        position = tf.reshape(tf.cumsum(flat, axis=0, exclusive=True), tf.shape(slot_major))
+        position = tf.reduce_sum(tf.transpose(position, [1, 0, 2]) * one_hot, axis=-1)
+        position_one_hot = tf.one_hot(tf.cast(position, tf.int32), capacity,
+                                      dtype=self.gate.dtype)              # [T, K, C]
+        dispatch = tf.einsum("tke,tkc->tec", one_hot, position_one_hot)
+        combine = tf.einsum("tke,tkc->tec", one_hot * self.gate[..., None],
+                            position_one_hot)
+        return dispatch, combine
+
+
+class DenseRouting(NamedTuple):
+    """A dense gate matrix.
+
+    Attributes:
+        gate: float32 `[tokens, experts]`, 0 where a token does not go to an expert.
+    """
+
+    gate: tf.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[-1]
+
+    def assignments(self) -> Assignments:
+        where = tf.cast(tf.where(self.gate > 0), tf.int32)               # [A, 2]
+        return Assignments(token_index=where[:, 0], expert_index=where[:, 1],
+                           gate=tf.gather_nd(self.gate, where))
+
+    def expert_counts(self) -> tf.Tensor:
+        return tf.reduce_sum(tf.cast(self.gate > 0, tf.float32), axis=0)
+
+    def importance(self) -> tf.Tensor:
+        return tf.reduce_sum(self.gate, axis=0)
+
+    def dense_gates(self) -> tf.Tensor:
+        return self.gate
+
+    def capacity_masks(self, capacity) -> tuple[tf.Tensor, tf.Tensor]:
+        """Dispatch and combine `[tokens, experts, capacity]`; earlier tokens first."""
+        active = tf.cast(self.gate > 0, self.gate.dtype)
+        position = tf.cumsum(active, axis=0, exclusive=True)
+        dispatch = tf.one_hot(tf.cast(position, tf.int32), capacity,
+                              dtype=self.gate.dtype) * active[..., None]
+        return dispatch, dispatch * self.gate[..., None]

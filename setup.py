@@ -1,0 +1,30 @@
+"""Installs moe_tf (the layer), models (the paper's networks) and train (the binaries)."""
+
+import setuptools
+
+setuptools.setup(
+    name="moe_tf",
+    version="0.1.0",
+    description=(
+        "The Sparsely-Gated Mixture-of-Experts layer (Shazeer et al., ICLR 2017) "
+        "for TensorFlow and Keras 3."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["moe_tf*", "models*", "train*"]),
+    include_package_data=True,
+    install_requires=[
+        "tensorflow==2.21.*",
+        "keras>=3.10,<4",
+        "tensorflow-text==2.21.*",
+        "tensorflow-datasets>=4.9",
+        # tfds's download path imports it; without it a real tfds.load('lm1b') fails at once.
+        "importlib_resources",
+        "absl-py>=2.0",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "scipy"],
+    },
+)
