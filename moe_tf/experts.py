@@ -101,6 +101,7 @@ def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, b
     return forward(inputs, kernel_in, bias_in, kernel_out, bias_out)
 
 
+@keras.saving.register_keras_serializable(package="moe_tf")
 class FeedForwardExperts(keras.layers.Layer):
     """`num_experts` independent ReLU feed-forward networks with stacked weights.
 

@@ -64,6 +64,7 @@ class _GateBase(keras.layers.Layer):
             stddev=gating.noise_stddev(raw_noise_logits, self.noise_epsilon))
 
 
+@keras.saving.register_keras_serializable(package="moe_tf")
 class NoisyTopKGate(_GateBase):
     """Noisy top-k gating over `num_experts` experts (Section 2.1).
 
@@ -85,9 +86,9 @@ class NoisyTopKGate(_GateBase):
         self.w_noise = (self._gate_weight("w_noise", (input_dim, self.num_experts))
                         if self.noisy_gating else None)
 
-    def call(self, inputs, *, training=None, mask=None) -> GateOutput:
-        """inputs: float32 `[tokens, input_dim]`; mask: bool `[tokens]` or None."""
-        token_weight = _mask_as_float(mask, tf.shape(inputs)[0])
+    def call(self, inputs, *, training=None, token_mask=None) -> GateOutput:
+        """inputs: float32 `[tokens, input_dim]`; token_mask: bool `[tokens]` or None."""
+        token_weight = _mask_as_float(token_mask, tf.shape(inputs)[0])
         noisy = bool(training) and self.noisy_gating
         result = self._noisy_top_k(
             tf.matmul(inputs, self.w_gate),
@@ -106,6 +107,7 @@ class NoisyTopKGate(_GateBase):
         return config
 
 
+@keras.saving.register_keras_serializable(package="moe_tf")
 class HierarchicalNoisyTopKGate(_GateBase):
     """Two-level noisy top-k gating (Appendix B).
 
@@ -146,9 +148,9 @@ class HierarchicalNoisyTopKGate(_GateBase):
         else:
             self.w_noise = self.w_noise_secondary = None
 
-    def call(self, inputs, *, training=None, mask=None) -> GateOutput:
-        """inputs: float32 `[tokens, input_dim]`; mask: bool `[tokens]` or None."""
-        token_weight = _mask_as_float(mask, tf.shape(inputs)[0])
+    def call(self, inputs, *, training=None, token_mask=None) -> GateOutput:
+        """inputs: float32 `[tokens, input_dim]`; token_mask: bool `[tokens]` or None."""
+        token_weight = _mask_as_float(token_mask, tf.shape(inputs)[0])
         noisy = bool(training) and self.noisy_gating
         primary = self._noisy_top_k(
             tf.matmul(inputs, self.w_gate),
@@ -194,6 +196,7 @@ class HierarchicalNoisyTopKGate(_GateBase):
         return config
 
 
+@keras.saving.register_keras_serializable(package="moe_tf")
 class StrictlyBalancedGate(_GateBase):
     """Strictly balanced gating (Appendix F).
 
@@ -219,10 +222,10 @@ class StrictlyBalancedGate(_GateBase):
         self.w_gate = self._gate_weight("w_gate", (input_shape[-1], self.num_experts))
         self.threshold = self._gate_weight("threshold", (self.num_experts,))
 
-    def call(self, inputs, *, training=None, mask=None) -> GateOutput:
-        """inputs: float32 `[tokens, input_dim]`; mask: bool `[tokens]` or None."""
+    def call(self, inputs, *, training=None, token_mask=None) -> GateOutput:
+        """inputs: float32 `[tokens, input_dim]`; token_mask: bool `[tokens]` or None."""
         num_tokens = tf.shape(inputs)[0]
-        token_weight = _mask_as_float(mask, num_tokens)
+        token_weight = _mask_as_float(token_mask, num_tokens)
         probs = tf.nn.softmax(tf.matmul(inputs, self.w_gate), axis=-1)   # X, [T, E]
         threshold_mask = tf.cast(probs > self.threshold, tf.float32)
         if training:

@@ -130,9 +130,11 @@ def cv_squared(values: tf.Tensor, epsilon: float = CV_EPSILON) -> tf.Tensor:
 
     A vector with one entry has no spread: returns 0.
     """
-    values = tf.cast(values, tf.float32)
+    values = tf.convert_to_tensor(values)
+    if not values.dtype.is_floating:
+        values = tf.cast(values, tf.float32)
     if values.shape[-1] == 1:
-        return tf.zeros([], tf.float32)
+        return tf.zeros([], values.dtype)
     mean = tf.reduce_mean(values)
     variance = tf.reduce_mean(tf.square(values - mean))
     return variance / (tf.square(mean) + epsilon)

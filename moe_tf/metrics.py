@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 
+@keras.saving.register_keras_serializable(package="moe_tf")
 class ExpertLoadFraction(keras.metrics.Metric):
     """The mean share of the batch's assignments that went to each expert, `[experts]`."""
 

@@ -154,7 +154,7 @@ class SparselyGatedMoE(keras.layers.Layer):
     def call(self, inputs, *, training=None, mask=None):
         tokens, token_mask = self._flatten(inputs, mask)
         gate_output = self.gate(tf.cast(tokens, tf.float32), training=training,
-                                mask=token_mask)
+                                token_mask=token_mask)
         routing = gate_output.routing
         if self.dispatch == "sparse":
             outputs = sparse_dispatch(tokens, routing, self.experts)

@@ -1,0 +1,132 @@
+"""The gating math of moe_tf.gating against NumPy references."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from moe_tf import gating
+from tests import numpy_reference as ref
+
+
+def test_top_k_gates_without_noise_match_numpy():
+    logits = np.array([[0.1, 2.0, -1.0, 0.5, 1.5],
+                       [3.0, -2.0, 0.0, 0.2, 0.1],
+                       [0.0, 0.0, 1.0, -1.0, 4.0]], np.float32)
+    for k in (1, 2, 3, 5):
+        result = gating.noisy_top_k_gating(tf.constant(logits), k)
+        dense = np.zeros_like(logits)
+        for t in range(logits.shape[0]):
+            dense[t, result.index.numpy()[t]] = result.gate.numpy()[t]
+        np.testing.assert_allclose(dense, ref.top_k_gates(logits, k), rtol=1e-6)
+        np.testing.assert_allclose(result.gate.numpy().sum(-1), 1.0, rtol=1e-6)
+        # Without noise the load contribution is the 0/1 selection indicator.
+        np.testing.assert_array_equal(result.load.numpy(), (dense > 0).astype(np.float32))
+
+
+def test_kth_excluding_matches_numpy():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(6, 7)).astype(np.float32)
+    values[0] = [3, 3, 1, 1, 0, -1, 5]  # ties around the boundary
+    for k in (1, 2, 3, 6):
+        np.testing.assert_allclose(gating.kth_excluding(tf.constant(values), k).numpy(),
+                                   ref.kth_excluding(values, k))
+
+
+def test_kth_excluding_rejects_k_out_of_range():
+    with pytest.raises(ValueError, match="k"):
+        gating.kth_excluding(tf.zeros([2, 3]), 3)
+
+
+def test_smooth_load_matches_monte_carlo():
+    """P(x, i) is the chance that i stays in the top k when only its own noise is redrawn."""
+    rng = np.random.default_rng(1)
+    n, k, samples = 6, 2, 100_000
+    clean = rng.normal(size=(1, n))
+    stddev = ref.softplus(rng.normal(size=(1, n))) + 1e-2
+    noisy = clean + rng.normal(size=(1, n)) * stddev
+    p = gating.smooth_load(tf.constant(clean), tf.constant(noisy), tf.constant(stddev),
+                           k).numpy()[0]
+    for i in range(n):
+        fresh = clean[0, i] + rng.normal(size=samples) * stddev[0, i]
+        others = np.delete(noisy[0], i)
+        kth_other = np.sort(others)[::-1][k - 1]
+        estimate = np.mean(fresh > kth_other)
+        assert abs(p[i] - estimate) < 0.01, (i, p[i], estimate)
+
+
+def test_noisy_gating_load_is_smooth_load():
+    rng = np.random.default_rng(2)
+    clean = tf.constant(rng.normal(size=(5, 8)))
+    raw = tf.constant(rng.normal(size=(5, 8)))
+    noise = tf.constant(rng.normal(size=(5, 8)))
+    stddev = gating.noise_stddev(raw)
+    result = gating.noisy_top_k_gating(clean, 3, noise=noise, stddev=stddev)
+    expected = gating.smooth_load(clean, clean + noise * stddev, stddev, 3)
+    np.testing.assert_allclose(result.load.numpy(), expected.numpy())
+    np.testing.assert_allclose(stddev.numpy(), ref.softplus(raw.numpy()) + 1e-2)
+    # The gate is the softmax of the k largest *noisy* logits.
+    np.testing.assert_allclose(
+        np.sort(result.gate.numpy(), -1),
+        np.sort(ref.top_k_gates((clean + noise * stddev).numpy(), 3), -1)[:, -3:],
+        rtol=1e-6)
+
+
+def test_cv_squared_matches_numpy():
+    for values in ([1.0, 1.0, 1.0], [0.0, 2.0, 4.0, 10.0], [5.0], [0.0, 0.0]):
+        np.testing.assert_allclose(gating.cv_squared(tf.constant(values)).numpy(),
+                                   ref.cv_squared(values), rtol=1e-6)
+
+
+def test_balancing_loss_weights_each_term_once():
+    importance = tf.constant([1.0, 3.0])
+    load = tf.constant([2.0, 2.0, 8.0])
+    loss = gating.balancing_loss(importance, load, importance_weight=0.3, load_weight=0.7)
+    expected = 0.3 * ref.cv_squared([1, 3]) + 0.7 * ref.cv_squared([2, 2, 8])
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-6)
+
+
+def test_load_loss_gradient_matches_finite_differences():
+    rng = np.random.default_rng(3)
+    tokens, d, n, k = 16, 3, 5, 2
+    x = tf.constant(rng.normal(size=(tokens, d)))
+    w_noise = tf.constant(rng.normal(size=(d, n)) * 0.3)
+    noise = tf.constant(rng.normal(size=(tokens, n)))
+
+    def load_loss(w_gate):
+        clean = tf.matmul(x, w_gate)
+        stddev = gating.noise_stddev(tf.matmul(x, w_noise))
+        result = gating.noisy_top_k_gating(clean, k, noise=noise, stddev=stddev)
+        return gating.cv_squared(tf.reduce_sum(result.load, 0))
+
+    w_gate = tf.Variable(rng.normal(size=(d, n)) * 0.3)
+    with tf.GradientTape() as tape:
+        loss = load_loss(w_gate)
+    analytic = tape.gradient(loss, w_gate).numpy()
+    numeric = np.zeros_like(analytic)
+    h = 1e-6
+    base = w_gate.numpy()
+    for idx in np.ndindex(base.shape):
+        plus, minus = base.copy(), base.copy()
+        plus[idx] += h
+        minus[idx] -= h
+        numeric[idx] = (load_loss(tf.constant(plus)).numpy()
+                        - load_loss(tf.constant(minus)).numpy()) / (2 * h)
+    assert np.abs(analytic).max() > 1e-3
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-4, atol=1e-7)
+
+
+def test_zero_weights_and_evaluation_give_finite_values():
+    clean = tf.zeros([4, 6])
+    for noisy in (False, True):
+        kwargs = {}
+        if noisy:
+            kwargs = dict(noise=tf.random.normal([4, 6]),
+                          stddev=gating.noise_stddev(tf.zeros([4, 6])))
+        result = gating.noisy_top_k_gating(clean, 2, **kwargs)
+        for tensor in result:
+            assert np.all(np.isfinite(tensor.numpy()))
+    # k == n: every choice is always kept; the load estimator is not defined, the
+    # indicator is used instead.
+    result = gating.noisy_top_k_gating(clean, 6, noise=tf.ones([4, 6]),
+                                       stddev=tf.ones([4, 6]))
+    np.testing.assert_array_equal(result.load.numpy(), np.ones([4, 6]))
