@@ -1,0 +1,57 @@
+"""A model holding the layer, exported and served in a fresh process without moe_tf."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from moe_tf import SparselyGatedMoE
+from tests.test_sparsely_gated_moe import randomize
+
+RUNNER = os.path.join(os.path.dirname(__file__), "saved_model_runner.py")
+
+
+def serve_in_fresh_process(saved_model_dir, endpoint, x, tmp_path):
+    input_path, output_path = tmp_path / "x.npy", tmp_path / "y.npy"
+    np.save(input_path, x)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, RUNNER, str(saved_model_dir), endpoint,
+                    str(input_path), str(output_path)],
+                   check=True, env=env, cwd=tmp_path, timeout=300)
+    return np.load(output_path)
+
+
+def model_with_moe(**kwargs):
+    inputs = keras.Input(shape=(5, 4))
+    moe = SparselyGatedMoE(hidden_size=6, seed=0, **kwargs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(moe(inputs)))
+    randomize(moe, seed=1)
+    return model
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(num_experts=4, k=2),
+    dict(num_experts=8, k=2, num_groups=2, dispatch="capacity", capacity_factor=2.0),
+    dict(num_experts=4, k=2, gating="balanced"),
+], ids=["flat_sparse", "hierarchical_capacity", "balanced"])
+def test_exported_model_serves_identically_in_fresh_process(kwargs, tmp_path):
+    model = model_with_moe(**kwargs)
+    x = np.random.default_rng(2).normal(size=(3, 5, 4)).astype(np.float32)
+    expected = model(x, training=False).numpy()
+
+    export_dir = tmp_path / "export"
+    model.export(str(export_dir), verbose=False)
+    np.testing.assert_allclose(serve_in_fresh_process(export_dir, "serve", x, tmp_path),
+                               expected, rtol=1e-6, atol=1e-6)
+
+    saved_dir = tmp_path / "saved_model"
+    serve = tf.function(lambda x: model(x, training=False),
+                        input_signature=[tf.TensorSpec([None, 5, 4], tf.float32)])
+    tf.saved_model.save(model, str(saved_dir), signatures=serve.get_concrete_function())
+    np.testing.assert_allclose(
+        serve_in_fresh_process(saved_dir, "serving_default", x, tmp_path),
+        expected, rtol=1e-6, atol=1e-6)
