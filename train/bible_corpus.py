@@ -1,4 +1,4 @@
-r"""Builds the built-in English-Spanish parallel corpus from two public-domain Bibles.
+"""Builds the built-in English-Spanish parallel corpus from two public-domain Bibles.
 
 The corpus pairs the World English Bible (SWORD module engWEB2015eb) with the
 Reina-Valera 1909 (module spaRV1909eb), one verse per line, and splits it into
@@ -24,7 +24,7 @@ import re
 import sys
 import unicodedata
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 EN_MODULE = "engWEB2015eb"
 ES_MODULE = "spaRV1909eb"
@@ -32,12 +32,16 @@ DEFAULT_SWORD_PATH = "/usr/share/sword"
 SPLITS = ("train", "valid", "test")
 LANGUAGES = ("en", "es")
 
+# A verse reference: (OSIS book abbreviation, chapter, verse), e.g. ("Gen", 1, 1).
+Ref = tuple[str, int, int]
+
 # A pair whose longer side has more than this many times the words of the shorter
 # side is almost always a verse shifted by the two versifications (NRSVA vs KJV).
 MAX_WORD_RATIO = 2.0
 
 # WEB appends its whole glossary to the last verse of Revelation.
 GLOSSARY_MARKER = "The following words used in the World English Bible"
+AMEN = "Amén."
 
 _TAG = re.compile(r"<(/?)([A-Za-z]+)\b([^>]*)>")
 # Elements whose content is not Bible text: footnotes and cross-references, the
@@ -47,7 +51,9 @@ _TAG = re.compile(r"<(/?)([A-Za-z]+)\b([^>]*)>")
 _DROPPED_ELEMENTS = frozenset({"note", "speaker", "title"})
 # Elements that wrap words or phrases inside running text; every other tag
 # (lines, paragraphs, line groups, milestones) marks a break between words.
-_INLINE_ELEMENTS = frozenset({"w", "q", "seg", "name", "hi", "divineName", "foreign", "transChange"})
+_INLINE_ELEMENTS = frozenset(
+    {"w", "q", "seg", "name", "hi", "divineName", "foreign", "transChange"}
+)
 # RV1909 marks words supplied by the translators with <transChange>; it often
 # writes the tag with no space next to the neighbouring word ("allí<tc>también"),
 # but when the supplied word is an enclitic pronoun the two really are one word
@@ -67,7 +73,8 @@ _BREAK = "\x00"
 _CLOSING_PUNCTUATION = ",.;:!?)]}”’»…"
 _OPENING_PUNCTUATION = "([{“‘«¡¿"
 _LETTERS = re.compile(r"[^\W\d_]+")
-_SENTENCE_END = ".!?:¡¿"
+# After these a word starts a sentence (Spanish also opens one with ¡ and ¿).
+_BEFORE_SENTENCE = ".!?:¡¿"
 
 
 def cut_glossary(osis: str) -> str:
@@ -91,14 +98,9 @@ def _attribute(attributes: str, name: str) -> str | None:
 
 
 def _is_enclitic(previous: str, clitic: str) -> bool:
-    """Whether pronoun `clitic`, written against the end of `previous`, belongs to it."""
-    host = _LETTERS.findall(previous)
-    return (
-        bool(host)
-        and previous[-1:].isalpha()
-        and clitic in _CLITICS
-        and host[-1].lower() not in _NOT_CLITIC_HOSTS
-    )
+    """Whether pronoun `clitic`, written right after text `previous`, belongs to its last word."""
+    host = re.search(r"[^\W\d_]+$", previous)
+    return bool(host) and clitic in _CLITICS and host.group(0).lower() not in _NOT_CLITIC_HOSTS
 
 
 def _join_breaks(text: str) -> str:
@@ -122,7 +124,10 @@ def _join_breaks(text: str) -> str:
             return ""
         return " "
 
-    return re.sub(r"[\s" + _BREAK + r"]+", replace, text).strip()
+    text = re.sub(r"[\s" + _BREAK + r"]+", replace, text).strip()
+    # Markup around a footnote sometimes leaves a source space before punctuation
+    # ("two assaria coins</q> <note/> <q>? Not"); a word never takes one.
+    return re.sub(r"(?<=[^\W\d_]) (?=[,.;:!?])", "", text)
 
 
 def osis_to_text(osis: str) -> str:
@@ -146,12 +151,9 @@ def osis_to_text(osis: str) -> str:
             continue
         closing, name, attributes = tag.group(1), tag.group(2), tag.group(3)
         if name in _DROPPED_ELEMENTS:
-            if attributes.rstrip().endswith("/"):
-                pass  # an empty element: only a break
-            elif closing:
-                if open_dropped:
-                    open_dropped.pop()
-            else:
+            if closing and open_dropped:
+                open_dropped.pop()
+            elif not closing and not attributes.rstrip().endswith("/"):
                 canonical = name == "title" and _attribute(attributes, "canonical") == "true"
                 open_dropped.append(not canonical)
             out.append(_BREAK)
@@ -169,55 +171,63 @@ def osis_to_text(osis: str) -> str:
     return _join_breaks(text)
 
 
-def build_truecase(texts: Iterable[str]) -> dict[str, str]:
-    """Maps each lower-cased word to its most frequent spelling inside sentences.
+def _fold(word: str) -> str:
+    """Lower-cases `word` and strips its accents ("Achâb" -> "achab")."""
+    decomposed = unicodedata.normalize("NFD", word.lower())
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def find_proper_nouns(texts: Iterable[str]) -> frozenset[str]:
+    """Returns the words (folded by `_fold`) usually capitalised inside sentences.
 
     Only words that are neither sentence-initial nor all upper case are counted,
-    so that "jehová" maps to "Jehová" and "aconteció" to itself. Used to restore
-    the case of words that the printed edition set in capitals.
+    so "Jehová" and "Achâb" count as capitalised and "aconteció" does not. Used to
+    restore the case of words that the printed edition set in capitals; accents
+    are ignored because the capitals sometimes drop them ("ACHAB").
     """
-    counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    counts: collections.Counter[tuple[str, bool]] = collections.Counter()
     for text in texts:
         previous_end = None
         for match in _LETTERS.finditer(text):
             word = match.group(0)
             sentence_initial = previous_end is None or any(
-                c in _SENTENCE_END for c in text[previous_end : match.start()]
+                c in _BEFORE_SENTENCE for c in text[previous_end : match.start()]
             )
             if not sentence_initial and not (len(word) > 1 and word.isupper()):
-                counts[word.lower()][word] += 1
+                counts[(_fold(word), word[0].isupper())] += 1
             previous_end = match.end()
-    return {lower: forms.most_common(1)[0][0] for lower, forms in counts.items()}
+    return frozenset(
+        word for (word, upper), n in counts.items() if upper and n > counts[(word, False)]
+    )
 
 
-def decapitalise_chapter_start(text: str, truecase: Mapping[str, str] | None = None) -> str:
+def decapitalise_chapter_start(text: str, proper_nouns: frozenset[str] = frozenset()) -> str:
     """Undoes the capitals that RV1909 prints over each chapter's first word(s).
 
     "EN el principio" -> "En el principio", "Y ACONTECIÓ que" -> "Y aconteció que",
     "Salmo de David. ¡OH Jehová" -> "Salmo de David. ¡Oh Jehová" (RV1909 keeps
     psalm titles in verse 1, so the capitals need not open the verse). The first
-    word of the capitalised run keeps its initial capital; later words take their
-    spelling from `truecase` (see `build_truecase`), lower case by default. A
-    capitalised word that ends a sentence on its own is a label, not the opening,
-    and is left alone (the acrostic letter in "ALEPH. BIENAVENTURADOS los...").
+    word of the capitalised run keeps its initial capital; later words are lower
+    case unless `proper_nouns` (see `find_proper_nouns`) lists them: "Y JEHOVÁ" ->
+    "Y Jehová". A capitalised label before the capitalised opening is left alone
+    (the acrostic letter in "ALEPH. BIENAVENTURADOS los" -> "ALEPH. Bienaventurados los").
     """
-    truecase = truecase or {}
     words = list(_LETTERS.finditer(text))
 
     def all_caps(i: int) -> bool:
-        return len(words[i].group(0)) > 1 and words[i].group(0).isupper()
+        return i < len(words) and len(words[i].group(0)) > 1 and words[i].group(0).isupper()
 
     def adjacent(i: int, j: int) -> bool:  # only whitespace between words i and j
         return not text[words[i].end() : words[j].start()].strip()
 
-    start = next(
-        (i for i in range(len(words)) if all_caps(i) and text[words[i].end() : words[i].end() + 1] != "."),
-        None,
-    )
+    def label(i: int) -> bool:  # "ALEPH." followed by another capitalised word
+        return text[words[i].end() : words[i].end() + 1] == "." and all_caps(i + 1)
+
+    start = next((i for i in range(len(words)) if all_caps(i) and not label(i)), None)
     if start is None:
         return text
     end = start + 1
-    while end < len(words) and all_caps(end) and adjacent(end - 1, end):
+    while all_caps(end) and adjacent(end - 1, end):
         end += 1
     # A single capital letter just before the run ("Y ACONTECIÓ", "A TI") opens it.
     previous = words[start - 1].group(0) if start > 0 else ""
@@ -226,13 +236,28 @@ def decapitalise_chapter_start(text: str, truecase: Mapping[str, str] | None = N
     pieces, last = [], 0
     for i in range(start, end):
         word = words[i].group(0)
-        if i == start:
+        if i == start or _fold(word) in proper_nouns:
             new = word[0] + word[1:].lower()
         else:
-            new = truecase.get(word.lower(), word.lower())
+            new = word.lower()
         pieces += [text[last : words[i].start()], new]
         last = words[i].end()
     return "".join(pieces) + text[last:]
+
+
+def cut_subscription(text: str) -> str:
+    """Removes the note on where an epistle was written that RV1909 appends to its last verse.
+
+    "... sea con todos vosotros. Amén. Fué escrita á los Hebreos desde Italia con
+    Timoteo." -> "... sea con todos vosotros. Amén." These subscriptions follow the
+    final "Amén." and say where the letter was written ("escrita") or how it was
+    sent ("enviada"); they are not part of the WEB text.
+    """
+    end = text.rfind(AMEN)
+    if end < 0:
+        return text
+    end += len(AMEN)
+    return text[:end] if re.search(r"\b(escrita|enviada)\b", text[end:], re.IGNORECASE) else text
 
 
 def word_count(text: str) -> int:
@@ -256,11 +281,12 @@ def split_of(ref: str) -> str:
     return "train" if bucket < 90 else "valid" if bucket < 95 else "test"
 
 
-def read_module(name: str, sword_path: str = DEFAULT_SWORD_PATH) -> dict[tuple[str, int, int], str]:
+def read_module(name: str, sword_path: str = DEFAULT_SWORD_PATH) -> dict[Ref, str]:
     """Reads every verse of SWORD module `name` as raw OSIS, keyed by (book, chapter, verse).
 
     Books are keyed by their OSIS abbreviation ("Gen", "1Kgs"); the dict is in
-    canonical order. Verse 0 (chapter headings) and empty verses are skipped.
+    canonical order. Book and chapter headings (verse 0) are not read and empty
+    verses are skipped.
     """
     try:
         from pysword.modules import SwordModules
@@ -271,7 +297,8 @@ def read_module(name: str, sword_path: str = DEFAULT_SWORD_PATH) -> dict[tuple[s
         ) from error
     if not os.path.isdir(os.path.join(sword_path, "mods.d")):
         raise SystemExit(
-            f"No SWORD modules under {sword_path}: `apt-get install sword-text-web sword-text-sparv`."
+            f"No SWORD modules under {sword_path}: "
+            "`apt-get install sword-text-web sword-text-sparv`."
         )
     modules = SwordModules(sword_path)
     if name not in modules.parse_modules():
@@ -283,7 +310,7 @@ def read_module(name: str, sword_path: str = DEFAULT_SWORD_PATH) -> dict[tuple[s
     # pysword inflates a whole book's compressed block again for every verse
     # (~50 s a module); caching the per-block decompression makes it ~1 s.
     bible._decompressed_text = functools.lru_cache(maxsize=None)(bible._decompressed_text)
-    verses: dict[tuple[str, int, int], str] = {}
+    verses: dict[Ref, str] = {}
     for books in bible.get_structure().get_books().values():
         for book in books:
             for chapter, length in enumerate(book.chapter_lengths, start=1):
@@ -294,44 +321,122 @@ def read_module(name: str, sword_path: str = DEFAULT_SWORD_PATH) -> dict[tuple[s
     return verses
 
 
-def clean_verses(
-    verses: Mapping[tuple[str, int, int], str], decapitalise: bool
-) -> dict[tuple[str, int, int], str]:
-    """Cleans raw OSIS verses to text, dropping verses left empty.
-
-    With `decapitalise`, verse 1 of each chapter goes through
-    `decapitalise_chapter_start`, truecased from the module's own text.
-    """
+def clean_verses(verses: Mapping[Ref, str]) -> dict[Ref, str]:
+    """Cleans raw OSIS verses to text (`osis_to_text`), dropping verses left empty."""
     texts = {ref: osis_to_text(cut_glossary(osis)) for ref, osis in verses.items()}
-    if decapitalise:
-        truecase = build_truecase(texts.values())
-        for ref in texts:
-            if ref[2] == 1:
-                texts[ref] = decapitalise_chapter_start(texts[ref], truecase)
     return {ref: text for ref, text in texts.items() if text}
 
 
-def format_ref(ref: tuple[str, int, int]) -> str:
+def fix_rv1909(texts: Mapping[Ref, str]) -> dict[Ref, str]:
+    """Applies the RV1909-specific fixes to cleaned verses (in canonical order).
+
+    Verse 1 of each chapter goes through `decapitalise_chapter_start`, with
+    proper nouns found in the module's own text, and the last verse of each book
+    through `cut_subscription`.
+    """
+    proper_nouns = find_proper_nouns(texts.values())
+    last_verses = {ref[0]: ref for ref in texts}  # later verses overwrite earlier ones
+    fixed = {}
+    for ref, text in texts.items():
+        if ref[2] == 1:
+            text = decapitalise_chapter_start(text, proper_nouns)
+        if last_verses[ref[0]] == ref:
+            text = cut_subscription(text)
+        fixed[ref] = text
+    return fixed
+
+
+def format_ref(ref: Ref) -> str:
     """("Gen", 1, 1) -> "Gen 1:1"."""
     return f"{ref[0]} {ref[1]}:{ref[2]}"
 
 
+def _word_set(text: str) -> set[str]:
+    """The distinct lower-cased words of `text`."""
+    return set(_LETTERS.findall(text.lower()))
+
+
+def find_shifted_chapters(
+    en: Mapping[Ref, str],
+    es: Mapping[Ref, str],
+    max_offset: int = 6,
+    min_run: int = 3,
+) -> list[tuple[str, int]]:
+    """Finds the chapters that the two texts number differently, as (book, chapter).
+
+    The modules follow different versifications (NRSVA vs KJV, and RV1909 follows
+    the Hebrew numbering in places), so in some chapters verse v of one text is
+    verse v+k of the other for a run of verses. Such pairs often have similar
+    lengths, which `keep_pair` cannot see. Since most verses are aligned, words
+    that keep occurring in the same pairs (Dice coefficient >= 0.3) form a rough
+    dictionary; a pair is shifted by k when the English verse has clearly more
+    dictionary translations in Spanish verse v+k than in verse v. A chapter where
+    `min_run` consecutive verses are shifted by the same k is reported; the list
+    is in canonical order.
+    """
+    common = [ref for ref in es if ref in en]
+    en_words = {ref: _word_set(en[ref]) for ref in common}
+    es_words = {ref: _word_set(text) for ref, text in es.items()}
+    en_df = collections.Counter(w for ref in common for w in en_words[ref])
+    es_df = collections.Counter(w for ref in common for w in es_words[ref])
+    # Rare words give chance associations; the commonest occur in most verses.
+    en_vocab = {w for w, n in en_df.items() if 3 <= n <= 1500}
+    es_vocab = {w for w, n in es_df.items() if 3 <= n <= 1500}
+    cooccurrences: collections.Counter[tuple[str, str]] = collections.Counter()
+    for ref in common:
+        es_in_vocab = es_words[ref] & es_vocab
+        for en_word in en_words[ref] & en_vocab:
+            for es_word in es_in_vocab:
+                cooccurrences[(en_word, es_word)] += 1
+    translations: dict[str, set[str]] = collections.defaultdict(set)
+    for (en_word, es_word), n in cooccurrences.items():
+        if 2 * n >= 0.3 * (en_df[en_word] + es_df[es_word]):
+            translations[en_word].add(es_word)
+
+    def overlap(words: list[str], es_ref: Ref) -> float:
+        return sum(1 for w in words if translations[w] & es_words[es_ref]) / len(words)
+
+    offsets: dict[Ref, int] = {}
+    for ref in common:
+        words = sorted(w for w in en_words[ref] if w in translations)
+        if len(words) < 3:  # too little evidence either way
+            continue
+        aligned = overlap(words, ref)
+        candidates = [
+            (overlap(words, (ref[0], ref[1], ref[2] + k)), k)
+            for k in range(-max_offset, max_offset + 1)
+            if k and (ref[0], ref[1], ref[2] + k) in es_words
+        ]
+        if candidates and max(candidates)[0] >= aligned + 0.25:
+            offsets[ref] = max(candidates)[1]
+    runs = (
+        ref[:2]
+        for ref, k in offsets.items()
+        if all(offsets.get((ref[0], ref[1], ref[2] + i)) == k for i in range(min_run))
+    )
+    return list(dict.fromkeys(runs))
+
+
 def align(
-    en: Mapping[tuple[str, int, int], str], es: Mapping[tuple[str, int, int], str]
-) -> tuple[list[tuple[str, str, str]], int]:
+    en: Mapping[Ref, str], es: Mapping[Ref, str], shifted: Collection[tuple[str, int]] = ()
+) -> tuple[list[tuple[str, str, str]], dict[str, int]]:
     """Pairs verses present in both texts, in the Spanish (KJV) canonical order.
 
-    Returns (reference, English, Spanish) triples and the number of common
-    references dropped by `keep_pair`.
+    Drops the pairs of the `shifted` chapters (see `find_shifted_chapters`) and
+    pairs failing `keep_pair`. Returns (reference, English, Spanish) triples and
+    the number of pairs dropped for each reason.
     """
-    pairs, dropped = [], 0
+    shifted = set(shifted)
+    pairs, dropped = [], {"shifted chapter": 0, "length ratio": 0}
     for ref, es_text in es.items():
         if ref not in en:
             continue
-        if keep_pair(en[ref], es_text):
-            pairs.append((format_ref(ref), en[ref], es_text))
+        if ref[:2] in shifted:
+            dropped["shifted chapter"] += 1
+        elif not keep_pair(en[ref], es_text):
+            dropped["length ratio"] += 1
         else:
-            dropped += 1
+            pairs.append((format_ref(ref), en[ref], es_text))
     return pairs, dropped
 
 
@@ -343,10 +448,16 @@ def _write_gzip_lines(path: str, lines: Sequence[str]) -> None:
         stream.write("".join(line + "\n" for line in lines).encode("utf-8"))
 
 
-def _readme(counts: Mapping[str, Mapping[str, tuple[int, int]]], dropped: int) -> str:
+def _readme(
+    counts: Mapping[str, Mapping[str, tuple[int, int]]],
+    dropped: Mapping[str, int],
+    shifted: Collection[tuple[str, int]],
+) -> str:
     """The README.md of the output directory; counts[split][lang] = (lines, words)."""
+    chapters = ", ".join(f"{book} {chapter}" for book, chapter in shifted)
     rows = "\n".join(
-        f"| {split} | {counts[split]['en'][0]:,} | {counts[split]['en'][1]:,} | {counts[split]['es'][1]:,} |"
+        f"| {split} | {counts[split]['en'][0]:,} "
+        f"| {counts[split]['en'][1]:,} | {counts[split]['es'][1]:,} |"
         for split in SPLITS
     )
     return f"""# Built-in English-Spanish parallel corpus (Bible verses)
@@ -370,12 +481,16 @@ the same verse (`refs` holds its reference, e.g. `Gen 1:1`, with OSIS book names
 {rows}
 
 Text is plain (no markup, Strong's numbers or footnotes), NFC, with case, accents
-and punctuation kept. Verses are assigned to a split by a CRC-32 of the reference
-(about 90% / 5% / 5%). Only references present in both texts are kept, minus
-{dropped} pairs whose word counts differ by more than {MAX_WORD_RATIO:g}x (verses
-shifted by the two versifications, NRSVA and KJV). Psalm titles are part of verse
-1 in both languages. The Bible repeats itself, so some valid/test verses have
-near-duplicates in train.
+and punctuation kept. Psalm titles are part of verse 1 in both languages. Verses
+are assigned to a split by a CRC-32 of the reference (about 90% / 5% / 5%). The
+Bible repeats itself, so some valid/test verses have near-duplicates in train.
+
+The pairs are the references present in both texts (the WEB's deuterocanonical
+books are not in RV1909), less those that the two versifications number differently:
+
+- {dropped["shifted chapter"]} pairs in chapters where verse v of one text is verse v+k of
+  the other: {chapters};
+- {dropped["length ratio"]} other pairs whose word counts differ by more than {MAX_WORD_RATIO:g}x.
 
 ## Rebuilding
 
@@ -391,30 +506,40 @@ The build is deterministic: rebuilding from the same modules gives identical fil
 
 def build_corpus(output_dir: str, sword_path: str = DEFAULT_SWORD_PATH) -> None:
     """Reads, cleans, aligns, splits and writes the corpus and its README to `output_dir`."""
-    en = clean_verses(read_module(EN_MODULE, sword_path), decapitalise=False)
-    es = clean_verses(read_module(ES_MODULE, sword_path), decapitalise=True)
-    pairs, dropped = align(en, es)
+    en = clean_verses(read_module(EN_MODULE, sword_path))
+    es = fix_rv1909(clean_verses(read_module(ES_MODULE, sword_path)))
+    shifted = find_shifted_chapters(en, es)
+    pairs, dropped = align(en, es, shifted)
     os.makedirs(output_dir, exist_ok=True)
     counts: dict[str, dict[str, tuple[int, int]]] = {}
     for split in SPLITS:
         chosen = [pair for pair in pairs if split_of(pair[0]) == split]
-        columns = {"refs": [p[0] for p in chosen], "en": [p[1] for p in chosen], "es": [p[2] for p in chosen]}
+        columns = {
+            "refs": [ref for ref, _, _ in chosen],
+            "en": [en_text for _, en_text, _ in chosen],
+            "es": [es_text for _, _, es_text in chosen],
+        }
         for prefix, lines in columns.items():
             _write_gzip_lines(os.path.join(output_dir, f"{prefix}.{split}.txt.gz"), lines)
         counts[split] = {
-            lang: (len(columns[lang]), sum(word_count(line) for line in columns[lang])) for lang in LANGUAGES
+            lang: (len(columns[lang]), sum(word_count(line) for line in columns[lang]))
+            for lang in LANGUAGES
         }
         print(f"{split}: {len(chosen)} verses", file=sys.stderr)
     with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as readme:
-        readme.write(_readme(counts, dropped))
-    print(f"{len(pairs)} verse pairs ({dropped} dropped as misaligned) in {output_dir}", file=sys.stderr)
+        readme.write(_readme(counts, dropped, shifted))
+    print(f"{len(pairs)} verse pairs in {output_dir}; dropped: {dropped}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="train/data/bible", help="Where to write the corpus.")
-    parser.add_argument("--sword_path", default=DEFAULT_SWORD_PATH, help="SWORD library with mods.d/.")
+    parser.add_argument(
+        "--output_dir", default="train/data/bible", help="Where to write the corpus."
+    )
+    parser.add_argument(
+        "--sword_path", default=DEFAULT_SWORD_PATH, help="SWORD library with mods.d/."
+    )
     args = parser.parse_args(argv)
     build_corpus(args.output_dir, args.sword_path)
 
