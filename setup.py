@@ -13,7 +13,6 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["moe_tf*", "models*", "train*"]),
-    include_package_data=True,
     install_requires=[
         "tensorflow==2.21.*",
         "keras>=3.10,<4",
@@ -23,7 +22,17 @@ setuptools.setup(
         "importlib_resources",
         "absl-py>=2.0",
         "numpy",
+        # Learns the subword vocabulary; tokenization itself uses tensorflow-text ops.
+        "sentencepiece>=0.2",
+        "tensorboard",
     ],
+    package_data={"train": ["data/bible/*"]},
+    entry_points={
+        "console_scripts": [
+            "moe-train-lm = train.lm:run",
+            "moe-score-lm = train.score:run",
+        ],
+    },
     extras_require={
         "test": ["pytest>=8", "scipy"],
     },

@@ -1,7 +1,9 @@
-"""Runs a SavedModel in a process where the project's packages cannot be imported.
+"""Runs a SavedModel's `serving_default` signature in a process without this project.
 
-Usage: python saved_model_runner.py SAVED_MODEL_DIR ENDPOINT INPUT.npy OUTPUT.npy
-Used by test_saved_model.py to show that a served model needs only TensorFlow.
+Usage: python saved_model_runner.py SAVED_MODEL_DIR INPUT.npy OUTPUT.npy
+The input array (numbers, or strings as an object array) is passed as the signature's one
+input; the outputs are saved stacked in the order of their sorted names. Only TensorFlow
+and tensorflow_text (whose ops the language models' tokenizers use) are imported.
 """
 
 import importlib.abc
@@ -9,28 +11,31 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+PROJECT_PACKAGES = ("moe_tf", "models", "train")
 
 
 class _BlockProjectPackages(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("moe_tf", "models", "train"):
+        if name.split(".")[0] in PROJECT_PACKAGES:
             raise ImportError(f"{name} must not be needed to serve the SavedModel")
         return None
 
 
-def main(saved_model_dir, endpoint, input_path, output_path):
+def main(saved_model_dir, input_path, output_path):
     sys.meta_path.insert(0, _BlockProjectPackages())
     import numpy as np
     import tensorflow as tf
+    import tensorflow_text  # noqa: F401  (tokenizer ops)
 
-    loaded = tf.saved_model.load(saved_model_dir)
-    fn = getattr(loaded, endpoint) if endpoint != "serving_default" else \
-        loaded.signatures["serving_default"]
-    result = fn(tf.constant(np.load(input_path)))
-    if isinstance(result, dict):
-        (result,) = result.values()
-    np.save(output_path, result.numpy())
-    assert not any(m.split(".")[0] in ("moe_tf", "models", "train") for m in sys.modules)
+    signature = tf.saved_model.load(saved_model_dir).signatures["serving_default"]
+    (input_name,) = signature.structured_input_signature[1]
+    values = np.load(input_path, allow_pickle=True)
+    if values.dtype == object:
+        values = values.astype(str).astype(bytes)
+    outputs = signature(**{input_name: tf.constant(values)})
+    np.save(output_path, np.stack([np.asarray(outputs[name], np.float64)
+                                   for name in sorted(outputs)]))
+    assert not any(m.split(".")[0] in PROJECT_PACKAGES for m in sys.modules)
 
 
 if __name__ == "__main__":

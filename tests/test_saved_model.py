@@ -15,14 +15,14 @@ from tests.test_sparsely_gated_moe import randomize
 RUNNER = os.path.join(os.path.dirname(__file__), "saved_model_runner.py")
 
 
-def serve_in_fresh_process(saved_model_dir, endpoint, x, tmp_path):
+def serve_in_fresh_process(saved_model_dir, x, tmp_path):
     input_path, output_path = tmp_path / "x.npy", tmp_path / "y.npy"
     np.save(input_path, x)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, RUNNER, str(saved_model_dir), endpoint,
-                    str(input_path), str(output_path)],
-                   check=True, env=env, cwd=tmp_path, timeout=300)
-    return np.load(output_path)
+    subprocess.run([sys.executable, RUNNER, str(saved_model_dir), str(input_path),
+                    str(output_path)], check=True, env=env, cwd=tmp_path, timeout=300)
+    (output,) = np.load(output_path)
+    return output
 
 
 def model_with_moe(**kwargs):
@@ -45,7 +45,7 @@ def test_exported_model_serves_identically_in_fresh_process(kwargs, tmp_path):
 
     export_dir = tmp_path / "export"
     model.export(str(export_dir), verbose=False)
-    np.testing.assert_allclose(serve_in_fresh_process(export_dir, "serve", x, tmp_path),
+    np.testing.assert_allclose(serve_in_fresh_process(export_dir, x, tmp_path),
                                expected, rtol=1e-6, atol=1e-6)
 
     saved_dir = tmp_path / "saved_model"
@@ -53,5 +53,5 @@ def test_exported_model_serves_identically_in_fresh_process(kwargs, tmp_path):
                         input_signature=[tf.TensorSpec([None, 5, 4], tf.float32)])
     tf.saved_model.save(model, str(saved_dir), signatures=serve.get_concrete_function())
     np.testing.assert_allclose(
-        serve_in_fresh_process(saved_dir, "serving_default", x, tmp_path),
+        serve_in_fresh_process(saved_dir, x, tmp_path),
         expected, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,146 @@
+"""The paper's language models (Appendix C) and their compute-matched baselines (Table 7).
+
+All four share the embedding, the residual/dropout wiring and the softmax; they differ in
+what stands between the embedding and the softmax:
+- `moe`: LSTM -> MoE (sigmoid on its output) -> LSTM;
+- `4xlstm`: four LSTMs;
+- `moe-1-wide`: LSTM -> one expert of hidden k * hidden_size -> LSTM;
+- `moe-1-deep`: LSTM -> one expert of four hidden layers, as wide as keeps the ops equal ->
+  LSTM.
+Every layer's output gets dropout and a residual add, so all widths equal `model_dim`.
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+import keras
+
+from moe_tf import SparselyGatedMoE
+
+ARCHITECTURES = ("moe", "4xlstm", "moe-1-wide", "moe-1-deep")
+DEEP_LAYERS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModelConfig:
+    """Sizes of a language model. Defaults are the paper's, scaled by 1/4 for a CPU."""
+
+    architecture: str = "moe"
+    vocab_size: int = 8192
+    model_dim: int = 128           # embedding and LSTM width (paper: 512)
+    num_experts: int = 32
+    k: int = 4
+    num_groups: Optional[int] = None
+    hidden_size: int = 256         # expert hidden width (paper: 1024)
+    noisy_gating: bool = True
+    importance_weight: float = 0.1
+    load_weight: float = 0.1
+    dropout: float = 0.1
+    dispatch: str = "sparse"
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}; got "
+                             f"{self.architecture!r}.")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
+
+    @property
+    def experts_per_token(self) -> int:
+        """Experts each token is sent to (k, or k * k for a hierarchical 2 + 2 layer)."""
+        return self.k * (self.k if self.num_groups else 1)
+
+    @property
+    def wide_hidden_size(self) -> int:
+        """MoE-1-Wide: one expert doing the work of k experts."""
+        return self.experts_per_token * self.hidden_size
+
+    @property
+    def deep_hidden_size(self) -> int:
+        """MoE-1-Deep: w with d w + (L - 1) w^2 + w d = k (2 d h), L = 4 hidden layers."""
+        d, target = self.model_dim, 2 * self.model_dim * self.wide_hidden_size
+        a, b = DEEP_LAYERS - 1, 2 * d
+        return round((-b + math.sqrt(b * b + 4 * a * target)) / (2 * a))
+
+
+def _residual(x, y, dropout: float, name: str):
+    return keras.layers.Add(name=f"{name}_residual")(
+        [x, keras.layers.Dropout(dropout, name=f"{name}_dropout")(y)])
+
+
+def _lstm(x, config: LanguageModelConfig, name: str):
+    y = keras.layers.LSTM(config.model_dim, return_sequences=True, name=name)(x)
+    return _residual(x, y, config.dropout, name)
+
+
+def _middle_block(config: LanguageModelConfig):
+    """The layer between the two LSTMs: an MoE, or a dense stand-in for a baseline."""
+    if config.architecture == "moe":
+        return SparselyGatedMoE(
+            config.num_experts, config.k, config.hidden_size,
+            num_groups=config.num_groups, noisy_gating=config.noisy_gating,
+            importance_weight=config.importance_weight, load_weight=config.load_weight,
+            dispatch=config.dispatch, name="moe")
+    if config.architecture == "moe-1-wide":
+        return keras.Sequential([
+            keras.layers.Dense(config.wide_hidden_size, activation="relu"),
+            keras.layers.Dense(config.model_dim)], name="wide_expert")
+    return keras.Sequential(
+        [keras.layers.Dense(config.deep_hidden_size, activation="relu")
+         for _ in range(DEEP_LAYERS)] + [keras.layers.Dense(config.model_dim)],
+        name="deep_expert")
+
+
+def build_language_model(config: LanguageModelConfig) -> keras.Model:
+    """int32 token ids `[batch, time]` (0 = padding) -> float32 logits `[batch, time, vocab]`."""
+    ids = keras.Input(shape=(None,), dtype="int32", name="ids")
+    x = keras.layers.Embedding(config.vocab_size, config.model_dim, mask_zero=True,
+                               name="embedding")(ids)
+    x = keras.layers.Dropout(config.dropout, name="embedding_dropout")(x)
+    if config.architecture == "4xlstm":
+        for i in range(4):
+            x = _lstm(x, config, f"lstm_{i + 1}")
+    else:
+        x = _lstm(x, config, "lstm_1")
+        middle = _middle_block(config)(x)
+        x = _residual(x, keras.layers.Activation("sigmoid", name="middle_sigmoid")(middle),
+                      config.dropout, "middle")
+        x = _lstm(x, config, "lstm_2")
+    logits = keras.layers.Dense(config.vocab_size, name="softmax", dtype="float32")(x)
+    return keras.Model(ids, logits, name=f"lm_{config.architecture.replace('-', '_')}")
+
+
+def lstm_ops(input_dim: int, units: int) -> int:
+    """Multiply-adds per step of an LSTM: four gates over [input, state]."""
+    return 4 * units * (input_dim + units)
+
+
+def ops_per_timestep(config: LanguageModelConfig) -> int:
+    """Forward multiply-adds per token, excluding embedding and softmax, as Table 7 counts.
+
+    The gate's matmul counts (x W_g over all experts, or over the groups plus the selected
+    groups' secondary gates); the noise matmul, used only in training, does not.
+    """
+    d = config.model_dim
+    if config.architecture == "4xlstm":
+        return 4 * lstm_ops(d, d)
+    if config.architecture == "moe":
+        if config.num_groups:
+            experts_per_group = config.num_experts // config.num_groups
+            gate = d * config.num_groups + config.k * d * experts_per_group
+        else:
+            gate = d * config.num_experts
+        middle = gate + config.experts_per_token * 2 * d * config.hidden_size
+    elif config.architecture == "moe-1-wide":
+        middle = 2 * d * config.wide_hidden_size
+    else:
+        w = config.deep_hidden_size
+        middle = 2 * d * w + (DEEP_LAYERS - 1) * w * w
+    return 2 * lstm_ops(d, d) + middle
+
+
+def params_excluding_embedding_softmax(model: keras.Model) -> int:
+    """Trainable parameters outside the embedding and softmax layers."""
+    return sum(int(math.prod(w.shape)) for w in model.trainable_weights
+               if not w.path.startswith(("embedding/", "softmax/")))

@@ -1,0 +1,149 @@
+"""Text sources behind the `--data` flag, as tf.data pipelines of raw lines.
+
+Specs:
+- `builtin:en`, `builtin:es`: the shipped Bible corpus (train/data/bible, see its README);
+- `text:PATH`: a user's corpus, one sentence a line (plain or .gz); `--valid_data` /
+  `--test_data` name the held-out files, and without them a stable hash of each line sends
+  5% to valid and 5% to test;
+- `tfds:NAME`: a TensorFlow Datasets corpus with a `text` feature, e.g. `tfds:lm1b` (the
+  paper's 1B-word benchmark): train = train[:99%], valid = train[99%:], test = test.
+
+Invalid UTF-8 and empty lines are dropped inside the pipeline and counted.
+"""
+
+import os
+from typing import NamedTuple, Optional
+
+import tensorflow as tf
+
+from train.tokenizer import BOS_ID, EOS_ID
+
+BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bible")
+BUILTIN_LANGUAGES = ("en", "es")
+SPLITS = ("train", "valid", "test")
+# Share of lines (in percent) that a single text file gives to valid and test each.
+HELD_OUT_PERCENT = 5
+
+
+class TextSplits(NamedTuple):
+    """Unfiltered tf.string line datasets of the three splits."""
+
+    train: tf.data.Dataset
+    valid: tf.data.Dataset
+    test: tf.data.Dataset
+
+
+def is_valid_line(line: tf.Tensor) -> tf.Tensor:
+    """True for a line with visible text that is well-formed UTF-8."""
+    repaired = tf.strings.unicode_transcode(line, "UTF-8", "UTF-8", errors="replace",
+                                            replacement_char=0xFFFD)
+    return tf.logical_and(tf.equal(repaired, line),
+                          tf.strings.length(tf.strings.strip(line)) > 0)
+
+
+def clean_lines(lines: tf.data.Dataset) -> tf.data.Dataset:
+    """Drops invalid lines and strips surrounding white space."""
+    return lines.filter(is_valid_line).map(tf.strings.strip)
+
+
+def count_invalid_lines(lines: tf.data.Dataset) -> int:
+    """How many lines `clean_lines` drops (one pass over the data)."""
+    return int(lines.reduce(tf.constant(0, tf.int64), lambda count, line: count + tf.cast(
+        tf.logical_not(is_valid_line(line)), tf.int64)))
+
+
+def _text_file(path: str) -> tf.data.Dataset:
+    if not tf.io.gfile.exists(path):
+        raise ValueError(f"data file not found: {path}")
+    return tf.data.TextLineDataset(path, compression_type="GZIP" if path.endswith(".gz")
+                                   else "")
+
+
+def _hash_split(lines: tf.data.Dataset, split: str) -> tf.data.Dataset:
+    """A stable split of one file: the same line always lands in the same split."""
+    low, high = {"train": (2 * HELD_OUT_PERCENT, 100),
+                 "valid": (0, HELD_OUT_PERCENT),
+                 "test": (HELD_OUT_PERCENT, 2 * HELD_OUT_PERCENT)}[split]
+
+    def keep(line):
+        bucket = tf.strings.to_hash_bucket_fast(line, 100)
+        return tf.logical_and(bucket >= low, bucket < high)
+
+    return lines.filter(keep)
+
+
+def builtin_path(language: str, split: str) -> str:
+    return os.path.join(BUILTIN_DIR, f"{language}.{split}.txt.gz")
+
+
+def load_text_splits(spec: str, *, valid_data: Optional[str] = None,
+                     test_data: Optional[str] = None) -> TextSplits:
+    """The raw line datasets named by a `--data` spec (see the module docstring)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "builtin":
+        if arg not in BUILTIN_LANGUAGES:
+            raise ValueError(f"--data=builtin:{arg}: the built-in corpus has languages "
+                             f"{BUILTIN_LANGUAGES}.")
+        return TextSplits(*(_text_file(builtin_path(arg, split)) for split in SPLITS))
+    if kind == "text":
+        if not arg:
+            raise ValueError("--data=text:PATH needs a path.")
+        train = _text_file(arg)
+        if (valid_data is None) != (test_data is None):
+            raise ValueError("--valid_data and --test_data go together (or neither: then "
+                             "held-out lines are split off the --data file).")
+        if valid_data is None:
+            return TextSplits(*(_hash_split(train, split) for split in SPLITS))
+        return TextSplits(train, _text_file(valid_data), _text_file(test_data))
+    if kind == "tfds":
+        return _tfds_splits(arg)
+    raise ValueError(f"--data={spec!r}: expected builtin:en, builtin:es, text:PATH or "
+                     f"tfds:NAME.")
+
+
+def _tfds_splits(name: str) -> TextSplits:
+    import tensorflow_datasets as tfds  # heavy; only for tfds sources
+
+    def text(split):
+        return tfds.load(name, split=split, shuffle_files=False).map(
+            lambda example: example["text"])
+
+    return TextSplits(text("train[:99%]"), text("train[99%:]"), text("test"))
+
+
+def sentence_sequences(pieces: tf.RaggedTensor, *, max_length: int) -> tf.RaggedTensor:
+    """Ragged pieces `[batch, (n)]` -> `[batch, (<= max_length + 1)]`: bos pieces eos, cut.
+
+    A language model reads `[:-1]` and predicts `[1:]`, so each sentence gives at most
+    `max_length` predictions; a longer one is cut there (and keeps no eos).
+    """
+    markers = tf.ones([pieces.nrows(), 1], tf.int32)
+    return tf.concat([tf.RaggedTensor.from_tensor(markers * BOS_ID), pieces,
+                      tf.RaggedTensor.from_tensor(markers * EOS_ID)],
+                     axis=1)[:, :max_length + 1]
+
+
+def sentence_ids(lines: tf.data.Dataset, tokenizer, *,
+                 max_length: int) -> tf.data.Dataset:
+    """Clean lines -> int32 `[length]` sequences (see `sentence_sequences`)."""
+    def to_ids(line):
+        return sentence_sequences(tokenizer.tokenize(line[None]),
+                                  max_length=max_length)[0]
+
+    return clean_lines(lines).map(to_ids, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def batch_by_tokens(sequences: tf.data.Dataset, *, batch_tokens: int,
+                    max_length: int) -> tf.data.Dataset:
+    """Pads sequences of similar length together, about `batch_tokens` tokens a batch.
+
+    Buckets are spaced 8 tokens apart; a bucket of sequences up to L long holds
+    batch_tokens // L of them. Padding uses id 0.
+    """
+    boundaries = list(range(9, max_length + 2, 8))
+    batch_sizes = [max(1, batch_tokens // (b - 1)) for b in boundaries]
+    batch_sizes.append(max(1, batch_tokens // (max_length + 1)))
+    return sequences.bucket_by_sequence_length(
+        element_length_func=lambda seq: tf.shape(seq)[0],
+        bucket_boundaries=boundaries, bucket_batch_sizes=batch_sizes,
+        padded_shapes=[None], padding_values=0)

@@ -1,0 +1,133 @@
+"""Trains a language model of the paper (or a baseline) and exports it for serving.
+
+    python -m train.lm --model_dir=/tmp/lm            # MoE LM on the built-in English
+    python -m train.lm --model=4xlstm --model_dir=/tmp/lm_4xlstm
+    python -m train.lm --preset=tiny --model_dir=/tmp/smoke
+
+Restarting with the same flags resumes from the latest checkpoint in --model_dir.
+"""
+
+import dataclasses
+import os
+
+import tensorflow as tf
+from absl import app, flags, logging
+
+from models.lm import (ARCHITECTURES, LanguageModelConfig, build_language_model,
+                       ops_per_timestep, params_excluding_embedding_softmax)
+from train import common, data
+from train.lm_serving import LanguageModelServer
+from train.loop import LoopConfig, Trainer, check_run_config
+from train.tokenizer import load_or_train
+
+FLAGS = flags.FLAGS
+common.define_common_flags(default_data="builtin:en")
+flags.DEFINE_enum("model", "moe", list(ARCHITECTURES), "Architecture (Table 7).")
+flags.DEFINE_integer("model_dim", 128, "Embedding and LSTM width.")
+flags.register_validator("model_dim", lambda v: v is not None and v >= 1,
+                         message="--model_dim must be >= 1.")
+
+TINY_PRESET = dict(model_dim=32, num_experts=4, k=2, hidden_size=32, vocab_size=512,
+                   max_length=24, batch_tokens=512, train_steps=20, warmup_steps=5,
+                   eval_every=0, log_every=5, checkpoint_every=10, max_eval_batches=4,
+                   shuffle_buffer=1000)
+# Lines the vocabulary is learnt from (the whole built-in training split fits).
+VOCAB_LINES = 200_000
+
+
+def model_config() -> LanguageModelConfig:
+    return LanguageModelConfig(
+        architecture=FLAGS.model, vocab_size=FLAGS.vocab_size, model_dim=FLAGS.model_dim,
+        num_experts=FLAGS.num_experts, k=FLAGS.k, num_groups=FLAGS.num_groups or None,
+        hidden_size=FLAGS.hidden_size, noisy_gating=FLAGS.noisy_gating,
+        importance_weight=FLAGS.importance_weight, load_weight=FLAGS.load_weight,
+        dropout=FLAGS.dropout, dispatch=FLAGS.dispatch)
+
+
+def lm_loss(model, batch, training):
+    """Mean next-token NLL over real (non-padding) targets, with its sum and count."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = model(inputs, training=training)
+    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
+    real = tf.cast(targets != 0, nll.dtype)
+    nll_sum = tf.reduce_sum(nll * real)
+    num_tokens = tf.reduce_sum(real)
+    return nll_sum / tf.maximum(num_tokens, 1.0), nll_sum, num_tokens
+
+
+def make_datasets(splits: data.TextSplits, tokenizer):
+    def batches(lines):
+        return data.batch_by_tokens(
+            data.sentence_ids(lines, tokenizer, max_length=FLAGS.max_length),
+            batch_tokens=FLAGS.batch_tokens, max_length=FLAGS.max_length)
+
+    train = batches(splits.train.shuffle(FLAGS.shuffle_buffer, seed=FLAGS.seed,
+                                         reshuffle_each_iteration=True).repeat())
+    return (train.prefetch(tf.data.AUTOTUNE),
+            {name: batches(getattr(splits, name)).prefetch(tf.data.AUTOTUNE)
+             for name in ("valid", "test")})
+
+
+def main(argv):
+    del argv
+    if FLAGS.preset == "tiny":
+        common.apply_preset(TINY_PRESET)
+    with common.usage_errors():
+        config = model_config()
+        splits = data.load_text_splits(FLAGS.data, valid_data=FLAGS.valid_data,
+                                       test_data=FLAGS.test_data)
+        check_run_config(FLAGS.model_dir, {
+            "model": dataclasses.asdict(config), "data": FLAGS.data,
+            "valid_data": FLAGS.valid_data, "test_data": FLAGS.test_data,
+            "max_length": FLAGS.max_length, "seed": FLAGS.seed})
+    common.set_up_determinism(FLAGS.seed)
+    skipped = {name: data.count_invalid_lines(getattr(splits, name))
+               for name in ("train", "valid", "test")}
+    if any(skipped.values()):
+        logging.warning("Skipping invalid (empty or non-UTF-8) lines: %s", skipped)
+
+    def vocabulary_lines():
+        lines = data.clean_lines(splits.train).take(VOCAB_LINES).as_numpy_iterator()
+        return (line.decode("utf-8") for line in lines)
+
+    tokenizer = load_or_train(FLAGS.model_dir, vocabulary_lines,
+                              vocab_size=FLAGS.vocab_size)
+    if tokenizer.vocab_size != config.vocab_size:
+        logging.info("The corpus supports %d subwords (asked for %d).",
+                     tokenizer.vocab_size, config.vocab_size)
+        config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+
+    model = build_language_model(config)
+    params = params_excluding_embedding_softmax(model)
+    ops = ops_per_timestep(config)
+    logging.info("%s: %d params excluding embedding and softmax, %d ops/timestep",
+                 model.name, params, ops)
+    train_data, eval_data = make_datasets(splits, tokenizer)
+    trainer = Trainer(
+        model=model, optimizer=common.make_optimizer(), loss_fn=lm_loss,
+        train_data=train_data, eval_data=eval_data,
+        config=LoopConfig(model_dir=FLAGS.model_dir, train_steps=FLAGS.train_steps,
+                          eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
+                          checkpoint_every=FLAGS.checkpoint_every,
+                          max_eval_batches=FLAGS.max_eval_batches))
+    metrics = trainer.train(extra_metrics={
+        "model": FLAGS.model, "params_excluding_embedding_softmax": params,
+        "ops_per_timestep": ops, "vocab_size": tokenizer.vocab_size,
+        "skipped_lines": skipped})
+    logging.info("test perplexity %.2f", metrics["test_perplexity"])
+    print(f"test perplexity: {metrics['test_perplexity']:.2f}")
+
+    path = common.export_dir()
+    if path:
+        LanguageModelServer(model, tokenizer, FLAGS.max_length).save(
+            path, common.save_atomically)
+        print(f"SavedModel: {path}")
+
+
+def run():
+    """Console-script entry point (`moe-train-lm`)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,223 @@
+"""The custom training loop every binary shares.
+
+tf.function steps, `tf.train.CheckpointManager` checkpoints (model, optimizer, data
+iterator), TensorBoard summaries, a progress line, held-out evaluation and `metrics.json`.
+A task supplies the model, the data and `loss_fn(model, batch, training)` returning
+`(mean_loss, nll_sum, num_tokens)`; the layers' auxiliary losses (`model.losses`) are
+added here, once, to the loss that is differentiated.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Callable, Dict, Optional
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from moe_tf import SparselyGatedMoE
+
+CONFIG_FILE = "run_config.json"
+METRICS_FILE = "metrics.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    model_dir: str
+    train_steps: int
+    eval_every: int = 0          # 0: evaluate only at the end
+    log_every: int = 50
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    max_eval_batches: int = 0    # 0: the whole held-out split
+
+
+def write_json_atomically(path: str, value) -> None:
+    tmp = path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def check_run_config(model_dir: str, run_config: Dict) -> None:
+    """Refuses a model_dir trained with another configuration; records it for a new one.
+
+    Called before anything is written to the directory, so a refused run changes nothing.
+    """
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            stored = json.load(f)
+        differences = {key: (stored.get(key), run_config.get(key))
+                       for key in sorted(set(stored) | set(run_config))
+                       if stored.get(key) != run_config.get(key)}
+        if differences:
+            listed = "; ".join(f"--{key}: was {old!r}, now {new!r}"
+                               for key, (old, new) in differences.items())
+            raise ValueError(
+                f"--model_dir={model_dir} holds a run with another configuration "
+                f"({listed}). Use a new --model_dir, or the same flags to resume.")
+        return
+    tf.io.gfile.makedirs(model_dir)
+    write_json_atomically(path, run_config)
+
+
+def moe_layers(model: keras.Model):
+    return [layer for layer in model._flatten_layers() if isinstance(layer, SparselyGatedMoE)]
+
+
+class Trainer:
+    """Trains `model` on `train_data` with `optimizer`, resuming from `model_dir`."""
+
+    def __init__(self, *, model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                 loss_fn: Callable, train_data: tf.data.Dataset,
+                 eval_data: Dict[str, tf.data.Dataset], config: LoopConfig):
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.eval_data = eval_data
+        self.config = config
+        self.optimizer.build(model.trainable_variables)
+        self.iterator = iter(train_data)
+        # NLL and token sums of the current logging window, and the last window's mean:
+        # checkpointed so that a resumed run reports what an unbroken one would.
+        self.window = tf.Variable([0.0, 0.0], dtype=tf.float64, trainable=False)
+        self.last_train_loss = tf.Variable(float("nan"), dtype=tf.float64,
+                                           trainable=False)
+        self._make_checkpoint(data=self.iterator)
+        self.writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "train"))
+        self.eval_writer = tf.summary.create_file_writer(
+            os.path.join(config.model_dir, "eval"))
+        # Batches vary in shape (length buckets): one trace for all of them.
+        self._train_step = tf.function(self._train_step_fn,
+                                       input_signature=[train_data.element_spec])
+        self._eval_step = tf.function(self._eval_step_fn, reduce_retracing=True)
+
+    def _make_checkpoint(self, **data):
+        # `model.variables` beyond `model.weights` are the random-seed states (dropout,
+        # gating noise); tf.train.Checkpoint does not reach them through the model.
+        weights = {id(w) for w in self.model.weights}
+        seed_states = [v for v in self.model.variables if id(v) not in weights]
+        self.checkpoint = tf.train.Checkpoint(
+            model=self.model, optimizer=self.optimizer, window=self.window,
+            last_train_loss=self.last_train_loss, seed_states=seed_states, **data)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(self.config.model_dir, "checkpoints"),
+            max_to_keep=self.config.keep_checkpoints)
+
+    def save(self, step: int) -> None:
+        try:
+            self.manager.save(checkpoint_number=step)
+        except tf.errors.FailedPreconditionError:
+            # Pipelines that run Python code (e.g. generators) cannot save a position.
+            logging.warning("The data pipeline cannot save its position; checkpoints keep "
+                            "the model, optimizer and step, and a resumed run restarts "
+                            "the data stream.")
+            self._make_checkpoint()
+            self.manager.save(checkpoint_number=step)
+
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    def restore(self) -> int:
+        """Restores the latest checkpoint, if any; returns the step it reached."""
+        latest = self.manager.latest_checkpoint
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            logging.info("Resumed from %s at step %d.", latest, self.step)
+        return self.step
+
+    def _train_step_fn(self, batch):
+        with tf.GradientTape() as tape:
+            loss, nll_sum, num_tokens = self.loss_fn(self.model, batch, training=True)
+            total = loss + tf.add_n(self.model.losses) if self.model.losses else loss
+        variables = self.model.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
+        return nll_sum, num_tokens
+
+    def _eval_step_fn(self, batch):
+        _, nll_sum, num_tokens = self.loss_fn(self.model, batch, training=False)
+        return nll_sum, num_tokens
+
+    def evaluate(self, name: str) -> float:
+        """Perplexity on a held-out split: exp(total NLL / total predicted tokens)."""
+        nll, tokens = 0.0, 0.0
+        data = self.eval_data[name]
+        if self.config.max_eval_batches:
+            data = data.take(self.config.max_eval_batches)
+        for batch in data:
+            batch_nll, batch_tokens = self._eval_step(batch)
+            nll += float(batch_nll)
+            tokens += float(batch_tokens)
+        perplexity = math.exp(nll / max(tokens, 1.0))
+        with self.eval_writer.as_default(step=self.step):
+            tf.summary.scalar(f"{name}_perplexity", perplexity)
+        logging.info("step %d  %s perplexity %.2f  (%d tokens)", self.step, name,
+                     perplexity, tokens)
+        return perplexity
+
+    def _log_balance(self):
+        for layer in moe_layers(self.model):
+            stats = layer.balance_statistics()
+            for key, value in stats.items():
+                if key == "load_fraction":
+                    tf.summary.histogram(f"{layer.name}/load_fraction", value)
+                else:
+                    tf.summary.scalar(f"{layer.name}/{key}", value)
+            for metric in layer.metrics:
+                metric.reset_state()
+
+    def train(self, extra_metrics: Optional[Dict] = None) -> Dict:
+        """Runs to `train_steps`; returns (and writes) the run's metrics."""
+        cfg = self.config
+        start_step = self.restore()
+        run_start, run_tokens = time.time(), 0.0
+        window_start = time.time()
+        while self.step < cfg.train_steps:
+            nll_sum, num_tokens = self._train_step(next(self.iterator))
+            self.window.assign_add(tf.cast(tf.stack([nll_sum, num_tokens]), tf.float64))
+            run_tokens += float(num_tokens)
+            step = self.step
+            if step % cfg.log_every == 0 or step == cfg.train_steps:
+                self._log_progress(step, start_step, run_start, window_start)
+                window_start = time.time()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.train_steps:
+                self.evaluate("valid")
+            if step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
+                self.save(step)
+        metrics = dict(extra_metrics or {})
+        metrics.update(
+            global_step=self.step, final_train_loss=float(self.last_train_loss.numpy()),
+            tokens_per_second=run_tokens / max(time.time() - run_start, 1e-9),
+            valid_perplexity=self.evaluate("valid"), test_perplexity=self.evaluate("test"))
+        write_json_atomically(os.path.join(cfg.model_dir, METRICS_FILE), metrics)
+        self.writer.flush()
+        self.eval_writer.flush()
+        return metrics
+
+    def _log_progress(self, step, start_step, run_start, window_start):
+        """Progress line and TensorBoard scalars for the window that ends at `step`."""
+        nll, tokens = self.window.numpy()
+        loss = nll / max(tokens, 1.0)
+        self.last_train_loss.assign(loss)
+        self.window.assign([0.0, 0.0])
+        rate = tokens / max(time.time() - window_start, 1e-9)
+        eta = ((time.time() - run_start) / max(step - start_step, 1)
+               * (self.config.train_steps - step))
+        logging.info("step %d/%d  loss %.4f  ppl %.2f  %.0f tokens/s  eta %s", step,
+                     self.config.train_steps, loss, math.exp(loss), rate, _duration(eta))
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("loss", loss)
+            tf.summary.scalar("perplexity", math.exp(loss))
+            tf.summary.scalar("learning_rate", float(self.optimizer.learning_rate))
+            tf.summary.scalar("tokens_per_second", rate)
+            self._log_balance()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"

@@ -1,0 +1,81 @@
+"""A subword vocabulary learnt on the training split, applied with tensorflow-text ops.
+
+The SentencePiece trainer (PyPI `sentencepiece`) learns the model once per run; the
+serialized model is stored in the run's directory and tokenization itself runs in the
+TensorFlow graph (`tensorflow_text.SentencepieceTokenizer`), so input pipelines and
+SavedModels take raw strings.
+"""
+
+import io
+import os
+from typing import Iterable
+
+import tensorflow as tf
+import tensorflow_text as tf_text
+
+PAD_ID = 0
+UNK_ID = 1
+BOS_ID = 2
+EOS_ID = 3
+TOKENIZER_FILE = "subword.model"
+
+
+class SubwordTokenizer(tf.Module):
+    """SentencePiece subwords with fixed special ids: pad 0, unk 1, bos 2, eos 3."""
+
+    def __init__(self, model_proto: bytes, name: str = "subword_tokenizer"):
+        super().__init__(name=name)
+        self.model_proto = model_proto
+        self.tokenizer = tf_text.SentencepieceTokenizer(model=model_proto)
+
+    @classmethod
+    def train(cls, lines: Iterable[str], *, vocab_size: int,
+              model_type: str = "unigram") -> "SubwordTokenizer":
+        """Learns a vocabulary of at most `vocab_size` pieces from `lines`."""
+        import sentencepiece  # only needed to learn a vocabulary, not to use one
+
+        model = io.BytesIO()
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID,
+            eos_id=EOS_ID, character_coverage=1.0, num_threads=2,
+            # A small corpus may not support the requested size: take what it has.
+            hard_vocab_limit=False, minloglevel=2)
+        return cls(model.getvalue())
+
+    @classmethod
+    def load(cls, path: str) -> "SubwordTokenizer":
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return cls(f.read())
+
+    def save(self, path: str) -> None:
+        """Writes the model atomically (a temporary file renamed into place)."""
+        tmp = path + ".tmp"
+        with tf.io.gfile.GFile(tmp, "wb") as f:
+            f.write(self.model_proto)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.vocab_size())
+
+    def tokenize(self, text: tf.Tensor) -> tf.RaggedTensor:
+        """tf.string `[batch]` -> int32 ragged `[batch, (pieces)]` (no bos / eos)."""
+        return tf.cast(self.tokenizer.tokenize(text), tf.int32)
+
+    def detokenize(self, ids) -> tf.Tensor:
+        """int ragged or dense `[batch, (pieces)]` -> tf.string `[batch]`."""
+        return self.tokenizer.detokenize(ids)
+
+
+def load_or_train(model_dir: str, lines_fn, *, vocab_size: int,
+                  model_type: str = "unigram") -> SubwordTokenizer:
+    """The run's tokenizer: read from `model_dir`, or learnt from `lines_fn()` and saved."""
+    path = os.path.join(model_dir, TOKENIZER_FILE)
+    if tf.io.gfile.exists(path):
+        return SubwordTokenizer.load(path)
+    tokenizer = SubwordTokenizer.train(lines_fn(), vocab_size=vocab_size,
+                                       model_type=model_type)
+    tf.io.gfile.makedirs(model_dir)
+    tokenizer.save(path)
+    return tokenizer
