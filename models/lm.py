@@ -74,22 +74,21 @@ def _lstm(x, config: LanguageModelConfig, name: str):
     return _residual(x, y, config.dropout, name)
 
 
-def _middle_block(config: LanguageModelConfig):
+def _middle_block(x, config: LanguageModelConfig):
     """The layer between the two LSTMs: an MoE, or a dense stand-in for a baseline."""
     if config.architecture == "moe":
         return SparselyGatedMoE(
             config.num_experts, config.k, config.hidden_size,
             num_groups=config.num_groups, noisy_gating=config.noisy_gating,
             importance_weight=config.importance_weight, load_weight=config.load_weight,
-            dispatch=config.dispatch, name="moe")
+            dispatch=config.dispatch, name="moe")(x)
     if config.architecture == "moe-1-wide":
-        return keras.Sequential([
-            keras.layers.Dense(config.wide_hidden_size, activation="relu"),
-            keras.layers.Dense(config.model_dim)], name="wide_expert")
-    return keras.Sequential(
-        [keras.layers.Dense(config.deep_hidden_size, activation="relu")
-         for _ in range(DEEP_LAYERS)] + [keras.layers.Dense(config.model_dim)],
-        name="deep_expert")
+        widths, name = [config.wide_hidden_size], "wide_expert"
+    else:
+        widths, name = [config.deep_hidden_size] * DEEP_LAYERS, "deep_expert"
+    for i, width in enumerate(widths):
+        x = keras.layers.Dense(width, activation="relu", name=f"{name}_hidden_{i + 1}")(x)
+    return keras.layers.Dense(config.model_dim, name=f"{name}_output")(x)
 
 
 def build_language_model(config: LanguageModelConfig) -> keras.Model:
@@ -103,7 +102,7 @@ def build_language_model(config: LanguageModelConfig) -> keras.Model:
             x = _lstm(x, config, f"lstm_{i + 1}")
     else:
         x = _lstm(x, config, "lstm_1")
-        middle = _middle_block(config)(x)
+        middle = _middle_block(x, config)
         x = _residual(x, keras.layers.Activation("sigmoid", name="middle_sigmoid")(middle),
                       config.dropout, "middle")
         x = _lstm(x, config, "lstm_2")
@@ -119,8 +118,9 @@ def lstm_ops(input_dim: int, units: int) -> int:
 def ops_per_timestep(config: LanguageModelConfig) -> int:
     """Forward multiply-adds per token, excluding embedding and softmax, as Table 7 counts.
 
-    The gate's matmul counts (x W_g over all experts, or over the groups plus the selected
-    groups' secondary gates); the noise matmul, used only in training, does not.
+    The gate counts: x W_g over all experts (or over the groups plus the selected groups'
+    secondary gates), and x W_noise as much again with noisy gating, as the paper's
+    8.6M for MoE-256 does.
     """
     d = config.model_dim
     if config.architecture == "4xlstm":
@@ -131,6 +131,7 @@ def ops_per_timestep(config: LanguageModelConfig) -> int:
             gate = d * config.num_groups + config.k * d * experts_per_group
         else:
             gate = d * config.num_experts
+        gate *= 2 if config.noisy_gating else 1
         middle = gate + config.experts_per_token * 2 * d * config.hidden_size
     elif config.architecture == "moe-1-wide":
         middle = 2 * d * config.wide_hidden_size
