@@ -74,8 +74,12 @@ class Trainer:
 
     def __init__(self, *, model: keras.Model, optimizer: keras.optimizers.Optimizer,
                  loss_fn: Callable, train_data: tf.data.Dataset,
-                 eval_data: Dict[str, tf.data.Dataset], config: LoopConfig):
+                 eval_data: Dict[str, tf.data.Dataset], config: LoopConfig,
+                 final_evaluation: Optional[Callable[[], Dict[str, float]]] = None):
+        """`final_evaluation`, if given, runs after training (e.g. BLEU by decoding); its
+        scalars go to TensorBoard (eval) and into metrics.json."""
         self.model = model
+        self.final_evaluation = final_evaluation
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.eval_data = eval_data
@@ -194,6 +198,12 @@ class Trainer:
             global_step=self.step, final_train_loss=float(self.last_train_loss.numpy()),
             tokens_per_second=run_tokens / max(time.time() - run_start, 1e-9),
             valid_perplexity=self.evaluate("valid"), test_perplexity=self.evaluate("test"))
+        if self.final_evaluation is not None:
+            extra = self.final_evaluation()
+            with self.eval_writer.as_default(step=self.step):
+                for name, value in extra.items():
+                    tf.summary.scalar(name, value)
+            metrics.update(extra)
         write_json_atomically(os.path.join(cfg.model_dir, METRICS_FILE), metrics)
         self.writer.flush()
         self.eval_writer.flush()
