@@ -198,15 +198,24 @@ class SparselyGatedMoE(keras.layers.Layer):
         }
 
     def _record_balance(self, gate_output):
-        """Adds the balancing loss and updates the balance metrics (training only)."""
+        """Adds the balancing loss and updates the balance metrics (training only).
+
+        Under a tf.distribute strategy Importance, Load and the counts are summed over the
+        replicas first, so every replica adds the loss of the global batch (the training
+        loop divides the layers' losses by the replica count).
+        """
+        importance, load = gate_output.importance, gate_output.load
+        counts = gate_output.routing.expert_counts()
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            importance, load, counts = context.all_reduce(
+                tf.distribute.ReduceOp.SUM, [importance, load, counts])
         if self.importance_weight or self.load_weight:
             self.add_loss(gating.balancing_loss(
-                gate_output.importance, gate_output.load,
-                importance_weight=self.importance_weight, load_weight=self.load_weight))
-        counts = gate_output.routing.expert_counts()
-        self.cv_importance_metric.update_state(
-            tf.sqrt(gating.cv_squared(gate_output.importance)))
-        self.cv_load_metric.update_state(tf.sqrt(gating.cv_squared(gate_output.load)))
+                importance, load, importance_weight=self.importance_weight,
+                load_weight=self.load_weight))
+        self.cv_importance_metric.update_state(tf.sqrt(gating.cv_squared(importance)))
+        self.cv_load_metric.update_state(tf.sqrt(gating.cv_squared(load)))
         self.max_mean_load_metric.update_state(
             tf.math.divide_no_nan(tf.reduce_max(counts), tf.reduce_mean(counts)))
         self.load_fraction_metric.update_state(counts)

@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 from absl import app, flags
 
+from train import distribution
 from train.schedules import WarmupInverseSqrt
 
 FLAGS = flags.FLAGS
@@ -48,10 +49,16 @@ def define_common_flags(*, default_data: str) -> None:
     flags.DEFINE_integer("checkpoint_every", 100, "Checkpoint period.")
     flags.DEFINE_integer("shuffle_buffer", 10000, "Lines in the shuffle buffer.")
     flags.DEFINE_integer("seed", 0, "Seed of initialisation, shuffling, noise, dropout.")
+    flags.DEFINE_enum("strategy", "default", list(distribution.STRATEGIES),
+                      "default: one device; mirrored: data parallel over local devices; "
+                      "multi_worker: data parallel over TF_CONFIG's workers.")
+    flags.DEFINE_integer("num_cpu_devices", 1,
+                         "Split the CPU into this many logical devices (to try the "
+                         "strategies on one machine).")
 
     for name in ("num_experts", "k", "hidden_size", "vocab_size", "max_length",
                  "batch_tokens", "train_steps", "log_every", "checkpoint_every",
-                 "shuffle_buffer"):
+                 "shuffle_buffer", "num_cpu_devices"):
         flags.register_validator(name, lambda v: v is not None and v >= 1,
                                  message=f"--{name} must be >= 1.")
     for name in ("num_groups", "warmup_steps", "eval_every", "max_eval_batches"):
@@ -94,6 +101,13 @@ def apply_preset(preset_values: Dict) -> None:
     for name, value in preset_values.items():
         if not FLAGS[name].present:
             FLAGS[name].value = value
+
+
+def set_up_strategy() -> tf.distribute.Strategy:
+    """Devices and the `--strategy`; must run before anything else touches TensorFlow."""
+    distribution.configure_cpu_devices(FLAGS.num_cpu_devices)
+    with usage_errors():
+        return distribution.make_strategy(FLAGS.strategy)
 
 
 def set_up_determinism(seed: int) -> None:

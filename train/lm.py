@@ -15,7 +15,7 @@ from absl import app, flags, logging
 
 from models.lm import (ARCHITECTURES, LanguageModelConfig, build_language_model,
                        ops_per_timestep, params_excluding_embedding_softmax)
-from train import common, data
+from train import common, data, distribution
 from train.lm_serving import LanguageModelServer
 from train.loop import LoopConfig, Trainer, check_run_config
 from train.tokenizer import load_or_train
@@ -72,6 +72,8 @@ def main(argv):
     del argv
     if FLAGS.preset == "tiny":
         common.apply_preset(TINY_PRESET)
+    strategy = common.set_up_strategy()
+    is_chief = distribution.is_chief(strategy)
     with common.usage_errors():
         config = model_config()
         splits = data.load_text_splits(FLAGS.data, valid_data=FLAGS.valid_data,
@@ -79,7 +81,7 @@ def main(argv):
         check_run_config(FLAGS.model_dir, {
             "model": dataclasses.asdict(config), "data": FLAGS.data,
             "valid_data": FLAGS.valid_data, "test_data": FLAGS.test_data,
-            "max_length": FLAGS.max_length, "seed": FLAGS.seed})
+            "max_length": FLAGS.max_length, "seed": FLAGS.seed}, write=is_chief)
     common.set_up_determinism(FLAGS.seed)
     skipped = {name: data.count_invalid_lines(getattr(splits, name))
                for name in ("train", "valid", "test")}
@@ -91,20 +93,23 @@ def main(argv):
         return (line.decode("utf-8") for line in lines)
 
     tokenizer = load_or_train(FLAGS.model_dir, vocabulary_lines,
-                              vocab_size=FLAGS.vocab_size)
+                              vocab_size=FLAGS.vocab_size, save=is_chief)
     if tokenizer.vocab_size != config.vocab_size:
         logging.info("The corpus supports %d subwords (asked for %d).",
                      tokenizer.vocab_size, config.vocab_size)
         config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
 
-    model = build_language_model(config)
+    with strategy.scope():
+        model = build_language_model(config)
+        optimizer = common.make_optimizer()
     params = params_excluding_embedding_softmax(model)
     ops = ops_per_timestep(config)
-    logging.info("%s: %d params excluding embedding and softmax, %d ops/timestep",
-                 model.name, params, ops)
+    logging.info("%s: %d params excluding embedding and softmax, %d ops/timestep; "
+                 "strategy %s with %d replicas", model.name, params, ops, FLAGS.strategy,
+                 strategy.num_replicas_in_sync)
     train_data, eval_data = make_datasets(splits, tokenizer)
     trainer = Trainer(
-        model=model, optimizer=common.make_optimizer(), loss_fn=lm_loss,
+        model=model, optimizer=optimizer, loss_fn=lm_loss, strategy=strategy,
         train_data=train_data, eval_data=eval_data,
         config=LoopConfig(model_dir=FLAGS.model_dir, train_steps=FLAGS.train_steps,
                           eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
@@ -118,7 +123,7 @@ def main(argv):
     print(f"test perplexity: {metrics['test_perplexity']:.2f}")
 
     path = common.export_dir()
-    if path:
+    if path and is_chief:
         LanguageModelServer(model, tokenizer, FLAGS.max_length).save(
             path, common.save_atomically)
         print(f"SavedModel: {path}")

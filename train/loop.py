@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from typing import Callable, Dict, Optional
 
@@ -19,6 +20,7 @@ import tensorflow as tf
 from absl import logging
 
 from moe_tf import SparselyGatedMoE
+from train import distribution
 
 CONFIG_FILE = "run_config.json"
 METRICS_FILE = "metrics.json"
@@ -42,8 +44,9 @@ def write_json_atomically(path: str, value) -> None:
     tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
-def check_run_config(model_dir: str, run_config: Dict) -> None:
-    """Refuses a model_dir trained with another configuration; records it for a new one.
+def check_run_config(model_dir: str, run_config: Dict, *, write: bool = True) -> None:
+    """Refuses a model_dir trained with another configuration; records it for a new one
+    (if `write`: processes other than the chief only check).
 
     Called before anything is written to the directory, so a refused run changes nothing.
     """
@@ -61,8 +64,9 @@ def check_run_config(model_dir: str, run_config: Dict) -> None:
                 f"--model_dir={model_dir} holds a run with another configuration "
                 f"({listed}). Use a new --model_dir, or the same flags to resume.")
         return
-    tf.io.gfile.makedirs(model_dir)
-    write_json_atomically(path, run_config)
+    if write:
+        tf.io.gfile.makedirs(model_dir)
+        write_json_atomically(path, run_config)
 
 
 def moe_layers(model: keras.Model):
@@ -70,35 +74,54 @@ def moe_layers(model: keras.Model):
 
 
 class Trainer:
-    """Trains `model` on `train_data` with `optimizer`, resuming from `model_dir`."""
+    """Trains `model` on `train_data` with `optimizer`, resuming from `model_dir`.
+
+    The model and optimizer must have been created under `strategy.scope()`. The data are
+    global batches; the loop cuts each into one slice per replica. The loss differentiated
+    is the sum of NLL over the replica's tokens divided by the global token count (so the
+    replicas' gradients sum to the global mean's), plus the layers' losses divided by the
+    replica count (the MoE layer computes its balancing loss over the global batch).
+    """
 
     def __init__(self, *, model: keras.Model, optimizer: keras.optimizers.Optimizer,
                  loss_fn: Callable, train_data: tf.data.Dataset,
                  eval_data: Dict[str, tf.data.Dataset], config: LoopConfig,
-                 final_evaluation: Optional[Callable[[], Dict[str, float]]] = None):
+                 final_evaluation: Optional[Callable[[], Dict[str, float]]] = None,
+                 strategy: Optional[tf.distribute.Strategy] = None):
         """`final_evaluation`, if given, runs after training (e.g. BLEU by decoding); its
-        scalars go to TensorBoard (eval) and into metrics.json."""
+        scalars go to TensorBoard (eval) and into metrics.json (chief only)."""
         self.model = model
         self.final_evaluation = final_evaluation
         self.optimizer = optimizer
         self.loss_fn = loss_fn
-        self.eval_data = eval_data
         self.config = config
-        self.optimizer.build(model.trainable_variables)
-        self.iterator = iter(train_data)
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.is_chief = distribution.is_chief(self.strategy)
+        # Other workers save their (identical) checkpoints where nobody reads them.
+        self.write_dir = config.model_dir if self.is_chief else tempfile.mkdtemp()
+        self.eval_data = {name: distribution.local_replica_slices(data, self.strategy)
+                          for name, data in eval_data.items()}
+        with self.strategy.scope():
+            self.optimizer.build(model.trainable_variables)
+            # NLL and token sums of the current logging window, and the last window's
+            # mean: checkpointed so that a resumed run reports what an unbroken one would.
+            self.window = tf.Variable([0.0, 0.0], dtype=tf.float64, trainable=False)
+            self.last_train_loss = tf.Variable(float("nan"), dtype=tf.float64,
+                                               trainable=False)
+        self.iterator = iter(distribution.local_replica_slices(train_data, self.strategy))
         # NLL and token sums of the current logging window, and the last window's mean:
         # checkpointed so that a resumed run reports what an unbroken one would.
         self.window = tf.Variable([0.0, 0.0], dtype=tf.float64, trainable=False)
         self.last_train_loss = tf.Variable(float("nan"), dtype=tf.float64,
                                            trainable=False)
         self._make_checkpoint(data=self.iterator)
-        self.writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "train"))
+        self.writer = tf.summary.create_file_writer(os.path.join(self.write_dir, "train"))
         self.eval_writer = tf.summary.create_file_writer(
-            os.path.join(config.model_dir, "eval"))
+            os.path.join(self.write_dir, "eval"))
         # Batches vary in shape (length buckets): one trace for all of them.
-        self._train_step = tf.function(self._train_step_fn,
-                                       input_signature=[train_data.element_spec])
+        self._train_step = tf.function(self._train_step_fn, reduce_retracing=True)
         self._eval_step = tf.function(self._eval_step_fn, reduce_retracing=True)
+
 
     def _make_checkpoint(self, **data):
         # `model.variables` beyond `model.weights` are the random-seed states (dropout,
@@ -109,7 +132,7 @@ class Trainer:
             model=self.model, optimizer=self.optimizer, window=self.window,
             last_train_loss=self.last_train_loss, seed_states=seed_states, **data)
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(self.config.model_dir, "checkpoints"),
+            self.checkpoint, os.path.join(self.write_dir, "checkpoints"),
             max_to_keep=self.config.keep_checkpoints)
 
     def save(self, step: int) -> None:
@@ -129,31 +152,48 @@ class Trainer:
 
     def restore(self) -> int:
         """Restores the latest checkpoint, if any; returns the step it reached."""
-        latest = self.manager.latest_checkpoint
+        latest = tf.train.latest_checkpoint(
+            os.path.join(self.config.model_dir, "checkpoints"))
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
             logging.info("Resumed from %s at step %d.", latest, self.step)
         return self.step
 
-    def _train_step_fn(self, batch):
+    def _replica_train_step(self, batch):
+        context = tf.distribute.get_replica_context()
         with tf.GradientTape() as tape:
-            loss, nll_sum, num_tokens = self.loss_fn(self.model, batch, training=True)
-            total = loss + tf.add_n(self.model.losses) if self.model.losses else loss
+            _, nll_sum, num_tokens = self.loss_fn(self.model, batch, training=True)
+            global_tokens = context.all_reduce(tf.distribute.ReduceOp.SUM, num_tokens)
+            loss = nll_sum / tf.maximum(global_tokens, 1.0)
+            if self.model.losses:
+                loss += tf.add_n(self.model.losses) / context.num_replicas_in_sync
         variables = self.model.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return nll_sum, num_tokens
 
-    def _eval_step_fn(self, batch):
-        _, nll_sum, num_tokens = self.loss_fn(self.model, batch, training=False)
-        return nll_sum, num_tokens
+    def _sum_over_replicas(self, per_replica):
+        return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                for value in per_replica]
+
+    def _train_step_fn(self, local_slices):
+        batch = distribution.to_replicas(self.strategy, local_slices)
+        return self._sum_over_replicas(self.strategy.run(self._replica_train_step,
+                                                         args=(batch,)))
+
+    def _eval_step_fn(self, local_slices):
+        def replica_eval(batch):
+            _, nll_sum, num_tokens = self.loss_fn(self.model, batch, training=False)
+            return nll_sum, num_tokens
+
+        batch = distribution.to_replicas(self.strategy, local_slices)
+        return self._sum_over_replicas(self.strategy.run(replica_eval, args=(batch,)))
 
     def evaluate(self, name: str) -> float:
         """Perplexity on a held-out split: exp(total NLL / total predicted tokens)."""
         nll, tokens = 0.0, 0.0
-        data = self.eval_data[name]
-        if self.config.max_eval_batches:
-            data = data.take(self.config.max_eval_batches)
-        for batch in data:
+        for batch_number, batch in enumerate(self.eval_data[name]):
+            if self.config.max_eval_batches and batch_number >= self.config.max_eval_batches:
+                break
             batch_nll, batch_tokens = self._eval_step(batch)
             nll += float(batch_nll)
             tokens += float(batch_tokens)
@@ -204,7 +244,8 @@ class Trainer:
                 for name, value in extra.items():
                     tf.summary.scalar(name, value)
             metrics.update(extra)
-        write_json_atomically(os.path.join(cfg.model_dir, METRICS_FILE), metrics)
+        if self.is_chief:
+            write_json_atomically(os.path.join(cfg.model_dir, METRICS_FILE), metrics)
         self.writer.flush()
         self.eval_writer.flush()
         return metrics

@@ -69,13 +69,16 @@ class SubwordTokenizer(tf.Module):
 
 
 def load_or_train(model_dir: str, lines_fn, *, vocab_size: int,
-                  model_type: str = "unigram") -> SubwordTokenizer:
-    """The run's tokenizer: read from `model_dir`, or learnt from `lines_fn()` and saved."""
+                  model_type: str = "unigram", save: bool = True) -> SubwordTokenizer:
+    """The run's tokenizer: read from `model_dir`, or learnt from `lines_fn()` (and saved
+    there unless `save` is False: learning is deterministic, so processes of one run that
+    do not write get the same vocabulary)."""
     path = os.path.join(model_dir, TOKENIZER_FILE)
     if tf.io.gfile.exists(path):
         return SubwordTokenizer.load(path)
     tokenizer = SubwordTokenizer.train(lines_fn(), vocab_size=vocab_size,
                                        model_type=model_type)
-    tf.io.gfile.makedirs(model_dir)
-    tokenizer.save(path)
+    if save:
+        tf.io.gfile.makedirs(model_dir)
+        tokenizer.save(path)
     return tokenizer
