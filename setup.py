@@ -12,7 +12,8 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["moe_tf*", "models*", "train*"]),
+    packages=setuptools.find_packages(include=["moe_tf*", "models*", "train*",
+                                               "benchmarks*"]),
     install_requires=[
         "tensorflow==2.21.*",
         "keras>=3.10,<4",
@@ -25,12 +26,15 @@ setuptools.setup(
         # Learns the subword vocabulary; tokenization itself uses tensorflow-text ops.
         "sentencepiece>=0.2",
         "tensorboard",
+        "sacrebleu>=2.0",
     ],
     package_data={"train": ["data/bible/*"]},
     entry_points={
         "console_scripts": [
             "moe-train-lm = train.lm:run",
             "moe-score-lm = train.score:run",
+            "moe-train-nmt = train.nmt:run",
+            "moe-translate = train.translate:run",
         ],
     },
     extras_require={

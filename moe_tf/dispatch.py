@@ -12,21 +12,46 @@ import tensorflow as tf
 def sparse_dispatch(inputs, routing, experts):
     """Dropless dispatch: every assignment is computed, nothing of size tokens x experts.
 
-    The active assignments are sorted by expert once; the experts run on contiguous
-    blocks of the sorted rows, and a segment sum weighted by the gates brings the rows
-    back to their tokens (its gradient is a gather, so the backward pass reuses the same
-    permutation).
+    The assignments are sorted by expert once (unused ones last); the experts run on
+    contiguous blocks of the sorted rows, and the inverse permutation brings their outputs
+    back to assignment order for the gate-weighted sum per token. The gradients are
+    written by hand so that the backward pass reuses both permutations: every data
+    movement is a gather (TensorFlow's gradient of a gather is a scatter-add, slower on
+    CPU), and no forward tensor outlives its last use.
     """
     assignments = routing.assignments()
     order = tf.argsort(assignments.expert_index, stable=True)
-    token_index = tf.gather(assignments.token_index, order)
-    gate = tf.gather(assignments.gate, order)
+    inverse = tf.math.invert_permutation(order)
+    sorted_tokens = tf.gather(assignments.token_index, order)
     group_sizes = tf.math.bincount(assignments.expert_index,
                                    minlength=routing.num_experts,
                                    maxlength=routing.num_experts, dtype=tf.int32)
-    outputs = experts(tf.gather(inputs, token_index), group_sizes=group_sizes)
-    weighted = outputs * tf.cast(gate, outputs.dtype)[:, None]
-    return tf.math.unsorted_segment_sum(weighted, token_index, tf.shape(inputs)[0])
+
+    @tf.custom_gradient
+    def dispatch(inputs):
+        """`[tokens, d_in]` -> `[assignments, d_in]`: each assignment's token, sorted."""
+        def grad(d_rows):
+            return routing.sum_per_token(tf.gather(d_rows, inverse))
+
+        return tf.gather(inputs, sorted_tokens), grad
+
+    @tf.custom_gradient
+    def combine(rows, gate):
+        """Sorted outputs `[assignments, d_out]` -> `[tokens, d_out]`, sum of gate * row."""
+        weights = tf.cast(gate, rows.dtype)[:, None]
+
+        def grad(d_outputs):
+            d_rows = tf.gather(d_outputs, sorted_tokens)
+            d_gate = tf.gather(tf.reduce_sum(d_rows * rows, axis=-1), inverse)
+            # Ordered so that `rows` is freed before the experts' backward pass starts.
+            with tf.control_dependencies([d_gate]):
+                d_rows = d_rows * tf.gather(weights, order)
+            return d_rows, tf.cast(d_gate, gate.dtype)
+
+        return routing.sum_per_token(tf.gather(rows, inverse) * weights), grad
+
+    rows = experts(dispatch(inputs), group_sizes=group_sizes)
+    return combine(rows, assignments.gate)
 
 
 def expert_capacity(num_tokens, assignments_per_token: int, num_experts: int,

@@ -4,8 +4,9 @@ A gate decides, for `tokens` tokens and `experts` experts, a set of (token, expe
 value) assignments. Top-k gates give every token the same number of slots (`SlotRouting`);
 the strictly balanced gate lets an expert pick any number of a token's slots, so it gives a
 dense matrix (`DenseRouting`). Both offer what the two dispatchers need:
-`assignments()` for the dropless sparse path and `capacity_masks()` for the fixed-capacity
-einsum path. A gate value of exactly 0 marks an unused slot (padding, masked tokens).
+`assignments()` and `sum_per_token()` for the dropless sparse path and `capacity_masks()`
+for the fixed-capacity einsum path. A gate value of exactly 0 marks an unused slot
+(padding, masked tokens).
 """
 
 from typing import NamedTuple
@@ -14,7 +15,11 @@ import tensorflow as tf
 
 
 class Assignments(NamedTuple):
-    """A flat list of the active (token, expert, gate) triples, `[assignments]` each."""
+    """(token, expert, gate) triples, `[assignments]` each.
+
+    An unused assignment (a slot with gate 0) has `expert_index == num_experts`: sorted by
+    expert it comes after every used one, and no expert computes it.
+    """
 
     token_index: tf.Tensor
     expert_index: tf.Tensor
@@ -35,14 +40,22 @@ class SlotRouting(NamedTuple):
     num_experts: int
 
     def assignments(self) -> Assignments:
-        """The active slots, `[assignments]`; dynamic length."""
+        """Every slot, token-major (slot j of token t is assignment t * slots + j)."""
         slots = tf.shape(self.gate)[1]
-        token_index = tf.repeat(tf.range(tf.shape(self.gate)[0]), slots)
-        active = tf.reshape(self.gate > 0, [-1])
+        gate = tf.reshape(self.gate, [-1])
         return Assignments(
-            token_index=tf.boolean_mask(token_index, active),
-            expert_index=tf.boolean_mask(tf.reshape(self.expert_index, [-1]), active),
-            gate=tf.boolean_mask(tf.reshape(self.gate, [-1]), active))
+            token_index=tf.repeat(tf.range(tf.shape(self.gate)[0]), slots),
+            expert_index=tf.where(gate > 0, tf.reshape(self.expert_index, [-1]),
+                                  self.num_experts),
+            gate=gate)
+
+    def sum_per_token(self, values: tf.Tensor) -> tf.Tensor:
+        """`[assignments, d]` in `assignments()` order -> `[tokens, d]`, each token's sum.
+
+        A reshape and a sum over the slots: no scatter.
+        """
+        slots = tf.shape(self.gate)[1]
+        return tf.reduce_sum(tf.reshape(values, [-1, slots, tf.shape(values)[-1]]), axis=1)
 
     def expert_counts(self) -> tf.Tensor:
         """float32 `[experts]`: how many tokens each expert receives (dropless)."""
@@ -97,9 +110,15 @@ class DenseRouting(NamedTuple):
         return self.gate.shape[-1]
 
     def assignments(self) -> Assignments:
+        """The used (token, expert) pairs only; dynamic length."""
         where = tf.cast(tf.where(self.gate > 0), tf.int32)               # [A, 2]
         return Assignments(token_index=where[:, 0], expert_index=where[:, 1],
                            gate=tf.gather_nd(self.gate, where))
+
+    def sum_per_token(self, values: tf.Tensor) -> tf.Tensor:
+        """`[assignments, d]` in `assignments()` order -> `[tokens, d]`, per-token sums."""
+        return tf.math.unsorted_segment_sum(values, self.assignments().token_index,
+                                            tf.shape(self.gate)[0])
 
     def expert_counts(self) -> tf.Tensor:
         return tf.reduce_sum(tf.cast(self.gate > 0, tf.float32), axis=0)

@@ -47,6 +47,9 @@ class SparselyGatedMoE(keras.layers.Layer):
         kernel_initializer, bias_initializer: for the experts (each expert is initialised
             as a lone Dense kernel would be).
         seed: seed of the gating noise.
+        recompute_activations: recompute the experts' hidden activations on the backward
+            pass instead of keeping them from the forward pass (Appendix D): less memory,
+            one more matmul per assignment.
 
     Call arguments:
         inputs: float `[..., input_dim]`, rank >= 2.
@@ -70,7 +73,8 @@ class SparselyGatedMoE(keras.layers.Layer):
                  noise_epsilon: float = gating.DEFAULT_NOISE_EPSILON,
                  threshold_loss_weight: float = 1.0,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
-                 seed: Optional[int] = None, **kwargs):
+                 seed: Optional[int] = None, recompute_activations: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         _check_arguments(num_experts=num_experts, k=k, hidden_size=hidden_size,
                          output_size=output_size, num_groups=num_groups, group_k=group_k,
@@ -94,6 +98,7 @@ class SparselyGatedMoE(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.seed = seed
+        self.recompute_activations = recompute_activations
         self.supports_masking = True
 
         if gating == "balanced":
@@ -147,7 +152,8 @@ class SparselyGatedMoE(keras.layers.Layer):
             num_experts=self.num_experts, hidden_size=self.hidden_size,
             output_size=self.output_size or input_dim,
             kernel_initializer=self.kernel_initializer,
-            bias_initializer=self.bias_initializer, dtype=self.dtype_policy,
+            bias_initializer=self.bias_initializer,
+            recompute_activations=self.recompute_activations, dtype=self.dtype_policy,
             name="experts")
         self.experts.build((None, input_dim))
 
@@ -258,7 +264,7 @@ class SparselyGatedMoE(keras.layers.Layer):
             threshold_loss_weight=self.threshold_loss_weight,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
-            seed=self.seed)
+            seed=self.seed, recompute_activations=self.recompute_activations)
         return config
 
 

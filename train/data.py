@@ -8,7 +8,9 @@ Specs:
 - `tfds:NAME`: a TensorFlow Datasets corpus with a `text` feature, e.g. `tfds:lm1b` (the
   paper's 1B-word benchmark): train = train[:99%], valid = train[99%:], test = test.
 
-Invalid UTF-8 and empty lines are dropped inside the pipeline and counted.
+Invalid UTF-8 and empty lines are dropped inside the pipeline and counted. The helpers
+below also take datasets whose elements are tuples of lines (a translation's source and
+target, train/nmt_data.py): such an element is kept only if every line of it is valid.
 """
 
 import os
@@ -26,7 +28,7 @@ HELD_OUT_PERCENT = 5
 
 
 class TextSplits(NamedTuple):
-    """Unfiltered tf.string line datasets of the three splits."""
+    """Unfiltered datasets of the three splits: tf.string lines (or tuples of them)."""
 
     train: tf.data.Dataset
     valid: tf.data.Dataset
@@ -41,15 +43,27 @@ def is_valid_line(line: tf.Tensor) -> tf.Tensor:
                           tf.strings.length(tf.strings.strip(line)) > 0)
 
 
+def _is_valid_element(*lines) -> tf.Tensor:
+    return tf.reduce_all(tf.stack([is_valid_line(line) for line in lines]))
+
+
+def _strip(*lines):
+    stripped = tuple(tf.strings.strip(line) for line in lines)
+    return stripped if len(stripped) > 1 else stripped[0]
+
+
 def clean_lines(lines: tf.data.Dataset) -> tf.data.Dataset:
-    """Drops invalid lines and strips surrounding white space."""
-    return lines.filter(is_valid_line).map(tf.strings.strip)
+    """Drops elements with an invalid line and strips surrounding white space."""
+    return lines.filter(_is_valid_element).map(_strip)
 
 
 def count_invalid_lines(lines: tf.data.Dataset) -> int:
-    """How many lines `clean_lines` drops (one pass over the data)."""
-    return int(lines.reduce(tf.constant(0, tf.int64), lambda count, line: count + tf.cast(
-        tf.logical_not(is_valid_line(line)), tf.int64)))
+    """How many elements `clean_lines` drops (one pass over the data)."""
+    def add_invalid(count, element):
+        valid = _is_valid_element(*tf.nest.flatten(element))
+        return count + tf.cast(tf.logical_not(valid), tf.int64)
+
+    return int(lines.reduce(tf.constant(0, tf.int64), add_invalid))
 
 
 def _text_file(path: str) -> tf.data.Dataset:
@@ -88,17 +102,24 @@ def load_text_splits(spec: str, *, valid_data: Optional[str] = None,
     if kind == "text":
         if not arg:
             raise ValueError("--data=text:PATH needs a path.")
-        train = _text_file(arg)
-        if (valid_data is None) != (test_data is None):
-            raise ValueError("--valid_data and --test_data go together (or neither: then "
-                             "held-out lines are split off the --data file).")
-        if valid_data is None:
-            return TextSplits(*(_hash_split(train, split) for split in SPLITS))
-        return TextSplits(train, _text_file(valid_data), _text_file(test_data))
+        return file_splits(arg, valid_data=valid_data, test_data=test_data)
     if kind == "tfds":
         return _tfds_splits(arg)
     raise ValueError(f"--data={spec!r}: expected builtin:en, builtin:es, text:PATH or "
                      f"tfds:NAME.")
+
+
+def file_splits(path: str, *, valid_data: Optional[str] = None,
+                test_data: Optional[str] = None) -> TextSplits:
+    """The lines of `path` and of the held-out files, or without those a stable 90 / 5 / 5
+    split of `path`'s lines by their hash."""
+    train = _text_file(path)
+    if (valid_data is None) != (test_data is None):
+        raise ValueError("--valid_data and --test_data go together (or neither: then "
+                         "held-out lines are split off the --data file).")
+    if valid_data is None:
+        return TextSplits(*(_hash_split(train, split) for split in SPLITS))
+    return TextSplits(train, _text_file(valid_data), _text_file(test_data))
 
 
 def _tfds_splits(name: str) -> TextSplits:
@@ -137,13 +158,17 @@ def batch_by_tokens(sequences: tf.data.Dataset, *, batch_tokens: int,
                     max_length: int) -> tf.data.Dataset:
     """Pads sequences of similar length together, about `batch_tokens` tokens a batch.
 
-    Buckets are spaced 8 tokens apart; a bucket of sequences up to L long holds
-    batch_tokens // L of them. Padding uses id 0.
+    Elements are int `[length]` sequences, or tuples of them (a translation's source and
+    target), bucketed by their longest sequence and padded per component. Buckets are
+    spaced 8 tokens apart; a bucket of sequences up to L long holds batch_tokens // L of
+    them. Padding uses id 0.
     """
     boundaries = list(range(9, max_length + 2, 8))
     batch_sizes = [max(1, batch_tokens // (b - 1)) for b in boundaries]
     batch_sizes.append(max(1, batch_tokens // (max_length + 1)))
     return sequences.bucket_by_sequence_length(
-        element_length_func=lambda seq: tf.shape(seq)[0],
+        element_length_func=lambda *seqs: tf.reduce_max(
+            tf.stack([tf.shape(seq)[0] for seq in seqs])),
         bucket_boundaries=boundaries, bucket_batch_sizes=batch_sizes,
-        padded_shapes=[None], padding_values=0)
+        padded_shapes=tf.nest.map_structure(lambda _: [None], sequences.element_spec),
+        padding_values=0)

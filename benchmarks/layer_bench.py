@@ -1,0 +1,233 @@
+"""One MoE layer against a FLOP-matched dense FFN: step time, throughput, peak memory.
+
+    python -m benchmarks.layer_bench                  # E = 8, 64, 512; sparse and capacity
+    python -m benchmarks.layer_bench --quick          # E = 8, 64; sparse; under a minute
+    python -m benchmarks.layer_bench --tokens 16384 --experts 512
+
+A step is one layer's forward and backward pass inside a `tf.function`: the loss
+sum(y * dy) (plus the balancing loss for the MoE) and its gradients for the inputs and for
+every weight. The defaults are the paper's language-model layer: T = 4096 tokens of
+d = 512, experts 512 -> 1024 -> 512, k = 4, float32, training mode. The gates keep their
+zero initialisation, so the gating noise sends every token to k random experts: a load as
+balanced as a trained layer's. The dense baseline is the FLOP-matched FFN
+512 -> k * 1024 -> 512, which does per token the matmuls of the k selected experts.
+
+Every configuration runs in a subprocess of its own, so that its peak RSS (the process's
+VmHWM, read after the warm-up steps) is its own. A MoE configuration's ratio is its median
+step time over the median of the dense baseline timed in the same subprocess, the two
+alternating step by step so that other load on the machine hits both alike. GFLOP/s counts
+only the useful matmuls: 3 x 2 x tokens x k x (d x hidden + hidden x d) per step (each
+forward matmul and its two backward ones); the gate's matmul is not counted.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+_RESULT_PREFIX = "LAYER_BENCH_RESULT "
+GIB = 2.0 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One benchmarked layer; `num_experts=None` is the dense baseline."""
+
+    num_experts: Optional[int] = None
+    dispatch: str = "sparse"
+    tokens: int = 4096
+    model_dim: int = 512
+    hidden_size: int = 1024
+    k: int = 4
+    dtype: str = "float32"
+    recompute_activations: bool = False
+    steps: int = 10
+    warmup: int = 3
+
+    @property
+    def name(self) -> str:
+        return "dense FFN" if self.num_experts is None else f"MoE E={self.num_experts}"
+
+    @property
+    def useful_flops(self) -> float:
+        """Forward and backward FLOPs of the selected experts' (or the dense) matmuls."""
+        return 3 * 2 * self.tokens * self.k * 2 * self.model_dim * self.hidden_size
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size (VmHWM), in bytes."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (needs Linux)")
+
+
+def training_step(config: Config) -> Callable[[], None]:
+    """Builds the layer of `config` and returns a function running one training step."""
+    import keras
+    import tensorflow as tf
+
+    from moe_tf import SparselyGatedMoE
+
+    policy = "float32" if config.dtype == "float32" else f"mixed_{config.dtype}"
+    if config.num_experts is None:
+        hidden = keras.layers.Dense(config.k * config.hidden_size, activation="relu",
+                                    dtype=policy)
+        output = keras.layers.Dense(config.model_dim, dtype=policy)
+        model = keras.Sequential([hidden, output])
+    else:
+        model = SparselyGatedMoE(config.num_experts, config.k, config.hidden_size,
+                                 dispatch=config.dispatch,
+                                 recompute_activations=config.recompute_activations,
+                                 dtype=policy, seed=0)
+    model.build((None, config.model_dim))
+    weights = model.trainable_weights
+    inputs = tf.random.stateless_normal([config.tokens, config.model_dim], seed=[1, 0])
+    d_outputs = tf.random.stateless_normal([config.tokens, config.model_dim], seed=[2, 0])
+
+    @tf.function
+    def step(inputs, d_outputs):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            outputs = tf.cast(model(inputs, training=True), tf.float32)
+            loss = tf.reduce_sum(outputs * d_outputs)
+            if model.losses:
+                loss += tf.add_n(model.losses)
+        # The loss is returned so that the forward output is computed, as in training.
+        return loss, tape.gradient(loss, [inputs] + weights)
+
+    def run():
+        loss, _ = step(inputs, d_outputs)  # the gradients are dropped before the next step
+        loss.numpy()
+
+    return run
+
+
+def measure(config: Config) -> dict:
+    """Times `config` (and, for a MoE, the dense baseline alongside); runs in a worker."""
+    step = training_step(config)
+    for _ in range(config.warmup):
+        step()
+    result = {"config": dataclasses.asdict(config), "peak_rss": peak_rss_bytes()}
+    steps = {"layer": step}
+    if config.num_experts is not None:
+        steps["dense"] = training_step(dataclasses.replace(config, num_experts=None))
+        for _ in range(config.warmup):
+            steps["dense"]()
+    times = {name: [] for name in steps}
+    for _ in range(config.steps):
+        for name, run in steps.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    result["times"] = times["layer"]
+    result["dense_times"] = times.get("dense", times["layer"])
+    return result
+
+
+def run_worker(module: str, config: dict) -> dict:
+    """Runs `python -m <module> --worker <config as JSON>`; returns the JSON it prints."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    worker = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(config)],
+                            env=env, capture_output=True, text=True, check=False)
+    for line in reversed(worker.stdout.splitlines()):
+        if line.startswith(_RESULT_PREFIX):
+            return json.loads(line[len(_RESULT_PREFIX):])
+    raise RuntimeError(f"worker {config} failed:\n{worker.stderr[-3000:]}")
+
+
+def print_worker_result(result: dict) -> None:
+    """What a worker prints for `run_worker` to read."""
+    print(_RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def _row(result: dict) -> list[str]:
+    config = Config(**result["config"])
+    times, dense = result["times"], result["dense_times"]
+    median = statistics.median(times)
+    dense_median = statistics.median(dense)
+    return [config.name, "-" if config.num_experts is None else config.dispatch,
+            f"{1e3 * median:.0f}", f"{1e3 * min(times):.0f}", f"{1e3 * max(times):.0f}",
+            f"{config.tokens / median:,.0f}", f"{config.useful_flops / median / 1e9:.0f}",
+            f"{result['peak_rss'] / GIB:.2f}", f"{1e3 * dense_median:.0f}",
+            f"{median / dense_median:.2f}"]
+
+
+def format_table(results: list[dict]) -> str:
+    """A Markdown table, one row per configuration."""
+    header = ["layer", "dispatch", "median ms", "min ms", "max ms", "tokens/s", "GFLOP/s",
+              "peak RSS GiB", "dense ms (same process)", "ratio vs dense"]
+    rows = [header, ["---"] * len(header)] + [_row(result) for result in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("| " + " | ".join(cell.ljust(width)
+                                       for cell, width in zip(row, widths)) + " |"
+                     for row in rows)
+
+
+def ratio_line(results: list[dict], dispatch: str) -> str:
+    """`ratio_vs_dense E8=<r> ...` for the configurations of one dispatch path."""
+    ratios = [f"E{r['config']['num_experts']}="
+              f"{statistics.median(r['times']) / statistics.median(r['dense_times']):.2f}"
+              for r in results if r["config"]["num_experts"] is not None
+              and r["config"]["dispatch"] == dispatch]
+    return "ratio_vs_dense " + " ".join(ratios)
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.layer_bench",
+        description=__doc__.split("\n\n")[0],
+        epilog="Without --quick, --dispatch defaults to both paths; with it, to sparse.")
+    parser.add_argument("--quick", action="store_true",
+                        help="only E = 8 and 64 (and, by default, only the sparse path)")
+    parser.add_argument("--dispatch", choices=("sparse", "capacity", "both"),
+                        help="the MoE dispatch path(s) to run")
+    parser.add_argument("--experts", type=int, nargs="+",
+                        help="numbers of experts (default 8 64 512; 8 64 with --quick)")
+    parser.add_argument("--tokens", type=int, default=Config.tokens,
+                        help="tokens per step, T")
+    parser.add_argument("--steps", type=int, default=Config.steps,
+                        help="timed steps per configuration, after the warm-up")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype (bfloat16: Keras's mixed_bfloat16 policy; the "
+                             "gate stays float32)")
+    parser.add_argument("--recompute-activations", action="store_true",
+                        help="SparselyGatedMoE(recompute_activations=True)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = _parse_args(argv)
+    if args.worker:
+        print_worker_result(measure(Config(**json.loads(args.worker))))
+        return
+    dispatch = args.dispatch or ("sparse" if args.quick else "both")
+    paths = ("sparse", "capacity") if dispatch == "both" else (dispatch,)
+    experts = args.experts or ([8, 64] if args.quick else [8, 64, 512])
+    base = Config(tokens=args.tokens, steps=args.steps, dtype=args.dtype,
+                  recompute_activations=args.recompute_activations)
+    configs = [base] + [dataclasses.replace(base, num_experts=e, dispatch=path)
+                        for e in experts for path in paths]
+    results = []
+    for config in configs:
+        path = "dense" if config.num_experts is None else config.dispatch
+        print(f"running {config.name} ({path}) ...", file=sys.stderr, flush=True)
+        results.append(run_worker("benchmarks.layer_bench", dataclasses.asdict(config)))
+    print(f"T={args.tokens} d={base.model_dim} hidden={base.hidden_size} k={base.k} "
+          f"dtype={args.dtype} recompute_activations={args.recompute_activations} "
+          f"steps={args.steps} (after {base.warmup} warm-up)")
+    print(format_table(results))
+    for path in paths[1:]:
+        print(f"({path}) {ratio_line(results, path)}")
+    print(ratio_line(results, paths[0]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""models/nmt.py: the attention, the encoder-decoder wiring, ops accounting, beam search."""
+
+import dataclasses
+import itertools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models.nmt import (ProjectedLSTM, TanhProductAttention, TranslationConfig, Translator,
+                        beam_search, build_translator, ops_per_timestep,
+                        params_excluding_embedding_softmax)
+from moe_tf import SparselyGatedMoE
+from tests.layer_test_helper import run_layer_test
+from train.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+TINY = dict(vocab_size=12, model_dim=8, attention_dim=6, num_experts=4, k=2,
+            hidden_size=8, dropout=0.0)
+
+
+def tiny_model(seed=0, softmax_scale=1.0, **kwargs):
+    """A small random Translator; `softmax_scale` > 1 makes its distributions peaky."""
+    keras.utils.set_random_seed(seed)
+    model = build_translator(TranslationConfig(**{**TINY, **kwargs}))
+    rng = np.random.default_rng(seed)
+    for weight in model.weights:
+        if weight.trainable:
+            weight.assign(rng.normal(0.0, 0.5, weight.shape).astype(np.float32))
+    model.softmax.kernel.assign(model.softmax.kernel * softmax_scale)
+    return model
+
+
+# ----------------------------------------------------------------------------- attention
+
+def test_attention_matches_the_papers_formula_in_numpy():
+    layer = TanhProductAttention(units=3)
+    U = np.array([[0.5, -1.0, 0.25], [1.5, 0.0, -0.5]], np.float32)     # [memory_dim 2, 3]
+    W = np.array([[1.0, 0.5, -0.5], [-0.25, 2.0, 1.0]], np.float32)     # [query_dim 2, 3]
+    V = np.array([1.0, -2.0, 0.5], np.float32)
+    queries = np.array([[[1.0, 0.0], [0.5, -1.0]]], np.float32)         # y_j: [1, 2, 2]
+    memory = np.array([[[0.0, 1.0], [2.0, -1.0], [1.0, 1.0]]], np.float32)  # x_i: [1, 3, 2]
+    mask = np.array([[True, True, False]])
+    layer.build((queries.shape, memory.shape))
+    layer.U.assign(U)
+    layer.W.assign(W)
+    layer.V.assign(V)
+    context, weights = layer((queries, memory), memory_mask=mask, return_weights=True)
+
+    # A(x_i, y_j) = sum_d V_d tanh((x_i U)_d) tanh((y_j W)_d), one pair at a time.
+    scores = np.zeros((2, 3))
+    for j, i in itertools.product(range(2), range(3)):
+        xu, yw = memory[0, i] @ U, queries[0, j] @ W
+        scores[j, i] = sum(V[d] * np.tanh(xu[d]) * np.tanh(yw[d]) for d in range(3))
+    real = scores[:, :2]
+    expected_weights = np.exp(real) / np.exp(real).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(weights[0, :, :2], expected_weights, rtol=1e-6)
+    assert np.all(weights.numpy()[0, :, 2] == 0.0)  # padding gets no weight
+    np.testing.assert_allclose(context[0], expected_weights @ memory[0, :2], rtol=1e-6)
+
+
+def test_attention_ignores_what_padding_holds():
+    layer = TanhProductAttention(units=4)
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    memory = rng.normal(size=(2, 4, 6)).astype(np.float32)
+    mask = np.array([[True, True, True, False], [True, False, False, False]])
+    context = layer((queries, memory), memory_mask=mask).numpy()
+    assert context.shape == (2, 3, 6)
+    junk = np.where(mask[:, :, None], memory, 100.0).astype(np.float32)
+    np.testing.assert_allclose(layer((queries, junk), memory_mask=mask), context,
+                               rtol=1e-6)
+    # Without the mask the padding would count.
+    assert not np.allclose(layer((queries, junk)), context, atol=1e-3)
+    assert TanhProductAttention.from_config(layer.get_config()).get_config() == \
+        layer.get_config()
+
+
+def test_projected_lstm_shared_layer_checks():
+    data = np.random.default_rng(0).normal(size=(2, 5, 6)).astype(np.float32)
+    for bidirectional in (False, True):
+        run_layer_test(ProjectedLSTM, init_kwargs=dict(units=10, output_dim=4,
+                                                       bidirectional=bidirectional),
+                       input_data=data, expected_output_shape=(2, 5, 4), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the model
+
+def test_shapes_and_step_decoding_equal_teacher_forcing():
+    model = tiny_model()
+    source = np.array([[5, 6, 7, EOS_ID], [8, EOS_ID, 0, 0]], np.int32)
+    target = np.array([[BOS_ID, 9, 10, 11], [BOS_ID, 4, 0, 0]], np.int32)
+    logits = model((source, target), training=False).numpy()
+    assert logits.shape == (2, 4, 12) and logits.dtype == np.float32
+    encoded = model.encode(source)
+    assert encoded.memory.shape == (2, 4, 8) and encoded.keys.shape == (2, 4, 6)
+    state = model.initial_decoder_state(2)
+    for t in range(4):
+        step_logits, state = model.decode_step(tf.constant(target[:, t]), state, encoded)
+        assert step_logits.shape == (2, 12)
+        np.testing.assert_allclose(step_logits[0], logits[0, t], rtol=1e-5, atol=1e-5)
+        if t < 2:
+            np.testing.assert_allclose(step_logits[1], logits[1, t], rtol=1e-5,
+                                       atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["moe", "dense"])
+def test_source_padding_changes_nothing(architecture):
+    model = tiny_model(architecture=architecture)
+    source = np.array([[5, 6, EOS_ID]], np.int32)
+    target = np.array([[BOS_ID, 9, 10]], np.int32)
+    alone = model((source, target), training=False).numpy()
+    padded = np.array([[5, 6, EOS_ID, 0, 0, 0], [4, 5, 6, 7, 8, EOS_ID]], np.int32)
+    batch = model((padded, np.repeat(target, 2, axis=0)), training=False).numpy()
+    np.testing.assert_allclose(batch[0], alone[0], rtol=1e-5, atol=1e-5)
+
+
+BRANCHES = ("encoder_lstm_1", "encoder_lstm_2", "encoder_moe", "encoder_lstm_3",
+            "decoder_lstm_1", "decoder_moe", "decoder_lstm_2")
+
+
+def record_calls(model, zero_branches=False):
+    """Replaces the layers' calls by ones that log their order (and can zero a branch)."""
+    order = []
+
+    def wrap(owner, method, name, zero):
+        original = getattr(owner, method)
+
+        def wrapped(*args, **kwargs):
+            order.append(name)
+            output = original(*args, **kwargs)
+            return tf.zeros_like(output) if zero else output
+
+        setattr(owner, method, wrapped)
+
+    for name in ("embedding", "softmax") + BRANCHES:
+        if getattr(model, name) is not None:
+            wrap(getattr(model, name), "call", name, zero_branches and name in BRANCHES)
+    wrap(model.attention, "keys", "attention_keys", False)
+    wrap(model.attention, "attend", "attention", False)
+    return order
+
+
+def test_layer_order_puts_the_moes_between_the_papers_layers():
+    model = tiny_model()
+    order = record_calls(model)
+    model((np.array([[5, EOS_ID]]), np.array([[BOS_ID, 6]])), training=False)
+    assert order == ["embedding", "encoder_lstm_1", "encoder_lstm_2", "encoder_moe",
+                     "encoder_lstm_3", "attention_keys", "embedding", "decoder_lstm_1",
+                     "attention", "decoder_moe", "decoder_lstm_2", "softmax"]
+    d = TINY["model_dim"]
+    # The encoder MoE reads the residual stream; the decoder's reads it with the context.
+    assert model.encoder_moe.w_gate.shape == (d, 4)
+    assert model.decoder_moe.w_gate.shape == (2 * d, 4)
+    assert model.encoder_lstm_1.bidirectional and not model.encoder_lstm_2.bidirectional
+    assert {layer.name for layer in model._flatten_layers()
+            if isinstance(layer, SparselyGatedMoE)} == {"encoder_moe", "decoder_moe"}
+    assert model.encoder_moe.gating == "balanced"
+
+
+@pytest.mark.parametrize("architecture", ["moe", "dense"])
+def test_every_lstm_and_moe_is_a_residual_branch(architecture):
+    model = tiny_model(architecture=architecture)
+    record_calls(model, zero_branches=True)
+    source, target = np.array([[5, 6, EOS_ID]]), np.array([[BOS_ID, 7, 8]])
+    # With every branch silenced only the embeddings reach the softmax.
+    np.testing.assert_allclose(model((source, target), training=False),
+                               model.softmax(model.embedding(target)), rtol=1e-6)
+
+
+def test_dense_model_has_no_moe_and_wider_lstms():
+    config = TranslationConfig(architecture="dense", **{**TINY, "hidden_size": 64})
+    model = build_translator(config)
+    assert not any(isinstance(layer, SparselyGatedMoE) for layer in model._flatten_layers())
+    assert model.encoder_moe is None and model.decoder_moe is None
+    assert config.lstm_width > config.model_dim
+    assert model.decoder_lstm_1.lstm.units == config.lstm_width
+    assert model.decoder_lstm_1.projection.kernel.shape == (config.lstm_width, 8)
+
+
+def test_config_round_trip_and_errors():
+    model = tiny_model()
+    revived = Translator.from_config(model.get_config())
+    assert revived.config == model.config and revived.name == model.name
+    with pytest.raises(ValueError, match="architecture"):
+        TranslationConfig(architecture="transformer")
+    with pytest.raises(ValueError, match="gating"):
+        TranslationConfig(gating="random")
+    with pytest.raises(ValueError, match="model_dim must be even"):
+        TranslationConfig(model_dim=7)
+
+
+# ------------------------------------------------------------------------ ops accounting
+
+def ops_from_weights(model):
+    """Multiply-adds per (source + target) token read off the weights: every matrix is
+    used once per token, except that only k of the n experts run."""
+    config, total = model.config, 0
+    excluded = {id(w) for w in model.embedding.weights + model.softmax.weights}
+    for weight in model.trainable_weights:
+        name = weight.path.split("/")[-1]
+        if id(weight) in excluded:
+            continue
+        if name in ("kernel", "recurrent_kernel", "U", "W", "V", "w_gate", "w_noise"):
+            total += int(np.prod(weight.shape))
+        elif name in ("kernel_in", "kernel_out"):
+            total += int(np.prod(weight.shape)) * config.k // config.num_experts
+    return total
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(architecture="moe", gating="balanced"),
+    dict(architecture="moe", gating="top_k"),
+    dict(architecture="moe", gating="top_k", noisy_gating=False),
+    dict(architecture="dense"),
+])
+def test_ops_per_timestep_counts_every_matrix(kwargs):
+    config = TranslationConfig(**{**TINY, "hidden_size": 64, **kwargs})
+    assert ops_per_timestep(config) == ops_from_weights(build_translator(config))
+
+
+def test_ops_per_timestep_by_hand():
+    d, a, n, k, h = 8, 6, 4, 2, 8
+    lstm = 4 * d * (d + d)
+    expected = (2 * 4 * (d // 2) * (d + d // 2) + 2 * lstm + d * a      # encoder
+                + d * n + k * h * (d + d)                                # its balanced MoE
+                + lstm + d * a + a + 4 * d * (2 * d + d)                 # decoder
+                + 2 * d * n + k * h * (2 * d + d))                       # its MoE
+    assert ops_per_timestep(TranslationConfig(**TINY)) == expected
+
+
+def test_dense_model_matches_the_moe_models_ops():
+    for hidden_size in (64, 256):
+        moe = TranslationConfig(**{**TINY, "model_dim": 64, "attention_dim": 64,
+                                   "hidden_size": hidden_size})
+        dense = dataclasses.replace(moe, architecture="dense")
+        assert ops_per_timestep(dense) == pytest.approx(ops_per_timestep(moe), rel=0.02)
+        # ... with far fewer parameters.
+        assert (params_excluding_embedding_softmax(build_translator(dense))
+                < params_excluding_embedding_softmax(build_translator(moe)))
+
+
+# --------------------------------------------------------------------------- beam search
+
+def log_softmax(logits):
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def scores(model, source, sequences, alpha):
+    """log P(sequence | source) / ((5 + length) / 6)^alpha for each sequence, in NumPy."""
+    length = max(len(s) for s in sequences)
+    inputs = np.zeros((len(sequences), length), np.int32)
+    for row, sequence in enumerate(sequences):
+        inputs[row, :len(sequence)] = [BOS_ID] + list(sequence[:-1])
+    logits = model((np.repeat(source[None], len(sequences), 0), inputs), training=False)
+    log_probs = log_softmax(logits.numpy())
+    return np.array([sum(log_probs[row, t, token] for t, token in enumerate(sequence))
+                     / ((5.0 + len(sequence)) / 6.0) ** alpha
+                     for row, sequence in enumerate(sequences)])
+
+
+def greedy(model, source, max_length):
+    """Greedy decoding in NumPy through the teacher-forced model."""
+    sequence = []
+    while len(sequence) < max_length and (not sequence or sequence[-1] != EOS_ID):
+        inputs = np.array([[BOS_ID] + sequence], np.int32)
+        logits = model((source[None], inputs), training=False).numpy()[0, -1]
+        logits[[PAD_ID, BOS_ID]] = -np.inf
+        sequence.append(int(np.argmax(logits)))
+    return sequence
+
+
+def trim(ids):
+    return [int(t) for t in ids if t != PAD_ID]
+
+
+SOURCES = np.array([[5, 6, 4, EOS_ID, 0, 0], [6, 4, 5, 1, 5, EOS_ID]], np.int32)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_beam_width_one_is_greedy_decoding(alpha):
+    model = tiny_model(seed=1, softmax_scale=2.0)
+    max_lengths = np.array([5, 8], np.int32)
+    ids, _ = beam_search(model, tf.constant(SOURCES), beam_width=1,
+                         length_penalty_alpha=alpha, max_lengths=max_lengths)
+    for row in range(2):
+        assert trim(ids[row]) == greedy(model, SOURCES[row], max_lengths[row])
+
+
+def numpy_beam_search(model, source, width, alpha, max_length):
+    """The search `beam_search` documents, one hypothesis at a time in Python: slots of
+    (tokens, log P, finished); each step ranks the finished slots and every extension of
+    the live ones by log P / lp together and keeps the best `width`."""
+    def score(tokens, log_prob):
+        return log_prob / ((5.0 + len(tokens)) / 6.0) ** alpha
+
+    slots = [([], 0.0, False)]
+    while not all(finished for _, _, finished in slots):
+        candidates = []
+        for tokens, log_prob, finished in slots:
+            if finished:
+                candidates.append((tokens, log_prob, True))
+                continue
+            inputs = np.array([[BOS_ID] + tokens], np.int32)
+            logits = model((source[None], inputs), training=False).numpy()[0, -1]
+            for token, token_log_prob in enumerate(log_softmax(logits)):
+                if token not in (PAD_ID, BOS_ID):
+                    candidates.append((tokens + [token], log_prob + token_log_prob,
+                                       token == EOS_ID or len(tokens) + 1 >= max_length))
+        candidates.sort(key=lambda c: -score(c[0], c[1]))
+        slots = candidates[:width]
+    tokens, log_prob, _ = max(slots, key=lambda c: score(c[0], c[1]))
+    return tokens, score(tokens, log_prob)
+
+
+# (seed, softmax scale) of tiny models on which greedy decoding misses the best
+# hypothesis, once by its first token and once by ending later than the best.
+HARD_MODELS = [(0, 1.0), (4, 2.0)]
+MAX_LENGTH = 4
+HYPOTHESES = [list(prefix) + [EOS_ID] for n in range(MAX_LENGTH)
+              for prefix in itertools.product([1, 4, 5, 6], repeat=n)] + [
+    list(tokens) for tokens in itertools.product([1, 4, 5, 6], repeat=MAX_LENGTH)]
+
+
+def search(model, width, alpha):
+    ids, found = beam_search(model, tf.constant(SOURCES), beam_width=width,
+                             length_penalty_alpha=alpha,
+                             max_lengths=np.full([2], MAX_LENGTH, np.int32))
+    return [trim(row) for row in ids.numpy()], found.numpy()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("seed,softmax_scale", HARD_MODELS)
+def test_beam_search_against_brute_force(seed, softmax_scale, alpha):
+    model = tiny_model(seed=seed, softmax_scale=softmax_scale, vocab_size=7)
+    # Every hypothesis over the vocabulary {unk, eos, 4, 5, 6}: it ends at its first eos,
+    # or is cut at MAX_LENGTH. A beam wider than all of them prunes nothing.
+    assert len(HYPOTHESES) == 1 + 4 + 16 + 64 + 256
+    exhaustive, exhaustive_scores = search(model, 512, alpha)
+    greedy_ids, _ = search(model, 1, alpha)
+    # Pruning is not monotone in the width: a beam of 2 can end below greedy decoding
+    # (it does on the first model); 3 does not on these models.
+    beam_ids, beam_scores = search(model, 3, alpha)
+    greedy_gaps = []
+    for row, source in enumerate(SOURCES):
+        all_scores = scores(model, source, HYPOTHESES, alpha)
+        best = int(np.argmax(all_scores))
+        assert exhaustive[row] == HYPOTHESES[best]
+        np.testing.assert_allclose(exhaustive_scores[row], all_scores[best], rtol=1e-5)
+        greedy_score = all_scores[HYPOTHESES.index(greedy_ids[row])]
+        greedy_gaps.append(all_scores[best] - greedy_score)
+        # Beam search scores its result right, and finds at least greedy's score.
+        beam_score = all_scores[HYPOTHESES.index(beam_ids[row])]
+        np.testing.assert_allclose(beam_scores[row], beam_score, rtol=1e-5)
+        assert beam_score >= greedy_score - 1e-9
+    assert max(greedy_gaps) > 0.1  # the model is one where greedy decoding falls short
+
+
+@pytest.mark.parametrize("seed,softmax_scale", HARD_MODELS)
+def test_beam_search_matches_a_python_reference(seed, softmax_scale):
+    model = tiny_model(seed=seed, softmax_scale=softmax_scale, vocab_size=7)
+    for width, alpha in itertools.product((2, 3), (0.0, 1.0)):
+        ids, found_scores = search(model, width, alpha)
+        for row, source in enumerate(SOURCES):
+            tokens, score = numpy_beam_search(model, source, width, alpha, MAX_LENGTH)
+            assert ids[row] == tokens, (width, alpha, row)
+            np.testing.assert_allclose(found_scores[row], score, rtol=1e-5)
+
+
+def test_beam_search_respects_each_sentences_max_length():
+    model = tiny_model(seed=3)
+    max_lengths = np.array([2, 6], np.int32)
+    ids, _ = beam_search(model, tf.constant(SOURCES), beam_width=3,
+                         length_penalty_alpha=0.6, max_lengths=max_lengths)
+    for row in range(2):
+        sequence = trim(ids[row])
+        assert 1 <= len(sequence) <= max_lengths[row]
+        assert EOS_ID not in sequence[:-1]
+        assert not set(sequence) & {PAD_ID, BOS_ID}

@@ -1,0 +1,238 @@
+"""Trains the paper's translation model (or its dense baseline), scores BLEU, exports it.
+
+    python -m train.nmt --model_dir=/tmp/nmt                 # MoE model, built-in en->es
+    python -m train.nmt --model=dense --model_dir=/tmp/nmt_dense
+    python -m train.nmt --data=builtin:multi --model_dir=/tmp/nmt_multi
+    python -m train.nmt --preset=tiny --model_dir=/tmp/smoke
+
+Restarting with the same flags resumes from the latest checkpoint in --model_dir.
+"""
+
+import dataclasses
+import os
+import statistics
+
+import keras
+import sacrebleu
+import tensorflow as tf
+from absl import app, flags, logging
+
+from models.nmt import (ARCHITECTURES, GATINGS, TranslationConfig, build_translator,
+                        ops_per_timestep, params_excluding_embedding_softmax)
+from train import common, data, distribution, nmt_data
+from train.loop import LoopConfig, Trainer, check_run_config
+from train.nmt_serving import TranslationServer
+from train.schedules import WarmupInverseSqrt
+from train.tokenizer import load_or_train
+
+FLAGS = flags.FLAGS
+common.define_common_flags(default_data="builtin:en-es")
+flags.DEFINE_enum("model", "moe", list(ARCHITECTURES),
+                  "moe, or dense: the MoE layers removed and the LSTMs widened to the "
+                  "same ops/timestep.")
+flags.DEFINE_integer("model_dim", 128, "Embedding and residual width (LSTM width of moe).")
+flags.DEFINE_integer("attention_dim", 128, "Width of the attention's tanh projections.")
+flags.DEFINE_enum("gating", None, list(GATINGS),
+                  "MoE gating. Default: balanced (Appendix F) for one language pair, "
+                  "top_k for builtin:multi.")
+flags.DEFINE_integer("constant_steps", 240,
+                     "Steps at the peak learning rate after warm-up, before the "
+                     "1/sqrt(step) decay.")
+flags.DEFINE_integer("beam_width", 4, "Beam width of translation; 1: greedy.")
+flags.DEFINE_float("length_penalty", 0.6,
+                   "alpha of the length normalisation ((5 + |Y|) / 6)^alpha.")
+flags.DEFINE_integer("bleu_sentences", 300,
+                     "Test sentences (per direction) translated for BLEU; 0: no BLEU.")
+flags.DEFINE_integer("vocab_pairs", 100_000,
+                     "Training pairs (both sides) the subword vocabulary is learnt from.")
+flags.register_validator("model_dim", lambda v: v is not None and v >= 2 and v % 2 == 0,
+                         message="--model_dim must be even and >= 2 (the bidirectional "
+                                 "layer gives half to each direction).")
+for _name in ("attention_dim", "beam_width", "vocab_pairs"):
+    flags.register_validator(_name, lambda v: v is not None and v >= 1,
+                             message=f"--{_name} must be >= 1.")
+for _name in ("constant_steps", "bleu_sentences", "length_penalty"):
+    flags.register_validator(_name, lambda v: v is not None and v >= 0,
+                             message=f"--{_name} must be >= 0.")
+flags.register_validator("num_groups", lambda v: v == 0,
+                         message="--num_groups: the translation model's MoE layers are "
+                                 "flat (0).")
+# The paper's translation settings (Appendix E), scaled to a budget of 600 steps (about
+# 10 minutes on 2 CPU cores): balancing weights 0.01 / 0.01; 2000 warm-up and 8000
+# constant steps become 60 and 240. Dropout stays at 0.1 instead of 0.4: three epochs of
+# a small corpus barely overfit.
+FLAGS.set_default("importance_weight", 0.01)
+FLAGS.set_default("load_weight", 0.01)
+FLAGS.set_default("train_steps", 600)
+FLAGS.set_default("warmup_steps", 60)
+
+TINY_PRESET = dict(model_dim=32, attention_dim=32, num_experts=4, k=2, hidden_size=32,
+                   vocab_size=512, max_length=24, batch_tokens=512, train_steps=20,
+                   warmup_steps=5, constant_steps=5, eval_every=0, log_every=5,
+                   checkpoint_every=10, max_eval_batches=4, shuffle_buffer=1000,
+                   beam_width=2, bleu_sentences=8, vocab_pairs=2000)
+# Sentences translated at once for BLEU (times the beam width in the decoder's batch).
+BLEU_BATCH = 32
+
+
+def model_config(num_language_tokens: int) -> TranslationConfig:
+    gating = FLAGS.gating or ("top_k" if num_language_tokens else "balanced")
+    return TranslationConfig(
+        architecture=FLAGS.model, vocab_size=FLAGS.vocab_size,
+        num_language_tokens=num_language_tokens, model_dim=FLAGS.model_dim,
+        attention_dim=FLAGS.attention_dim, num_experts=FLAGS.num_experts, k=FLAGS.k,
+        hidden_size=FLAGS.hidden_size, gating=gating, noisy_gating=FLAGS.noisy_gating,
+        importance_weight=FLAGS.importance_weight, load_weight=FLAGS.load_weight,
+        dropout=FLAGS.dropout, dispatch=FLAGS.dispatch)
+
+
+def make_optimizer() -> keras.optimizers.Optimizer:
+    """Adam; linear warm-up, `--constant_steps` at the peak, then 1/sqrt(step) decay."""
+    schedule = WarmupInverseSqrt(FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
+                                 constant_steps=FLAGS.constant_steps)
+    return keras.optimizers.Adam(learning_rate=schedule,
+                                 global_clipnorm=FLAGS.clip_norm or None)
+
+
+def translation_loss(model, batch, training):
+    """Mean NLL of the real (non-padding) target tokens, with its sum and count."""
+    source, target = batch
+    logits = model((source, target[:, :-1]), training=training)
+    labels = target[:, 1:]
+    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    real = tf.cast(labels != 0, nll.dtype)
+    nll_sum = tf.reduce_sum(nll * real)
+    num_tokens = tf.reduce_sum(real)
+    return nll_sum / tf.maximum(num_tokens, 1.0), nll_sum, num_tokens
+
+
+def translate_all(server: TranslationServer, sources, target_language):
+    """Translations of `sources` (str), decoded in batches of similar length."""
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    translations = [""] * len(sources)
+    for start in range(0, len(order), BLEU_BATCH):
+        batch = order[start:start + BLEU_BATCH]
+        text = tf.constant([sources[i] for i in batch])
+        if target_language is None:
+            result = server.translate(text)
+        else:
+            result = server.translate(text, tf.fill([len(batch)], target_language))
+        for i, translation in zip(batch, result["translation"].numpy()):
+            translations[i] = translation.decode("utf-8")
+    return translations
+
+
+def bleu_scores(server: TranslationServer, corpora, multilingual: bool, write: bool):
+    """Corpus BLEU (sacrebleu, detokenized text) of the first `--bleu_sentences` test
+    pairs of each direction; if `write`, the translations go to
+    MODEL_DIR/translations.DIR.tsv. Multilingual: `bleu_SRC-TGT` per direction and
+    `bleu`, their mean."""
+    scores = {}
+    for corpus in corpora:
+        pairs = data.clean_lines(corpus.splits.test).take(FLAGS.bleu_sentences)
+        sources, references = zip(*((s.decode("utf-8"), t.decode("utf-8"))
+                                     for s, t in pairs.as_numpy_iterator()))
+        translations = translate_all(server, sources, corpus.target_language
+                                     if multilingual else None)
+        bleu = sacrebleu.corpus_bleu(translations, [list(references)]).score
+        logging.info("%s BLEU %.2f on %d test sentences", corpus.direction, bleu,
+                     len(sources))
+        if write:
+            with tf.io.gfile.GFile(os.path.join(
+                    FLAGS.model_dir, f"translations.{corpus.direction}.tsv"), "w") as f:
+                f.write("".join(f"{s}\t{r}\t{t}\n" for s, r, t in
+                                zip(sources, references, translations)))
+        scores[f"bleu_{corpus.direction}"] = bleu
+    if not multilingual:
+        return {"bleu": scores.popitem()[1]}
+    return {**scores, "bleu": statistics.mean(scores.values())}
+
+
+def main(argv):
+    del argv
+    if FLAGS.preset == "tiny":
+        common.apply_preset(TINY_PRESET)
+    strategy = common.set_up_strategy()
+    is_chief = distribution.is_chief(strategy)
+    with common.usage_errors():
+        corpora = nmt_data.load_parallel_corpora(FLAGS.data, valid_data=FLAGS.valid_data,
+                                                 test_data=FLAGS.test_data)
+        multilingual = len(corpora) > 1
+        target_languages = (sorted({corpus.target_language for corpus in corpora})
+                            if multilingual else [])
+        config = model_config(len(target_languages))
+        check_run_config(FLAGS.model_dir, {
+            "model": dataclasses.asdict(config), "data": FLAGS.data,
+            "valid_data": FLAGS.valid_data, "test_data": FLAGS.test_data,
+            "max_length": FLAGS.max_length, "seed": FLAGS.seed}, write=is_chief)
+    common.set_up_determinism(FLAGS.seed)
+    skipped = {corpus.direction: {name: data.count_invalid_lines(getattr(corpus.splits,
+                                                                         name))
+                                  for name in data.SPLITS}
+               for corpus in corpora}
+    if any(any(counts.values()) for counts in skipped.values()):
+        logging.warning("Skipping pairs with an empty or non-UTF-8 side: %s", skipped)
+
+    def vocabulary_lines():
+        # Both sides of the first direction's pairs: builtin:multi's directions share them.
+        pairs = data.clean_lines(corpora[0].splits.train).take(FLAGS.vocab_pairs)
+        return (line.decode("utf-8") for pair in pairs.as_numpy_iterator()
+                for line in pair)
+
+    tokenizer = load_or_train(FLAGS.model_dir, vocabulary_lines,
+                              vocab_size=FLAGS.vocab_size, save=is_chief)
+    if tokenizer.vocab_size != config.vocab_size:
+        logging.info("The corpus supports %d subwords (asked for %d).",
+                     tokenizer.vocab_size, config.vocab_size)
+        config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+    language_tokens = {language: config.vocab_size + i
+                       for i, language in enumerate(target_languages)}
+
+    with strategy.scope():
+        model = build_translator(config)
+        optimizer = make_optimizer()
+    params = params_excluding_embedding_softmax(model)
+    ops = ops_per_timestep(config)
+    logging.info("%s: LSTMs %d wide, %d params excluding embedding and softmax, "
+                 "%d ops/timestep; strategy %s with %d replicas", model.name,
+                 config.lstm_width, params, ops, FLAGS.strategy,
+                 strategy.num_replicas_in_sync)
+    server = TranslationServer(model, tokenizer, beam_width=FLAGS.beam_width,
+                               length_penalty=FLAGS.length_penalty,
+                               target_languages=target_languages)
+    train_data, eval_data = nmt_data.make_datasets(
+        corpora, tokenizer, language_tokens=language_tokens, max_length=FLAGS.max_length,
+        batch_tokens=FLAGS.batch_tokens, shuffle_buffer=FLAGS.shuffle_buffer,
+        seed=FLAGS.seed)
+    trainer = Trainer(
+        model=model, optimizer=optimizer, loss_fn=translation_loss, strategy=strategy,
+        train_data=train_data, eval_data=eval_data,
+        config=LoopConfig(model_dir=FLAGS.model_dir, train_steps=FLAGS.train_steps,
+                          eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
+                          checkpoint_every=FLAGS.checkpoint_every,
+                          max_eval_batches=FLAGS.max_eval_batches),
+        final_evaluation=((lambda: bleu_scores(server, corpora, multilingual, is_chief))
+                          if FLAGS.bleu_sentences else None))
+    metrics = trainer.train(extra_metrics={
+        "model": FLAGS.model, "gating": config.gating, "lstm_width": config.lstm_width,
+        "params_excluding_embedding_softmax": params, "ops_per_timestep": ops,
+        "vocab_size": tokenizer.vocab_size, "directions": [c.direction for c in corpora],
+        "beam_width": FLAGS.beam_width, "length_penalty": FLAGS.length_penalty,
+        "skipped_lines": skipped})
+    print(f"test perplexity: {metrics['test_perplexity']:.2f}")
+    if "bleu" in metrics:
+        print(f"test BLEU: {metrics['bleu']:.2f}")
+
+    path = common.export_dir()
+    if path and is_chief:
+        server.save(path, common.save_atomically)
+        print(f"SavedModel: {path}")
+
+
+def run():
+    """Console-script entry point (`moe-train-nmt`)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
