@@ -15,9 +15,10 @@ balanced as a trained layer's. The dense baseline is the FLOP-matched FFN
 Every configuration runs in a subprocess of its own, so that its peak RSS (the process's
 VmHWM, read after the warm-up steps) is its own. A MoE configuration's ratio is its median
 step time over the median of the dense baseline timed in the same subprocess, the two
-alternating step by step so that other load on the machine hits both alike. GFLOP/s counts
-only the useful matmuls: 3 x 2 x tokens x k x (d x hidden + hidden x d) per step (each
-forward matmul and its two backward ones); the gate's matmul is not counted.
+alternating step by step so that other load on the machine hits both alike; the CPU-time
+ratio (process CPU time per step, all threads) is less sensitive to such load. GFLOP/s
+counts only the useful matmuls: 3 x 2 x tokens x k x (d x hidden + hidden x d) per step
+(each forward matmul and its two backward ones); the gate's matmul is not counted.
 """
 
 import argparse
@@ -121,13 +122,16 @@ def measure(config: Config) -> dict:
         for _ in range(config.warmup):
             steps["dense"]()
     times = {name: [] for name in steps}
+    cpu_times = {name: [] for name in steps}
     for _ in range(config.steps):
         for name, run in steps.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             run()
             times[name].append(time.perf_counter() - start)
-    result["times"] = times["layer"]
-    result["dense_times"] = times.get("dense", times["layer"])
+            cpu_times[name].append(time.process_time() - cpu_start)
+    for key, values in (("times", times), ("cpu_times", cpu_times)):
+        result[key] = values["layer"]
+        result[f"dense_{key}"] = values.get("dense", values["layer"])
     return result
 
 
@@ -152,17 +156,20 @@ def _row(result: dict) -> list[str]:
     times, dense = result["times"], result["dense_times"]
     median = statistics.median(times)
     dense_median = statistics.median(dense)
+    cpu_ratio = (statistics.median(result["cpu_times"])
+                 / statistics.median(result["dense_cpu_times"]))
     return [config.name, "-" if config.num_experts is None else config.dispatch,
             f"{1e3 * median:.0f}", f"{1e3 * min(times):.0f}", f"{1e3 * max(times):.0f}",
             f"{config.tokens / median:,.0f}", f"{config.useful_flops / median / 1e9:.0f}",
             f"{result['peak_rss'] / GIB:.2f}", f"{1e3 * dense_median:.0f}",
-            f"{median / dense_median:.2f}"]
+            f"{median / dense_median:.2f}", f"{cpu_ratio:.2f}"]
 
 
 def format_table(results: list[dict]) -> str:
     """A Markdown table, one row per configuration."""
     header = ["layer", "dispatch", "median ms", "min ms", "max ms", "tokens/s", "GFLOP/s",
-              "peak RSS GiB", "dense ms (same process)", "ratio vs dense"]
+              "peak RSS GiB", "dense ms (same process)", "ratio vs dense",
+              "CPU-time ratio"]
     rows = [header, ["---"] * len(header)] + [_row(result) for result in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("| " + " | ".join(cell.ljust(width)
@@ -185,7 +192,8 @@ def _parse_args(argv):
         description=__doc__.split("\n\n")[0],
         epilog="Without --quick, --dispatch defaults to both paths; with it, to sparse.")
     parser.add_argument("--quick", action="store_true",
-                        help="only E = 8 and 64 (and, by default, only the sparse path)")
+                        help="only E = 8 and 64 (and, by default, only the sparse path); "
+                             "no row of its own for the dense baseline")
     parser.add_argument("--dispatch", choices=("sparse", "capacity", "both"),
                         help="the MoE dispatch path(s) to run")
     parser.add_argument("--experts", type=int, nargs="+",
@@ -213,8 +221,11 @@ def main(argv=None) -> None:
     experts = args.experts or ([8, 64] if args.quick else [8, 64, 512])
     base = Config(tokens=args.tokens, steps=args.steps, dtype=args.dtype,
                   recompute_activations=args.recompute_activations)
-    configs = [base] + [dataclasses.replace(base, num_experts=e, dispatch=path)
-                        for e in experts for path in paths]
+    # --quick leaves out the dense baseline's own process (its row and peak RSS): every
+    # MoE process times the dense baseline alongside anyway.
+    configs = ([] if args.quick else [base]) + [
+        dataclasses.replace(base, num_experts=e, dispatch=path)
+        for e in experts for path in paths]
     results = []
     for config in configs:
         path = "dense" if config.num_experts is None else config.dispatch

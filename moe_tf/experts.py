@@ -38,23 +38,27 @@ def _write_in_place(buffer: tf.Tensor, index, value: tf.Tensor) -> tf.Tensor:
     return tf.raw_ops.InplaceUpdate(x=buffer, i=index, v=value)
 
 
-# Below this many rows, an expert's product with a transposed weight is computed as
-# (W x^T)^T; see `_times_transposed`.
-_SMALL_BLOCK_ROWS = 512
+# Below this many rows an expert multiplies by a transposed weight as (W x^T)^T, from
+# this many on by an explicit transposed copy of W; see `_times_transposed`.
+_SMALL_BLOCK_ROWS = 128
 
 
 def _times_transposed(rows: tf.Tensor, weight: tf.Tensor) -> tf.Tensor:
     """rows @ weight^T, `[n, b] x [a, b] -> [n, a]`.
 
-    oneDNN repacks a transposed right-hand operand on every call. Measured on this
-    project's benchmark shapes (b, a = 512, 1024 and 1024, 512, float32): with 32 rows
-    (weight @ rows^T)^T is 2.5x faster than rows @ weight^T, with 256 rows up to 1.15x;
-    from 512 rows on the direct product is faster (by up to 1.3x: no transpose of the
-    result, and a better blocking).
+    oneDNN multiplies by a transposed right-hand operand (MatMul with transpose_b) slowly:
+    it repacks the weight on every call. Measured on the benchmark's expert shapes (a, b
+    = 512, 1024 and 1024, 512; float32; 2 cores):
+    - with few rows, (weight @ rows^T)^T, the weight as the untransposed left operand, is
+      the fastest: 2.5-3x faster than transpose_b at 32 rows;
+    - with 128 rows or more, an explicit transposed copy of the weight (2 MiB here) and a
+      plain product are the fastest: up to 1.4x faster than transpose_b. The copy goes
+      through Snapshot because Grappler folds a bare Transpose into the MatMul again.
     """
-    return tf.cond(tf.shape(rows)[0] < _SMALL_BLOCK_ROWS,
-                   lambda: tf.transpose(tf.matmul(weight, rows, transpose_b=True)),
-                   lambda: tf.matmul(rows, weight, transpose_b=True))
+    return tf.cond(
+        tf.shape(rows)[0] < _SMALL_BLOCK_ROWS,
+        lambda: tf.transpose(tf.matmul(weight, rows, transpose_b=True)),
+        lambda: tf.matmul(rows, tf.raw_ops.Snapshot(input=tf.transpose(weight))))
 
 
 def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, bias_out,

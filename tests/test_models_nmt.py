@@ -19,15 +19,17 @@ TINY = dict(vocab_size=12, model_dim=8, attention_dim=6, num_experts=4, k=2,
             hidden_size=8, dropout=0.0)
 
 
-def tiny_model(seed=0, softmax_scale=1.0, **kwargs):
-    """A small random Translator; `softmax_scale` > 1 makes its distributions peaky."""
+def tiny_model(seed=0, softmax_scale=1.0, eos_bias=0.0, **kwargs):
+    """A small random Translator; `softmax_scale` > 1 makes its distributions peaky and
+    `eos_bias` > 0 makes it end sentences sooner."""
     keras.utils.set_random_seed(seed)
     model = build_translator(TranslationConfig(**{**TINY, **kwargs}))
     rng = np.random.default_rng(seed)
-    for weight in model.weights:
-        if weight.trainable:
-            weight.assign(rng.normal(0.0, 0.5, weight.shape).astype(np.float32))
+    for weight in model.trainable_weights:
+        weight.assign(rng.normal(0.0, 0.5, weight.shape).astype(np.float32))
     model.softmax.kernel.assign(model.softmax.kernel * softmax_scale)
+    model.softmax.bias.assign(model.softmax.bias + eos_bias * np.eye(
+        model.config.vocab_size, dtype=np.float32)[EOS_ID])
     return model
 
 
@@ -314,9 +316,10 @@ def numpy_beam_search(model, source, width, alpha, max_length):
     return tokens, score(tokens, log_prob)
 
 
-# (seed, softmax scale) of tiny models on which greedy decoding misses the best
-# hypothesis, once by its first token and once by ending later than the best.
-HARD_MODELS = [(0, 1.0), (4, 2.0)]
+# (seed, softmax scale, eos bias) of tiny models on which greedy decoding misses the best
+# hypothesis, once by its first token and once by ending later than the best; on the
+# third, ranking the hypotheses by log P instead of log P / lp keeps other ones.
+HARD_MODELS = [(0, 1.0, 0.0), (4, 2.0, 0.0), (0, 2.0, 3.0)]
 MAX_LENGTH = 4
 HYPOTHESES = [list(prefix) + [EOS_ID] for n in range(MAX_LENGTH)
               for prefix in itertools.product([1, 4, 5, 6], repeat=n)] + [
@@ -331,9 +334,10 @@ def search(model, width, alpha):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
-@pytest.mark.parametrize("seed,softmax_scale", HARD_MODELS)
-def test_beam_search_against_brute_force(seed, softmax_scale, alpha):
-    model = tiny_model(seed=seed, softmax_scale=softmax_scale, vocab_size=7)
+@pytest.mark.parametrize("seed,softmax_scale,eos_bias", HARD_MODELS[:2])
+def test_beam_search_against_brute_force(seed, softmax_scale, eos_bias, alpha):
+    model = tiny_model(seed=seed, softmax_scale=softmax_scale, eos_bias=eos_bias,
+                       vocab_size=7)
     # Every hypothesis over the vocabulary {unk, eos, 4, 5, 6}: it ends at its first eos,
     # or is cut at MAX_LENGTH. A beam wider than all of them prunes nothing.
     assert len(HYPOTHESES) == 1 + 4 + 16 + 64 + 256
@@ -357,10 +361,11 @@ def test_beam_search_against_brute_force(seed, softmax_scale, alpha):
     assert max(greedy_gaps) > 0.1  # the model is one where greedy decoding falls short
 
 
-@pytest.mark.parametrize("seed,softmax_scale", HARD_MODELS)
-def test_beam_search_matches_a_python_reference(seed, softmax_scale):
-    model = tiny_model(seed=seed, softmax_scale=softmax_scale, vocab_size=7)
-    for width, alpha in itertools.product((2, 3), (0.0, 1.0)):
+@pytest.mark.parametrize("seed,softmax_scale,eos_bias", HARD_MODELS)
+def test_beam_search_matches_a_python_reference(seed, softmax_scale, eos_bias):
+    model = tiny_model(seed=seed, softmax_scale=softmax_scale, eos_bias=eos_bias,
+                       vocab_size=7)
+    for width, alpha in itertools.product((2, 3), (0.0, 1.0, 3.0)):
         ids, found_scores = search(model, width, alpha)
         for row, source in enumerate(SOURCES):
             tokens, score = numpy_beam_search(model, source, width, alpha, MAX_LENGTH)

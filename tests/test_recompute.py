@@ -1,4 +1,5 @@
-"""recompute_activations: the same outputs and gradients, on both dispatch paths."""
+"""recompute_activations: the same outputs and gradients on both dispatch paths; the
+sparse path against the capacity path with large blocks of rows per expert."""
 
 import keras
 import numpy as np
@@ -8,10 +9,8 @@ import tensorflow as tf
 from moe_tf import FeedForwardExperts, SparselyGatedMoE
 
 
-def layer_pair(**kwargs):
-    """Two layers with the same weights, without and with recomputation."""
-    layers = [SparselyGatedMoE(recompute_activations=flag, **kwargs)
-              for flag in (False, True)]
+def with_same_random_weights(*layers):
+    """Builds the layers for 5 input features and gives them all the same weights."""
     rng = np.random.default_rng(0)
     for layer in layers:
         layer.build((None, 5))
@@ -42,7 +41,9 @@ def outputs_and_gradients(layer, x):
 ])
 def test_same_outputs_and_gradients(config):
     x = tf.constant(np.random.default_rng(1).normal(size=(7, 5)).astype(np.float32))
-    layers = layer_pair(hidden_size=6, noisy_gating=False, **config)
+    layers = with_same_random_weights(*(
+        SparselyGatedMoE(hidden_size=6, noisy_gating=False, recompute_activations=flag,
+                         **config) for flag in (False, True)))
     kept, recomputed = (outputs_and_gradients(layer, x) for layer in layers)
     for a, b in zip(kept, recomputed):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-6)
@@ -65,3 +66,17 @@ def test_mixed_bfloat16():
     y, *grads = outputs_and_gradients(layer, x)
     assert y.dtype == tf.bfloat16
     assert all(np.all(np.isfinite(tf.cast(g, tf.float32).numpy())) for g in grads)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_large_expert_blocks_match_the_capacity_path(recompute):
+    """About 150 rows per expert: the experts' backward takes its large-block branch."""
+    x = tf.constant(np.random.default_rng(3).normal(size=(300, 5)).astype(np.float32))
+    config = dict(num_experts=2, k=1, hidden_size=6, noisy_gating=False)
+    sparse, capacity = with_same_random_weights(
+        SparselyGatedMoE(recompute_activations=recompute, **config),
+        SparselyGatedMoE(dispatch="capacity", capacity_factor=2.0, **config))
+    counts = np.bincount(np.argmax(x.numpy() @ sparse.w_gate.numpy(), -1), minlength=2)
+    assert counts.min() >= 128, counts
+    for a, b in zip(outputs_and_gradients(sparse, x), outputs_and_gradients(capacity, x)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)

@@ -214,7 +214,8 @@ def main(argv):
         final_evaluation=((lambda: bleu_scores(server, corpora, multilingual, is_chief))
                           if FLAGS.bleu_sentences else None))
     metrics = trainer.train(extra_metrics={
-        "model": FLAGS.model, "gating": config.gating, "lstm_width": config.lstm_width,
+        "model": FLAGS.model, "gating": config.gating if config.has_moe else None,
+        "lstm_width": config.lstm_width,
         "params_excluding_embedding_softmax": params, "ops_per_timestep": ops,
         "vocab_size": tokenizer.vocab_size, "directions": [c.direction for c in corpora],
         "beam_width": FLAGS.beam_width, "length_penalty": FLAGS.length_penalty,
