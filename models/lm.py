@@ -38,6 +38,7 @@ class LanguageModelConfig:
     load_weight: float = 0.1
     dropout: float = 0.1
     dispatch: str = "sparse"
+    capacity_factor: Optional[float] = None   # dispatch="capacity" only
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -81,7 +82,8 @@ def _middle_block(x, config: LanguageModelConfig):
             config.num_experts, config.k, config.hidden_size,
             num_groups=config.num_groups, noisy_gating=config.noisy_gating,
             importance_weight=config.importance_weight, load_weight=config.load_weight,
-            dispatch=config.dispatch, name="moe")(x)
+            dispatch=config.dispatch, capacity_factor=config.capacity_factor,
+            name="moe")(x)
     if config.architecture == "moe-1-wide":
         widths, name = [config.wide_hidden_size], "wide_expert"
     else:

@@ -10,7 +10,8 @@ paper's 2048-unit LSTMs project to 512.
 Architectures:
 - `moe`: as above, LSTMs `model_dim` wide;
 - `dense`: the same model with its MoE layers removed and every LSTM widened (then
-  projected) until the ops per time step match the `moe` model's (`ops_per_timestep`).
+  projected) until the ops per time step match the `moe` model's (`ops_per_timestep`), or
+  to `dense_lstm_width`.
 
 One subword vocabulary serves both languages, and one embedding both encoder and decoder.
 A multilingual model has `num_language_tokens` extra ids after the subwords: the token of
@@ -19,7 +20,7 @@ the target language is prepended to the source.
 
 import dataclasses
 import math
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -54,6 +55,8 @@ class TranslationConfig:
     load_weight: float = 0.01
     dropout: float = 0.1
     dispatch: str = "sparse"
+    dense_lstm_width: int = 0       # dense only: LSTM units; 0: match the moe model's ops
+    capacity_factor: Optional[float] = None   # dispatch="capacity" only
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -66,6 +69,13 @@ class TranslationConfig:
                              f"to each direction); got {self.model_dim}.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
+        if self.dense_lstm_width and self.has_moe:
+            raise ValueError("dense_lstm_width is for the dense model; the moe model's "
+                             "LSTMs are model_dim wide.")
+        if self.dense_lstm_width < 0 or self.dense_lstm_width % 2:
+            raise ValueError(f"dense_lstm_width must be even (the bidirectional layer "
+                             f"gives half to each direction) and >= 0; got "
+                             f"{self.dense_lstm_width}.")
 
     @property
     def has_moe(self) -> bool:
@@ -73,10 +83,13 @@ class TranslationConfig:
 
     @property
     def lstm_width(self) -> int:
-        """Units of every LSTM: `model_dim`, or for `dense` the even width whose ops per
-        time step are closest to those of the `moe` model of the same config."""
+        """Units of every LSTM: `model_dim`, or for `dense` `dense_lstm_width` if set, else
+        the even width whose ops per time step are closest to those of the `moe` model of
+        the same config."""
         if self.has_moe:
             return self.model_dim
+        if self.dense_lstm_width:
+            return self.dense_lstm_width
         target = ops_per_timestep(dataclasses.replace(self, architecture="moe"))
         widths = range(self.model_dim, MAX_WIDENING * self.model_dim + 1, 2)
         return min(widths, key=lambda width: abs(_ops(self, width) - target))
@@ -300,7 +313,8 @@ class Translator(keras.Model):
         return SparselyGatedMoE(
             c.num_experts, c.k, c.hidden_size, output_size=c.model_dim, gating=c.gating,
             noisy_gating=c.noisy_gating, importance_weight=c.importance_weight,
-            load_weight=c.load_weight, dispatch=c.dispatch, name=name)
+            load_weight=c.load_weight, dispatch=c.dispatch,
+            capacity_factor=c.capacity_factor, name=name)
 
     def _branch(self, name, x, y, training):
         """The residual add around a layer, with dropout on the layer's output."""

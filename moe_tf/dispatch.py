@@ -69,14 +69,20 @@ def expert_capacity(num_tokens, assignments_per_token: int, num_experts: int,
     return tf.maximum(1, tf.minimum(num_tokens, wanted))
 
 
-def capacity_dispatch(inputs, routing, experts, *, capacity):
+def capacity_dispatch(inputs, routing, experts, *, capacity, expert_sharding=None):
     """GShard-style fixed-capacity dispatch with one-hot einsums.
 
     Each expert gets a buffer of `capacity` rows, `[experts, capacity, d_in]`; assignments
     that do not fit are dropped (those tokens get no contribution from that expert).
     All shapes are static when the token count is, as XLA and DTensor want.
+    `expert_sharding` (an `ExpertSharding`, DTensor) moves the expert buffers onto the
+    devices holding their experts and the results back.
     """
     dispatch, combine = routing.capacity_masks(capacity)          # [T, E, C]
     expert_inputs = tf.einsum("tec,td->ecd", tf.cast(dispatch, inputs.dtype), inputs)
+    if expert_sharding is not None:
+        expert_inputs = expert_sharding.to_experts(expert_inputs)
     outputs = experts(expert_inputs)                              # [E, C, d_out]
+    if expert_sharding is not None:
+        outputs = expert_sharding.from_experts(outputs)
     return tf.einsum("tec,eco->to", tf.cast(combine, outputs.dtype), outputs)

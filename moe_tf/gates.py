@@ -45,6 +45,9 @@ class _GateBase(keras.layers.Layer):
         super().__init__(**kwargs)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+        # Set by SparselyGatedMoE.shard_experts while the tokens are split over devices
+        # (DTensor); a runtime placement, not configuration.
+        self.batch_sharded = False
 
     def _gate_weight(self, name: str, shape) -> keras.Variable:
         # Appendix A: zero gate weights give every expert the same start.
@@ -58,10 +61,12 @@ class _GateBase(keras.layers.Layer):
                      k: int) -> gating.TopKGating:
         """Noisy top-k over the last axis; `raw_noise_logits` None means no noise."""
         if raw_noise_logits is None:
-            return gating.noisy_top_k_gating(clean_logits, k)
+            return gating.noisy_top_k_gating(clean_logits, k,
+                                             batch_sharded=self.batch_sharded)
         return gating.noisy_top_k_gating(
             clean_logits, k, noise=self._normal(tf.shape(clean_logits)),
-            stddev=gating.noise_stddev(raw_noise_logits, self.noise_epsilon))
+            stddev=gating.noise_stddev(raw_noise_logits, self.noise_epsilon),
+            batch_sharded=self.batch_sharded)
 
 
 @keras.saving.register_keras_serializable(package="moe_tf")

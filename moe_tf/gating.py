@@ -95,7 +95,8 @@ def smooth_load(clean_logits: tf.Tensor, noisy_logits: tf.Tensor,
 
 def noisy_top_k_gating(clean_logits: tf.Tensor, k: int, *,
                        noise: Optional[tf.Tensor] = None,
-                       stddev: Optional[tf.Tensor] = None) -> TopKGating:
+                       stddev: Optional[tf.Tensor] = None,
+                       batch_sharded: bool = False) -> TopKGating:
     """G(x) = softmax(KeepTopK(H(x), k)), Eqs. 3-5, with each token's share of Load(X).
 
     Args:
@@ -104,6 +105,10 @@ def noisy_top_k_gating(clean_logits: tf.Tensor, k: int, *,
         noise: standard normal samples `[..., n]`, only while training with noisy
             gating; None for plain top-k (evaluation, or `noisy_gating=False`).
         stddev: `[..., n]` noise scale (see `noise_stddev`), required with `noise`.
+        batch_sharded: the tokens are split across devices by DTensor. The gradient of
+            `tf.math.top_k` scatters into the tokens with global indices, which DTensor
+            cannot run on a shard; instead the selected logits are read with a one-hot
+            contraction (same values and gradients, `[..., k + 1, n]` more memory).
 
     Returns:
         A `TopKGating`.
@@ -114,7 +119,13 @@ def noisy_top_k_gating(clean_logits: tf.Tensor, k: int, *,
         raise ValueError("noisy_top_k_gating: `stddev` is required with `noise`.")
     logits = clean_logits + noise * stddev if noisy else clean_logits
     # One top-k call serves both the selection and the load estimator's threshold.
-    top_values, top_index = tf.math.top_k(logits, k=min(k + 1, n))
+    if batch_sharded:
+        _, top_index = tf.math.top_k(tf.stop_gradient(logits), k=min(k + 1, n))
+        # Not an einsum: DTensor's einsum does not broadcast ("...").
+        top_values = tf.reduce_sum(tf.one_hot(top_index, n, dtype=logits.dtype)
+                                   * logits[..., None, :], axis=-1)
+    else:
+        top_values, top_index = tf.math.top_k(logits, k=min(k + 1, n))
     gate = tf.nn.softmax(top_values[..., :k], axis=-1)
     index = top_index[..., :k]
     if noisy and k < n:

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from moe_tf import gating
 from moe_tf.dispatch import capacity_dispatch, expert_capacity, sparse_dispatch
+from moe_tf.expert_sharding import ExpertSharding
 from moe_tf.experts import FeedForwardExperts
 from moe_tf.gates import HierarchicalNoisyTopKGate, NoisyTopKGate, StrictlyBalancedGate
 from moe_tf.metrics import ExpertLoadFraction
@@ -119,6 +120,7 @@ class SparselyGatedMoE(keras.layers.Layer):
                 noise_epsilon=noise_epsilon, seed=seed, name="gate")
             self.assignments_per_token = groups_k * k
         self.experts = None  # built once the input width is known
+        self.expert_sharding = None  # runtime placement (see `shard_experts`)
         # The sparse path has dynamic shapes and a while loop: no XLA.
         self.supports_jit = dispatch == "capacity"
 
@@ -169,11 +171,38 @@ class SparselyGatedMoE(keras.layers.Layer):
                 tokens.shape[0] if tokens.shape[0] is not None else tf.shape(tokens)[0],
                 self.assignments_per_token, self.num_experts,
                 self.capacity_factor or DEFAULT_CAPACITY_FACTOR)
-            outputs = capacity_dispatch(tokens, routing, self.experts, capacity=capacity)
+            outputs = capacity_dispatch(tokens, routing, self.experts, capacity=capacity,
+                                        expert_sharding=self.expert_sharding)
         if training:
             self._record_balance(gate_output)
         output_shape = tf.concat([tf.shape(inputs)[:-1], [self.experts.output_size]], 0)
         return tf.reshape(outputs, output_shape)
+
+    def shard_experts(self, expert_sharding: Optional[ExpertSharding]) -> None:
+        """Runs the layer with its experts split over a DTensor mesh, or (None) not.
+
+        Only places the computation: the caller backs the weights with DVariables of
+        `expert_sharding.weight_layout` and feeds batch-sharded inputs. Needs
+        dispatch="capacity" (the sparse dispatch's sort and while loop have no DTensor
+        layout propagation) and top-k gating (the balanced gate picks each expert's top
+        tokens over the whole batch with a scatter that DTensor cannot shard).
+        """
+        if expert_sharding is not None:
+            if self.dispatch != "capacity":
+                raise ValueError(
+                    f"SparselyGatedMoE {self.name!r}: sharding the experts with DTensor "
+                    f"needs dispatch='capacity'; the layer has dispatch={self.dispatch!r}.")
+            if self.gating != "top_k":
+                raise ValueError(
+                    f"SparselyGatedMoE {self.name!r}: sharding the experts with DTensor "
+                    f"needs gating='top_k'; the layer has gating={self.gating!r}.")
+            if self.num_experts % expert_sharding.num_expert_shards:
+                raise ValueError(
+                    f"SparselyGatedMoE {self.name!r}: num_experts ({self.num_experts}) "
+                    f"must be divisible by the mesh's expert axis "
+                    f"({expert_sharding.num_expert_shards}).")
+        self.expert_sharding = expert_sharding
+        self.gate.batch_sharded = expert_sharding is not None
 
     def gate_values(self, inputs, training=False):
         """The dense gates G(x), float32 `[..., num_experts]`.

@@ -130,3 +130,29 @@ def test_zero_weights_and_evaluation_give_finite_values():
     result = gating.noisy_top_k_gating(clean, 6, noise=tf.ones([4, 6]),
                                        stddev=tf.ones([4, 6]))
     np.testing.assert_array_equal(result.load.numpy(), np.ones([4, 6]))
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_batch_sharded_gating_has_the_same_values_and_gradients(noisy):
+    """The DTensor-friendly form (top-k indices only, values by one-hot contraction)."""
+    rng = np.random.default_rng(7)
+    logits = tf.constant(rng.normal(size=(6, 5)).astype(np.float32))
+    noise = tf.constant(rng.normal(size=(6, 5)).astype(np.float32)) if noisy else None
+    stddev = tf.constant(rng.uniform(0.5, 1.5, size=(6, 5)).astype(np.float32))
+    upstream = [tf.constant(rng.normal(size=shape).astype(np.float32))
+                for shape in ((6, 2), (6, 5))]
+
+    def gate_and_load(batch_sharded):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([logits, stddev])
+            result = gating.noisy_top_k_gating(
+                logits, 2, noise=noise, stddev=stddev if noisy else None,
+                batch_sharded=batch_sharded)
+            objective = (tf.reduce_sum(result.gate * upstream[0])
+                         + tf.reduce_sum(result.load * upstream[1]))
+        grads = tape.gradient(objective, [logits, stddev])
+        return [result.index, result.gate, result.load] + [
+            g if g is not None else tf.zeros_like(logits) for g in grads]
+
+    for plain, sharded in zip(gate_and_load(False), gate_and_load(True)):
+        np.testing.assert_allclose(sharded.numpy(), plain.numpy(), rtol=1e-6, atol=1e-7)

@@ -162,6 +162,12 @@ def test_invalid_flags_are_rejected_by_name(flag, message, tmp_path):
 def test_saved_model_serves_the_trained_model_in_fresh_process(tmp_path):
     model_dir = tmp_path / "run"
     run_ok(lm_command(model_dir, "--train_steps=8"))
+    assert_export_serves_the_checkpoint(model_dir, tmp_path)
+
+
+def assert_export_serves_the_checkpoint(model_dir, tmp_path):
+    """model_dir/export, served in a fresh process, scores sentences as the model of the
+    run's last checkpoint does in this process (through the training loss)."""
     sentences = ["In the beginning God created the heavens and the earth.",
                  "And God said, Let there be light.",
                  "zzzz qqqq unknownword",

@@ -365,3 +365,27 @@ def test_balanced_training_fits_capacity_factor_one_exactly():
                       **extra)
         outputs.append(layer(x, training=True).numpy())
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_shard_experts_names_what_it_needs():
+    from tensorflow.experimental import dtensor
+
+    from moe_tf import ExpertSharding
+
+    mesh = dtensor.create_mesh([("batch", 1), ("expert", 1)], devices=["CPU:0"],
+                               device_type="CPU")
+    sharding = ExpertSharding(mesh)
+    with pytest.raises(ValueError, match="needs dispatch='capacity'"):
+        SparselyGatedMoE(4, 2, 8).shard_experts(sharding)
+    with pytest.raises(ValueError, match="needs gating='top_k'"):
+        SparselyGatedMoE(4, 2, 8, gating="balanced", dispatch="capacity").shard_experts(
+            sharding)
+    with pytest.raises(ValueError, match="no 'model' axis"):
+        ExpertSharding(mesh, expert_axis="model")
+    layer = SparselyGatedMoE(4, 2, 8, dispatch="capacity")
+    layer.shard_experts(sharding)
+    assert layer.gate.batch_sharded and layer.expert_sharding is sharding
+    layer.shard_experts(None)
+    assert not layer.gate.batch_sharded and layer.expert_sharding is None
+    # A runtime placement, not configuration.
+    assert "expert_sharding" not in layer.get_config()

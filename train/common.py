@@ -9,6 +9,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from train import distribution
+from train.loop import LoopConfig, Trainer
 from train.schedules import WarmupInverseSqrt
 
 FLAGS = flags.FLAGS
@@ -34,7 +35,12 @@ def define_common_flags(*, default_data: str) -> None:
     flags.DEFINE_boolean("noisy_gating", True, "Trained gating noise (Eq. 4).")
     flags.DEFINE_float("importance_weight", 0.1, "w_importance.")
     flags.DEFINE_float("load_weight", 0.1, "w_load.")
-    flags.DEFINE_enum("dispatch", "sparse", ["sparse", "capacity"], "MoE dispatch.")
+    flags.DEFINE_enum("dispatch", "sparse", ["sparse", "capacity"],
+                      "MoE dispatch: sparse (dropless) or capacity (fixed-size expert "
+                      "buffers; needed by --strategy=dtensor).")
+    flags.DEFINE_float("capacity_factor", None,
+                       "Expert buffer size as a multiple of the even share, with "
+                       "--dispatch=capacity (default 2.0; num_experts / k drops nothing).")
     flags.DEFINE_float("dropout", 0.1, "Dropout on every layer's output.")
     flags.DEFINE_integer("vocab_size", 8192, "Subword vocabulary size.")
     flags.DEFINE_integer("max_length", 64, "Subword pieces per sentence kept.")
@@ -51,7 +57,11 @@ def define_common_flags(*, default_data: str) -> None:
     flags.DEFINE_integer("seed", 0, "Seed of initialisation, shuffling, noise, dropout.")
     flags.DEFINE_enum("strategy", "default", list(distribution.STRATEGIES),
                       "default: one device; mirrored: data parallel over local devices; "
-                      "multi_worker: data parallel over TF_CONFIG's workers.")
+                      "multi_worker: data parallel over TF_CONFIG's workers; dtensor: "
+                      "batch and experts split over the --mesh.")
+    flags.DEFINE_string("mesh", None,
+                        "DTensor mesh for --strategy=dtensor, e.g. batch:2,expert:2 (the "
+                        "product must be the number of devices).")
     flags.DEFINE_integer("num_cpu_devices", 1,
                          "Split the CPU into this many logical devices (to try the "
                          "strategies on one machine).")
@@ -64,6 +74,19 @@ def define_common_flags(*, default_data: str) -> None:
     for name in ("num_groups", "warmup_steps", "eval_every", "max_eval_batches"):
         flags.register_validator(name, lambda v: v is not None and v >= 0,
                                  message=f"--{name} must be >= 0.")
+    flags.register_validator("capacity_factor", lambda v: v is None or v > 0,
+                             message="--capacity_factor must be > 0.")
+    flags.register_multi_flags_validator(
+        ["capacity_factor", "dispatch"],
+        lambda v: v["capacity_factor"] is None or v["dispatch"] == "capacity",
+        message="--capacity_factor needs --dispatch=capacity.")
+    flags.register_multi_flags_validator(
+        ["strategy", "dispatch", "mesh"],
+        lambda v: v["strategy"] != "dtensor" or (v["dispatch"] == "capacity"
+                                                 and v["mesh"]),
+        message="--strategy=dtensor needs --mesh (e.g. batch:2,expert:2) and "
+                "--dispatch=capacity (the experts run on fixed-size buffers that DTensor "
+                "moves between devices).")
     for name in ("importance_weight", "load_weight", "clip_norm"):
         flags.register_validator(name, lambda v: v is not None and v >= 0,
                                  message=f"--{name} must be >= 0.")
@@ -103,11 +126,11 @@ def apply_preset(preset_values: Dict) -> None:
             FLAGS[name].value = value
 
 
-def set_up_strategy() -> tf.distribute.Strategy:
+def set_up_placement() -> distribution.Placement:
     """Devices and the `--strategy`; must run before anything else touches TensorFlow."""
     distribution.configure_cpu_devices(FLAGS.num_cpu_devices)
     with usage_errors():
-        return distribution.make_strategy(FLAGS.strategy)
+        return distribution.make_placement(FLAGS.strategy, mesh=FLAGS.mesh)
 
 
 def set_up_determinism(seed: int) -> None:
@@ -121,6 +144,16 @@ def make_optimizer() -> keras.optimizers.Optimizer:
     schedule = WarmupInverseSqrt(FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps)
     return keras.optimizers.Adam(learning_rate=schedule,
                                  global_clipnorm=FLAGS.clip_norm or None)
+
+
+def make_trainer(**trainer_arguments):
+    """A `Trainer` with the loop flags; its placement errors become usage errors."""
+    config = LoopConfig(model_dir=FLAGS.model_dir, train_steps=FLAGS.train_steps,
+                        eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
+                        checkpoint_every=FLAGS.checkpoint_every,
+                        max_eval_batches=FLAGS.max_eval_batches)
+    with usage_errors():  # e.g. a model the --strategy cannot place
+        return Trainer(config=config, **trainer_arguments)
 
 
 def export_dir() -> str:

@@ -15,9 +15,9 @@ from absl import app, flags, logging
 
 from models.lm import (ARCHITECTURES, LanguageModelConfig, build_language_model,
                        ops_per_timestep, params_excluding_embedding_softmax)
-from train import common, data, distribution
+from train import common, data
 from train.lm_serving import LanguageModelServer
-from train.loop import LoopConfig, Trainer, check_run_config
+from train.loop import check_run_config
 from train.tokenizer import load_or_train
 
 FLAGS = flags.FLAGS
@@ -41,7 +41,8 @@ def model_config() -> LanguageModelConfig:
         num_experts=FLAGS.num_experts, k=FLAGS.k, num_groups=FLAGS.num_groups or None,
         hidden_size=FLAGS.hidden_size, noisy_gating=FLAGS.noisy_gating,
         importance_weight=FLAGS.importance_weight, load_weight=FLAGS.load_weight,
-        dropout=FLAGS.dropout, dispatch=FLAGS.dispatch)
+        dropout=FLAGS.dropout, dispatch=FLAGS.dispatch,
+        capacity_factor=FLAGS.capacity_factor)
 
 
 def lm_loss(model, batch, training):
@@ -72,8 +73,8 @@ def main(argv):
     del argv
     if FLAGS.preset == "tiny":
         common.apply_preset(TINY_PRESET)
-    strategy = common.set_up_strategy()
-    is_chief = distribution.is_chief(strategy)
+    placement = common.set_up_placement()
+    is_chief = placement.is_chief
     with common.usage_errors():
         config = model_config()
         splits = data.load_text_splits(FLAGS.data, valid_data=FLAGS.valid_data,
@@ -99,22 +100,17 @@ def main(argv):
                      tokenizer.vocab_size, config.vocab_size)
         config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
 
-    with strategy.scope():
+    with placement.scope():
         model = build_language_model(config)
         optimizer = common.make_optimizer()
     params = params_excluding_embedding_softmax(model)
     ops = ops_per_timestep(config)
-    logging.info("%s: %d params excluding embedding and softmax, %d ops/timestep; "
-                 "strategy %s with %d replicas", model.name, params, ops, FLAGS.strategy,
-                 strategy.num_replicas_in_sync)
+    logging.info("%s: %d params excluding embedding and softmax, %d ops/timestep; %s",
+                 model.name, params, ops, placement.describe())
     train_data, eval_data = make_datasets(splits, tokenizer)
-    trainer = Trainer(
-        model=model, optimizer=optimizer, loss_fn=lm_loss, strategy=strategy,
-        train_data=train_data, eval_data=eval_data,
-        config=LoopConfig(model_dir=FLAGS.model_dir, train_steps=FLAGS.train_steps,
-                          eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
-                          checkpoint_every=FLAGS.checkpoint_every,
-                          max_eval_batches=FLAGS.max_eval_batches))
+    trainer = common.make_trainer(
+        model=model, optimizer=optimizer, loss_fn=lm_loss, placement=placement,
+        train_data=train_data, eval_data=eval_data)
     metrics = trainer.train(extra_metrics={
         "model": FLAGS.model, "params_excluding_embedding_softmax": params,
         "ops_per_timestep": ops, "vocab_size": tokenizer.vocab_size,

@@ -23,6 +23,8 @@ from moe_tf import SparselyGatedMoE
 from train import distribution
 
 CONFIG_FILE = "run_config.json"
+CHECKPOINT_DIR = "checkpoints"
+DATA_CHECKPOINT_DIR = os.path.join(CHECKPOINT_DIR, "data_position")
 METRICS_FILE = "metrics.json"
 
 
@@ -76,75 +78,77 @@ def moe_layers(model: keras.Model):
 class Trainer:
     """Trains `model` on `train_data` with `optimizer`, resuming from `model_dir`.
 
-    The model and optimizer must have been created under `strategy.scope()`. The data are
-    global batches; the loop cuts each into one slice per replica. The loss differentiated
-    is the sum of NLL over the replica's tokens divided by the global token count (so the
-    replicas' gradients sum to the global mean's), plus the layers' losses divided by the
-    replica count (the MoE layer computes its balancing loss over the global batch).
+    The model and optimizer must have been created under `placement.scope()`; the
+    placement (see `train.distribution`) puts them on devices and provides the steps. The
+    data are global batches, the same under every placement.
     """
 
     def __init__(self, *, model: keras.Model, optimizer: keras.optimizers.Optimizer,
                  loss_fn: Callable, train_data: tf.data.Dataset,
                  eval_data: Dict[str, tf.data.Dataset], config: LoopConfig,
                  final_evaluation: Optional[Callable[[], Dict[str, float]]] = None,
-                 strategy: Optional[tf.distribute.Strategy] = None):
+                 placement: Optional[distribution.Placement] = None):
         """`final_evaluation`, if given, runs after training (e.g. BLEU by decoding); its
         scalars go to TensorBoard (eval) and into metrics.json (chief only)."""
         self.model = model
         self.final_evaluation = final_evaluation
         self.optimizer = optimizer
-        self.loss_fn = loss_fn
         self.config = config
-        self.strategy = strategy or tf.distribute.get_strategy()
-        self.is_chief = distribution.is_chief(self.strategy)
+        self.placement = placement or distribution.make_placement("default")
+        self.is_chief = self.placement.is_chief
         # Other workers save their (identical) checkpoints where nobody reads them.
         self.write_dir = config.model_dir if self.is_chief else tempfile.mkdtemp()
-        self.eval_data = {name: distribution.local_replica_slices(data, self.strategy)
+        self.placement.place(model, optimizer)
+        self.eval_data = {name: self.placement.input(data)
                           for name, data in eval_data.items()}
-        with self.strategy.scope():
-            self.optimizer.build(model.trainable_variables)
-            # NLL and token sums of the current logging window, and the last window's
-            # mean: checkpointed so that a resumed run reports what an unbroken one would.
-            self.window = tf.Variable([0.0, 0.0], dtype=tf.float64, trainable=False)
-            self.last_train_loss = tf.Variable(float("nan"), dtype=tf.float64,
-                                               trainable=False)
-        self.iterator = iter(distribution.local_replica_slices(train_data, self.strategy))
+        self.iterator = iter(self.placement.input(train_data))
         # NLL and token sums of the current logging window, and the last window's mean:
         # checkpointed so that a resumed run reports what an unbroken one would.
         self.window = tf.Variable([0.0, 0.0], dtype=tf.float64, trainable=False)
         self.last_train_loss = tf.Variable(float("nan"), dtype=tf.float64,
                                            trainable=False)
-        self._make_checkpoint(data=self.iterator)
+        self._make_checkpoints()
         self.writer = tf.summary.create_file_writer(os.path.join(self.write_dir, "train"))
         self.eval_writer = tf.summary.create_file_writer(
             os.path.join(self.write_dir, "eval"))
-        # Batches vary in shape (length buckets): one trace for all of them.
-        self._train_step = tf.function(self._train_step_fn, reduce_retracing=True)
-        self._eval_step = tf.function(self._eval_step_fn, reduce_retracing=True)
+        self._train_step = self.placement.train_step(model, optimizer, loss_fn)
+        self._eval_step = self.placement.eval_step(model, loss_fn)
 
+    def _make_checkpoints(self):
+        """Two checkpoints saved at the same steps: the model's and the data position's.
 
-    def _make_checkpoint(self, **data):
+        The data iterator is kept apart because DTensor cannot save it in one checkpoint
+        with DVariables; every placement writes the same pair, so each restores the
+        other's.
+        """
         # `model.variables` beyond `model.weights` are the random-seed states (dropout,
         # gating noise); tf.train.Checkpoint does not reach them through the model.
         weights = {id(w) for w in self.model.weights}
         seed_states = [v for v in self.model.variables if id(v) not in weights]
         self.checkpoint = tf.train.Checkpoint(
             model=self.model, optimizer=self.optimizer, window=self.window,
-            last_train_loss=self.last_train_loss, seed_states=seed_states, **data)
+            last_train_loss=self.last_train_loss, seed_states=seed_states)
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(self.write_dir, "checkpoints"),
+            self.checkpoint, os.path.join(self.write_dir, CHECKPOINT_DIR),
             max_to_keep=self.config.keep_checkpoints)
+        self.data_checkpoint = tf.train.Checkpoint(data=self.iterator)
+        self.data_manager = tf.train.CheckpointManager(
+            self.data_checkpoint, os.path.join(self.write_dir, DATA_CHECKPOINT_DIR),
+            max_to_keep=self.config.keep_checkpoints)
+        self.data_position_saves = True
 
     def save(self, step: int) -> None:
-        try:
-            self.manager.save(checkpoint_number=step)
-        except tf.errors.FailedPreconditionError:
-            # Pipelines that run Python code (e.g. generators) cannot save a position.
-            logging.warning("The data pipeline cannot save its position; checkpoints keep "
-                            "the model, optimizer and step, and a resumed run restarts "
-                            "the data stream.")
-            self._make_checkpoint()
-            self.manager.save(checkpoint_number=step)
+        # The data position first: a model checkpoint then always has its position.
+        if self.data_position_saves:
+            try:
+                self.data_manager.save(checkpoint_number=step)
+            except tf.errors.FailedPreconditionError:
+                # Pipelines that run Python code (e.g. generators) cannot save a position.
+                logging.warning("The data pipeline cannot save its position; checkpoints "
+                                "keep the model, optimizer and step, and a resumed run "
+                                "restarts the data stream.")
+                self.data_position_saves = False
+        self.manager.save(checkpoint_number=step)
 
     @property
     def step(self) -> int:
@@ -153,40 +157,18 @@ class Trainer:
     def restore(self) -> int:
         """Restores the latest checkpoint, if any; returns the step it reached."""
         latest = tf.train.latest_checkpoint(
-            os.path.join(self.config.model_dir, "checkpoints"))
+            os.path.join(self.config.model_dir, CHECKPOINT_DIR))
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
+            data = os.path.join(self.config.model_dir, DATA_CHECKPOINT_DIR,
+                                os.path.basename(latest))
+            if tf.io.gfile.exists(data + ".index"):
+                self.data_checkpoint.restore(data).assert_existing_objects_matched()
+            else:
+                logging.warning("No data position saved with %s: the data stream restarts.",
+                                latest)
             logging.info("Resumed from %s at step %d.", latest, self.step)
         return self.step
-
-    def _replica_train_step(self, batch):
-        context = tf.distribute.get_replica_context()
-        with tf.GradientTape() as tape:
-            _, nll_sum, num_tokens = self.loss_fn(self.model, batch, training=True)
-            global_tokens = context.all_reduce(tf.distribute.ReduceOp.SUM, num_tokens)
-            loss = nll_sum / tf.maximum(global_tokens, 1.0)
-            if self.model.losses:
-                loss += tf.add_n(self.model.losses) / context.num_replicas_in_sync
-        variables = self.model.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return nll_sum, num_tokens
-
-    def _sum_over_replicas(self, per_replica):
-        return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
-                for value in per_replica]
-
-    def _train_step_fn(self, local_slices):
-        batch = distribution.to_replicas(self.strategy, local_slices)
-        return self._sum_over_replicas(self.strategy.run(self._replica_train_step,
-                                                         args=(batch,)))
-
-    def _eval_step_fn(self, local_slices):
-        def replica_eval(batch):
-            _, nll_sum, num_tokens = self.loss_fn(self.model, batch, training=False)
-            return nll_sum, num_tokens
-
-        batch = distribution.to_replicas(self.strategy, local_slices)
-        return self._sum_over_replicas(self.strategy.run(replica_eval, args=(batch,)))
 
     def evaluate(self, name: str) -> float:
         """Perplexity on a held-out split: exp(total NLL / total predicted tokens)."""
@@ -208,12 +190,12 @@ class Trainer:
         for layer in moe_layers(self.model):
             stats = layer.balance_statistics()
             for key, value in stats.items():
+                value = self.placement.to_host(value)
                 if key == "load_fraction":
                     tf.summary.histogram(f"{layer.name}/load_fraction", value)
                 else:
                     tf.summary.scalar(f"{layer.name}/{key}", value)
-            for metric in layer.metrics:
-                metric.reset_state()
+            self.placement.reset_metrics(layer)
 
     def train(self, extra_metrics: Optional[Dict] = None) -> Dict:
         """Runs to `train_steps`; returns (and writes) the run's metrics."""
@@ -238,6 +220,7 @@ class Trainer:
             global_step=self.step, final_train_loss=float(self.last_train_loss.numpy()),
             tokens_per_second=run_tokens / max(time.time() - run_start, 1e-9),
             valid_perplexity=self.evaluate("valid"), test_perplexity=self.evaluate("test"))
+        self.placement.unplace(self.model)
         if self.final_evaluation is not None:
             extra = self.final_evaluation()
             with self.eval_writer.as_default(step=self.step):

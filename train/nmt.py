@@ -19,8 +19,8 @@ from absl import app, flags, logging
 
 from models.nmt import (ARCHITECTURES, GATINGS, TranslationConfig, build_translator,
                         ops_per_timestep, params_excluding_embedding_softmax)
-from train import common, data, distribution, nmt_data
-from train.loop import LoopConfig, Trainer, check_run_config
+from train import common, data, nmt_data
+from train.loop import check_run_config
 from train.nmt_serving import TranslationServer
 from train.schedules import WarmupInverseSqrt
 from train.tokenizer import load_or_train
@@ -32,6 +32,9 @@ flags.DEFINE_enum("model", "moe", list(ARCHITECTURES),
                   "same ops/timestep.")
 flags.DEFINE_integer("model_dim", 128, "Embedding and residual width (LSTM width of moe).")
 flags.DEFINE_integer("attention_dim", 128, "Width of the attention's tanh projections.")
+flags.DEFINE_integer("dense_lstm_width", 0,
+                     "--model=dense: units of every LSTM; 0: as many as match the moe "
+                     "model's ops/timestep.")
 flags.DEFINE_enum("gating", None, list(GATINGS),
                   "MoE gating. Default: balanced (Appendix F) for one language pair, "
                   "top_k for builtin:multi.")
@@ -83,7 +86,8 @@ def model_config(num_language_tokens: int) -> TranslationConfig:
         attention_dim=FLAGS.attention_dim, num_experts=FLAGS.num_experts, k=FLAGS.k,
         hidden_size=FLAGS.hidden_size, gating=gating, noisy_gating=FLAGS.noisy_gating,
         importance_weight=FLAGS.importance_weight, load_weight=FLAGS.load_weight,
-        dropout=FLAGS.dropout, dispatch=FLAGS.dispatch)
+        dropout=FLAGS.dropout, dispatch=FLAGS.dispatch,
+        capacity_factor=FLAGS.capacity_factor, dense_lstm_width=FLAGS.dense_lstm_width)
 
 
 def make_optimizer() -> keras.optimizers.Optimizer:
@@ -152,8 +156,8 @@ def main(argv):
     del argv
     if FLAGS.preset == "tiny":
         common.apply_preset(TINY_PRESET)
-    strategy = common.set_up_strategy()
-    is_chief = distribution.is_chief(strategy)
+    placement = common.set_up_placement()
+    is_chief = placement.is_chief
     with common.usage_errors():
         corpora = nmt_data.load_parallel_corpora(FLAGS.data, valid_data=FLAGS.valid_data,
                                                  test_data=FLAGS.test_data)
@@ -188,15 +192,14 @@ def main(argv):
     language_tokens = {language: config.vocab_size + i
                        for i, language in enumerate(target_languages)}
 
-    with strategy.scope():
+    with placement.scope():
         model = build_translator(config)
         optimizer = make_optimizer()
     params = params_excluding_embedding_softmax(model)
     ops = ops_per_timestep(config)
     logging.info("%s: LSTMs %d wide, %d params excluding embedding and softmax, "
-                 "%d ops/timestep; strategy %s with %d replicas", model.name,
-                 config.lstm_width, params, ops, FLAGS.strategy,
-                 strategy.num_replicas_in_sync)
+                 "%d ops/timestep; %s", model.name, config.lstm_width, params, ops,
+                 placement.describe())
     server = TranslationServer(model, tokenizer, beam_width=FLAGS.beam_width,
                                length_penalty=FLAGS.length_penalty,
                                target_languages=target_languages)
@@ -204,13 +207,9 @@ def main(argv):
         corpora, tokenizer, language_tokens=language_tokens, max_length=FLAGS.max_length,
         batch_tokens=FLAGS.batch_tokens, shuffle_buffer=FLAGS.shuffle_buffer,
         seed=FLAGS.seed)
-    trainer = Trainer(
-        model=model, optimizer=optimizer, loss_fn=translation_loss, strategy=strategy,
+    trainer = common.make_trainer(
+        model=model, optimizer=optimizer, loss_fn=translation_loss, placement=placement,
         train_data=train_data, eval_data=eval_data,
-        config=LoopConfig(model_dir=FLAGS.model_dir, train_steps=FLAGS.train_steps,
-                          eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
-                          checkpoint_every=FLAGS.checkpoint_every,
-                          max_eval_batches=FLAGS.max_eval_batches),
         final_evaluation=((lambda: bleu_scores(server, corpora, multilingual, is_chief))
                           if FLAGS.bleu_sentences else None))
     metrics = trainer.train(extra_metrics={
