@@ -27,6 +27,8 @@ setuptools.setup(
         "sentencepiece>=0.2",
         "tensorboard",
         "sacrebleu>=2.0",
+        # benchmarks.lm_table's plot.
+        "matplotlib",
     ],
     package_data={"train": ["data/bible/*"]},
     entry_points={

@@ -1,0 +1,592 @@
+"""The paper's language-model tables (Tables 6, 7 and 9) at the scale of this machine.
+
+    python -m benchmarks.lm_table                      # the whole table, resumable
+    python -m benchmarks.lm_table --models=4xLSTM,MoE-32 --train_steps=300
+    python -m benchmarks.lm_table --preset=tiny --output_dir=/tmp/t --markdown=/tmp/R.md
+
+Table 7: the compute-matched family (4xLSTM, MoE-1-Wide, MoE-1-Deep, MoE-4, MoE-32,
+MoE-256 flat with k = 4, MoE-256-h and MoE-1024-h hierarchical with 16 groups and k = 2 + 2)
+trained on the built-in English corpus with the same token budget. Every model has exactly
+the 4xLSTM's ops/timestep (`models.lm.ops_per_timestep`, the gate's matmuls included): each
+model's expert hidden size is solved for, so models whose gate costs more get slightly
+narrower experts. Table 6: the balancing-loss ablation of one MoE model. Table 9: for a few
+experts of one trained MoE, the valid-split contexts with the highest gate values.
+
+Each model is one `python -m train.lm` subprocess in OUTPUT_DIR/<model>/, so a crash loses
+one model only and a rerun resumes it from its checkpoint; models whose metrics.json is
+complete are skipped. After every finished model the results are rewritten:
+OUTPUT_DIR.json (the table: a list of objects), OUTPUT_DIR_ablation.json,
+OUTPUT_DIR_specialisation.json, OUTPUT_DIR.png (test perplexity against experts) and the
+Markdown between `<!-- lm_table:begin -->` and `<!-- lm_table:end -->` in --markdown
+(appended if the markers are missing; the rest of the file is kept).
+"""
+
+import argparse
+import collections
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import keras
+import matplotlib
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.util import event_pb2
+
+from models.lm import LanguageModelConfig, build_language_model, ops_per_timestep
+from train import data
+from train.tokenizer import PAD_ID, TOKENIZER_FILE, SubwordTokenizer
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEGIN_MARKER = "<!-- lm_table:begin -->"
+END_MARKER = "<!-- lm_table:end -->"
+METRIC_KEYS = ("global_step", "valid_perplexity", "test_perplexity", "tokens_per_second",
+               "ops_per_timestep", "params_excluding_embedding_softmax", "final_train_loss")
+TABLE_KEYS = ("model", "num_experts", "hierarchical", "ops_per_timestep",
+              "params_excl_embedding_softmax", "valid_perplexity", "test_perplexity",
+              "tokens_per_second")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One row of Table 7 (or of the ablation): what `train.lm` is asked to build."""
+
+    name: str
+    architecture: str = "moe"
+    num_experts: int = 0           # 0 for 4xLSTM; 1 for the one-expert baselines
+    k: int = 4
+    num_groups: int = 0            # 0: flat
+    importance_weight: float = 0.1
+    load_weight: float = 0.1
+
+    @property
+    def is_moe(self) -> bool:
+        return self.architecture == "moe"
+
+    @property
+    def directory(self) -> str:
+        if (self.importance_weight, self.load_weight) == (0.1, 0.1):
+            return self.name.lower()
+        return (f"{self.name.lower()}_wimp{self.importance_weight:g}"
+                f"_wload{self.load_weight:g}")
+
+    def with_weights(self, importance_weight: float, load_weight: float) -> "ModelSpec":
+        return dataclasses.replace(self, importance_weight=importance_weight,
+                                   load_weight=load_weight)
+
+
+# The paper's Table 7 family. Hierarchical layers use the paper's first-level branching of
+# 16 for the 1B-word benchmark, with k = 2 at each level (4 experts per token, as flat k = 4).
+FAMILY = (
+    ModelSpec("4xLSTM", "4xlstm"),
+    ModelSpec("MoE-1-Wide", "moe-1-wide", num_experts=1),
+    ModelSpec("MoE-1-Deep", "moe-1-deep", num_experts=1),
+    ModelSpec("MoE-4", num_experts=4),
+    ModelSpec("MoE-32", num_experts=32),
+    ModelSpec("MoE-256", num_experts=256),
+    ModelSpec("MoE-256-h", num_experts=256, k=2, num_groups=16),
+    ModelSpec("MoE-1024-h", num_experts=1024, k=2, num_groups=16),
+)
+PAPER_TEST_PERPLEXITY = {"4xLSTM": 46.0, "MoE-1-Wide": 46.1, "MoE-1-Deep": 45.7,
+                         "MoE-4": 45.0, "MoE-32": 39.7, "MoE-256": 35.7, "MoE-256-h": 36.0,
+                         "MoE-1024-h": 34.6}
+# Table 6's rows other than (0.1, 0.1), the main configuration, whose run is reused.
+DEFAULT_ABLATION = "0:0,0.2:0,0:0.2,1:1"
+
+# train.lm flags of each preset. `full`: the README's language model (widths of the paper
+# divided by 4, batches of 4096 tokens) with a budget that trains the whole table and
+# the ablation in about two hours on an idle 2-core CPU.
+PRESETS = {
+    "full": dict(model_dim=128, batch_tokens=4096, train_steps=1000, eval_every=100,
+                 log_every=50, checkpoint_every=100),
+    "tiny": dict(preset="tiny", model_dim=32, batch_tokens=512, train_steps=6, eval_every=3,
+                 log_every=3, checkpoint_every=3, max_eval_batches=2),
+}
+
+
+def _config(spec: ModelSpec, *, model_dim: int, hidden_size: int) -> LanguageModelConfig:
+    return LanguageModelConfig(
+        architecture=spec.architecture, model_dim=model_dim,
+        num_experts=max(spec.num_experts, 1), k=spec.k, num_groups=spec.num_groups or None,
+        hidden_size=hidden_size)
+
+
+def matched_hidden_size(spec: ModelSpec, *, model_dim: int) -> Tuple[int, int]:
+    """The expert hidden size giving `spec` the 4xLSTM's ops/timestep, and those ops.
+
+    ops_per_timestep grows with the hidden size, so a bisection finds the width whose ops
+    are closest to the target (exactly equal for every model of FAMILY at model_dim 128).
+    For 4xLSTM the hidden size is unused.
+
+    Raises:
+        ValueError: if the gate alone costs more than the budget at this model_dim.
+    """
+    target = ops_per_timestep(_config(FAMILY[0], model_dim=model_dim, hidden_size=1))
+    if spec.architecture == "4xlstm":
+        return 0, target
+
+    def ops(hidden):
+        return ops_per_timestep(_config(spec, model_dim=model_dim, hidden_size=hidden))
+
+    low, high = 1, 64 * model_dim
+    if ops(low) > target:
+        raise ValueError(f"{spec.name} does not fit the 4xLSTM's {target} ops/timestep "
+                         f"at model_dim={model_dim}: its gate alone costs too much.")
+    while high - low > 1:  # invariant: ops(low) <= target < ops(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if ops(middle) <= target else (low, middle)
+    hidden = min((low, high), key=lambda h: abs(ops(h) - target))
+    return hidden, ops(hidden)
+
+
+def train_flags(spec: ModelSpec, *, preset: Dict, train_steps: int, model_dir: str) -> List[str]:
+    """The `python -m train.lm` command line of one model."""
+    hidden, _ = matched_hidden_size(spec, model_dim=preset["model_dim"])
+    values = dict(preset, train_steps=train_steps, model=spec.architecture,
+                  model_dir=model_dir, export_dir="", k=spec.k,
+                  importance_weight=spec.importance_weight, load_weight=spec.load_weight)
+    if spec.architecture != "4xlstm":
+        values.update(hidden_size=hidden)
+    if spec.is_moe:
+        values.update(num_experts=spec.num_experts, num_groups=spec.num_groups)
+    return [f"--{name}={value}" for name, value in values.items()]
+
+
+def read_metrics(model_dir: str, train_steps: int) -> Optional[Dict]:
+    """The run's metrics.json if it is complete for `train_steps`, else None."""
+    path = os.path.join(model_dir, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        metrics = json.load(f)
+    if any(key not in metrics for key in METRIC_KEYS) or metrics["global_step"] < train_steps:
+        return None
+    return metrics
+
+
+def run_model(spec: ModelSpec, *, output_dir: str, preset: Dict, train_steps: int) -> bool:
+    """Trains one model in a subprocess (resuming its checkpoint); True if it completed."""
+    model_dir = os.path.join(output_dir, spec.directory)
+    if read_metrics(model_dir, train_steps) is not None:
+        print(f"[lm_table] {spec.name} ({spec.directory}): complete, skipped", flush=True)
+        return True
+    os.makedirs(model_dir, exist_ok=True)
+    command = [sys.executable, "-m", "train.lm",
+               *train_flags(spec, preset=preset, train_steps=train_steps,
+                            model_dir=model_dir)]
+    print(f"[lm_table] {spec.name} ({spec.directory}): training; log "
+          f"{model_dir}/train.log", flush=True)
+    start = time.time()
+    with open(os.path.join(model_dir, "train.log"), "a", encoding="utf-8") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        # The subprocess imports train/ and models/ from this tree, not from elsewhere.
+        returncode = subprocess.run(command, cwd=REPO_ROOT, stdout=log,
+                                    stderr=subprocess.STDOUT, check=False).returncode
+    done = returncode == 0 and read_metrics(model_dir, train_steps) is not None
+    print(f"[lm_table] {spec.name}: {'done' if done else f'FAILED ({returncode})'} in "
+          f"{(time.time() - start) / 60:.1f} min", flush=True)
+    return done
+
+
+def read_scalars(directory: str) -> Dict[str, Dict[int, float]]:
+    """Scalar TensorBoard summaries of one writer directory: {tag: {step: value}}.
+
+    A resumed run appends a new event file; a step written twice keeps the later value.
+    """
+    series = collections.defaultdict(dict)
+    for path in sorted(tf.io.gfile.glob(os.path.join(directory, "events.out.tfevents.*"))):
+        for record in tf.data.TFRecordDataset(path):
+            event = event_pb2.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                array = tf.make_ndarray(value.tensor) if value.HasField("tensor") else None
+                if array is not None and array.size == 1:  # not a histogram
+                    series[value.tag][event.step] = float(array)
+    return dict(series)
+
+
+def _last(series: Dict[int, float]) -> Optional[float]:
+    return series[max(series)] if series else None
+
+
+def collect_row(spec: ModelSpec, metrics: Dict, model_dir: str) -> Dict:
+    """One result object: the table's fields, then diagnostics (train perplexity of the
+    last logging window, with dropout; the valid-perplexity curve; balance statistics of
+    the last logging window of training)."""
+    train = read_scalars(os.path.join(model_dir, "train"))
+    valid_curve = read_scalars(os.path.join(model_dir, "eval")).get("valid_perplexity", {})
+    row = {
+        "model": spec.name,
+        "num_experts": spec.num_experts,
+        "hierarchical": bool(spec.num_groups),
+        "ops_per_timestep": metrics["ops_per_timestep"],
+        "params_excl_embedding_softmax": metrics["params_excluding_embedding_softmax"],
+        "valid_perplexity": metrics["valid_perplexity"],
+        "test_perplexity": metrics["test_perplexity"],
+        "tokens_per_second": metrics["tokens_per_second"],
+        "importance_weight": spec.importance_weight,
+        "load_weight": spec.load_weight,
+        "train_steps": metrics["global_step"],
+        "train_perplexity": math.exp(metrics["final_train_loss"]),
+        "valid_perplexity_curve": {str(step): value
+                                   for step, value in sorted(valid_curve.items())},
+    }
+    if spec.is_moe:
+        row.update(cv_importance=_last(train.get("moe/cv_importance", {})),
+                   cv_load=_last(train.get("moe/cv_load", {})),
+                   max_mean_load=_last(train.get("moe/max_mean_load", {})))
+    return row
+
+
+def parse_weights(text: str) -> List[Tuple[float, float]]:
+    """"0:0,0.2:0" -> [(0.0, 0.0), (0.2, 0.0)] (w_importance:w_load pairs)."""
+    pairs = []
+    for item in filter(None, text.split(",")):
+        importance, load = item.split(":")
+        pairs.append((float(importance), float(load)))
+    return pairs
+
+
+# ---------------------------------------------------------------- specialisation (Table 9)
+
+def expert_specialisation(model_dir: str, *, num_sentences: int = 1000,
+                          experts_shown: int = 6, contexts_shown: int = 6,
+                          context_pieces: int = 5) -> Dict:
+    """Routes valid-split sentences through a trained MoE language model's gate.
+
+    For `experts_shown` experts with evenly spaced ids: the share of positions routed to
+    it, its most frequent input subwords, and the distinct contexts (the preceding pieces
+    and the piece at the position, in brackets) with its highest gate values. A position's
+    gate sees the first LSTM's state after reading that piece. Also, over all experts that
+    receive >= 20 positions, the median share of an expert's positions taken by its most
+    frequent subword, against the same share for the whole split.
+    """
+    with open(os.path.join(model_dir, "run_config.json"), encoding="utf-8") as f:
+        run_config = json.load(f)
+    tokenizer = SubwordTokenizer.load(os.path.join(model_dir, TOKENIZER_FILE))
+    config = dataclasses.replace(LanguageModelConfig(**run_config["model"]),
+                                 vocab_size=tokenizer.vocab_size)
+    model = build_language_model(config)
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    moe = model.get_layer("moe")
+    # The MoE reads the first LSTM's residual output (models.lm's wiring).
+    moe_inputs = keras.Model(model.inputs, model.get_layer("lstm_1_residual").output)
+
+    lines = data.clean_lines(data.load_text_splits(run_config["data"]).valid)
+    ids = data.sentence_ids(lines.take(num_sentences), tokenizer,
+                            max_length=run_config["max_length"])
+    batches = ids.padded_batch(64, padded_shapes=[None])
+    tokens, gates = [], []  # per real position: its piece id, its gates [experts]
+    contexts = []           # per real position: (sentence ids, position)
+    for batch in batches:
+        gate = moe.gate_values(moe_inputs(batch, training=False)).numpy()
+        batch = batch.numpy()
+        for row, sentence in enumerate(batch):
+            for position in np.flatnonzero(sentence != PAD_ID):
+                tokens.append(sentence[position])
+                gates.append(gate[row, position])
+                contexts.append((sentence, position))
+    tokens, gates = np.array(tokens), np.array(gates)
+    pieces = [p.decode("utf-8") for p in
+              tokenizer.tokenizer.id_to_string(tf.range(tokenizer.vocab_size)).numpy()]
+
+    def text(piece_ids) -> str:
+        return "".join(pieces[i] for i in piece_ids).replace("\u2581", " ").strip()
+
+    def piece_text(piece_id) -> str:  # a lone word-start marker stays visible
+        return text([piece_id]) or pieces[piece_id]
+
+    routed = gates > 0
+    counts = routed.sum(axis=0)
+    overall_top_share = np.bincount(tokens).max() / len(tokens)
+    top_shares = [np.bincount(tokens[routed[:, e]]).max() / counts[e]
+                  for e in range(gates.shape[1]) if counts[e] >= 20]
+    experts = []
+    for expert in np.unique(np.linspace(0, gates.shape[1] - 1, experts_shown).round()
+                            .astype(int)):
+        mine = np.flatnonzero(routed[:, expert])
+        frequent = collections.Counter(tokens[mine].tolist()).most_common(5)
+        best = {}  # distinct context text -> its highest gate value, best first
+        for i in mine[np.argsort(-gates[mine, expert])]:
+            start = max(contexts[i][1] - context_pieces, 0)
+            context = (text(contexts[i][0][start:contexts[i][1]])
+                       + f" [{piece_text(tokens[i])}]").strip()
+            best.setdefault(context, float(gates[i, expert]))
+            if len(best) == contexts_shown:
+                break
+        experts.append({
+            "expert": int(expert),
+            "share_of_positions": float(counts[expert] / len(tokens)),
+            "frequent_pieces": [[piece_text(piece), n] for piece, n in frequent],
+            "top_contexts": [{"gate": gate, "context": context}
+                             for context, gate in best.items()],
+        })
+    return {"model_dir": model_dir, "sentences": num_sentences,
+            "positions": int(len(tokens)),
+            "median_top_piece_share": float(np.median(top_shares)) if top_shares else None,
+            "overall_top_piece_share": float(overall_top_share),
+            "experts": experts}
+
+
+# ---------------------------------------------------------------------------- outputs
+
+def plot(rows: Sequence[Dict], path: str) -> None:
+    """Test perplexity against experts (log x); the dense baselines as horizontal lines."""
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    for hierarchical, marker, label in ((False, "o-", "MoE, flat k = 4"),
+                                        (True, "s--", "MoE, hierarchical 2 + 2")):
+        points = sorted((r["num_experts"], r["test_perplexity"]) for r in rows
+                        if r["model"].startswith("MoE-") and r["num_experts"] > 1
+                        and r["hierarchical"] == hierarchical)
+        if points:
+            axes.plot(*zip(*points), marker, label=label)
+    for row, style in zip([r for r in rows if r["num_experts"] <= 1], ("-", "--", ":")):
+        axes.axhline(row["test_perplexity"], color="gray", linestyle=style,
+                     label=f"{row['model']} (dense)")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("experts")
+    axes.set_ylabel("test perplexity")
+    axes.set_title("Equal ops/timestep and token budget (built-in English)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path + ".tmp.png", dpi=120)
+    plt.close(figure)
+    os.replace(path + ".tmp.png", path)
+
+
+def _number(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _observations(rows: Sequence[Dict]) -> List[str]:
+    """Facts the table implies: MoE against the dense baselines, and overfitting."""
+    lines = []
+    dense = [r for r in rows if r["num_experts"] <= 1]
+    moe = [r for r in rows if r["num_experts"] > 1]
+    if dense and moe:
+        best_dense = min(dense, key=lambda r: r["test_perplexity"])
+        best_moe = min(moe, key=lambda r: r["test_perplexity"])
+        change = best_moe["test_perplexity"] / best_dense["test_perplexity"] - 1
+        lines.append(f"Best MoE ({best_moe['model']}, test {best_moe['test_perplexity']:.2f}) "
+                     f"against the best dense baseline ({best_dense['model']}, "
+                     f"{best_dense['test_perplexity']:.2f}): {change:+.1%}.")
+        flat = sorted((r["num_experts"], r["test_perplexity"]) for r in moe
+                      if not r["hierarchical"])
+        if len(flat) > 1:
+            monotone = all(b[1] < a[1] for a, b in zip(flat, flat[1:]))
+            lines.append("Flat MoE test perplexity " + " -> ".join(
+                f"{p:.2f} ({n})" for n, p in flat) + (": falls with every step in experts."
+                                                     if monotone else
+                                                     ": does not fall monotonically."))
+    for r in rows:
+        curve = {int(s): v for s, v in r["valid_perplexity_curve"].items()}
+        if curve and min(curve.values()) < 0.99 * r["valid_perplexity"]:
+            step = min(curve, key=curve.get)
+            lines.append(f"{r['model']}: valid perplexity was {curve[step]:.2f} at step "
+                         f"{step} and {r['valid_perplexity']:.2f} at the end (overfitting).")
+    return lines
+
+
+def markdown(rows: Sequence[Dict], ablation: Sequence[Dict], specialisation: Optional[Dict],
+             *, budget: str, window: int, plot_path: str, markdown_path: str) -> str:
+    """The block between the markers: tables, plot, ablation, specialisation, facts."""
+    out = [BEGIN_MARKER, "## Language models at equal ops/timestep (issue 7; Tables 6, 7, 9)",
+           "", "`python -m benchmarks.lm_table` (generated; resumable per model). " + budget,
+           "Perplexities are per subword of the built-in English corpus, so they are not "
+           "comparable with the paper's per-word 1B-word numbers (shown for the trend only). "
+           f"Train perplexity: the last {window} training steps, with dropout. tokens/s: "
+           "measured while other jobs shared the 2-core machine.", "",
+           "| model | experts | ops/timestep | params excl. emb. + softmax | test ppl | "
+           "valid ppl | train ppl | best valid ppl (step) | tokens/s | paper test ppl |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        curve = {int(s): v for s, v in r["valid_perplexity_curve"].items()}
+        best = min(curve, key=curve.get) if curve else None
+        experts = r["num_experts"] or "-"
+        if r["hierarchical"]:
+            experts = f"{experts} (16 x {r['num_experts'] // 16})"
+        out.append(
+            f"| {r['model']} | {experts} | {r['ops_per_timestep']:,} | "
+            f"{r['params_excl_embedding_softmax']:,} | **{r['test_perplexity']:.2f}** | "
+            f"{r['valid_perplexity']:.2f} | {r['train_perplexity']:.2f} | "
+            + (f"{curve[best]:.2f} ({best})" if curve else "-")
+            + f" | {r['tokens_per_second']:,.0f} | "
+            f"{PAPER_TEST_PERPLEXITY.get(r['model'], '-')} |")
+    if rows:
+        relative = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(markdown_path)))
+        out += ["", f"![test perplexity against experts]({relative})"]
+    if ablation:
+        out += ["", f"### Balancing losses (Table 6, {ablation[0]['model']})", "",
+                f"CV and max/mean load: the last {window} training steps (per-batch values "
+                "averaged); max/mean counts the tokens each expert received.", "",
+                "| w_importance | w_load | test ppl | valid ppl | CV(importance) | CV(load) "
+                "| max/mean load |", "|---|---|---|---|---|---|---|"]
+        for r in ablation:
+            out.append(f"| {r['importance_weight']:g} | {r['load_weight']:g} | "
+                       f"{r['test_perplexity']:.2f} | {r['valid_perplexity']:.2f} | "
+                       f"{_number(r['cv_importance'])} | {_number(r['cv_load'])} | "
+                       f"{_number(r['max_mean_load'])} |")
+    if specialisation:
+        s = specialisation
+        out += ["", f"### Expert specialisation (Table 9, `{os.path.basename(s['model_dir'])}`)",
+                "", f"{s['positions']:,} positions of {s['sentences']} valid-split sentences "
+                f"routed through the trained gate (each position goes to 4 experts); experts with "
+                f"evenly spaced ids. A context "
+                f"is the preceding subwords and, in brackets, the subword at the position "
+                f"(the gate sees the first LSTM's state after reading it). Median over "
+                f"experts of the share of an expert's positions taken by its most frequent "
+                f"subword: {_number(s['median_top_piece_share'], 3)} (whole split: "
+                f"{_number(s['overall_top_piece_share'], 3)}).", "",
+                "| expert | share of positions | most frequent subwords | contexts with the "
+                "highest gate values |", "|---|---|---|---|"]
+        for e in s["experts"]:
+            frequent = ", ".join(f"`{p}` {n}" for p, n in e["frequent_pieces"])
+            contexts = "<br>".join(f"{c['gate']:.2f}: {c['context']}".replace("|", "\\|")
+                                   for c in e["top_contexts"])
+            out.append(f"| {e['expert']} | {e['share_of_positions']:.1%} | {frequent} | "
+                       f"{contexts} |")
+    facts = _observations(rows)
+    if facts:
+        out += ["", "Observations (generated from the numbers above):", ""]
+        out += [f"- {fact}" for fact in facts]
+    out.append(END_MARKER)
+    return "\n".join(out)
+
+
+def replace_block(document: str, block: str) -> str:
+    """`document` with the marked block replaced by `block` (appended when unmarked)."""
+    begin, end = document.find(BEGIN_MARKER), document.find(END_MARKER)
+    if begin == -1 or end < begin:
+        separator = "" if not document or document.endswith("\n\n") else (
+            "\n" if document.endswith("\n") else "\n\n")
+        return document + separator + block + "\n"
+    return document[:begin] + block + document[end + len(END_MARKER):]
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def update_markdown(path: str, block: str) -> None:
+    document = ""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            document = f.read()
+    write_text_atomically(path, replace_block(document, block))
+
+
+# ------------------------------------------------------------------------------- main
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default="benchmarks/results/lm_table",
+                        help="Run directories; the JSON and PNG go beside it "
+                             "(OUTPUT_DIR.json, OUTPUT_DIR.png, ...).")
+    parser.add_argument("--markdown", default="benchmarks/RESULTS.md",
+                        help="File whose lm_table block is (re)written.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--train_steps", type=int, default=None,
+                        help="Steps of every model (the token budget); default: preset's.")
+    parser.add_argument("--models", default=",".join(s.name for s in FAMILY),
+                        help="Comma-separated subset of the family, in table order.")
+    parser.add_argument("--ablation_model", default="MoE-256",
+                        help="Model of the Table 6 ablation; empty: no ablation.")
+    parser.add_argument("--ablation_weights", default=DEFAULT_ABLATION,
+                        help="w_importance:w_load pairs trained besides 0.1:0.1.")
+    parser.add_argument("--specialisation_model", default="MoE-256",
+                        help="Model of the Table 9 report; empty: none.")
+    args = parser.parse_args(argv)
+    by_name = {s.name: s for s in FAMILY}
+    names = [n for n in args.models.split(",") if n]
+    for name in names + [n for n in (args.ablation_model, args.specialisation_model) if n]:
+        if name not in by_name:
+            parser.error(f"unknown model {name!r}; the family is {', '.join(by_name)}")
+    if args.train_steps is not None and args.train_steps < 1:
+        parser.error("--train_steps must be >= 1")
+    args.specs = [by_name[n] for n in names]
+    args.ablation_specs = [by_name[args.ablation_model].with_weights(*weights)
+                           for weights in parse_weights(args.ablation_weights)
+                           ] if args.ablation_model else []
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    steps = args.train_steps or preset["train_steps"]
+    output_dir = os.path.abspath(args.output_dir)
+    for spec in args.specs + args.ablation_specs:  # every size error before any training
+        matched_hidden_size(spec, model_dim=preset["model_dim"])
+    # The ablation's (0.1, 0.1) row is the main run of its model.
+    ablation_rows = [s for s in FAMILY if s.name == args.ablation_model] + args.ablation_specs
+    budget = (f"Budget: {steps} steps of about {preset['batch_tokens']} tokens (padding "
+              f"included) for every model; preset `{args.preset}`, model_dim "
+              f"{preset['model_dim']}.")
+
+    def finished(specs) -> List[Dict]:
+        rows = []
+        for spec in specs:
+            model_dir = os.path.join(output_dir, spec.directory)
+            metrics = read_metrics(model_dir, steps)
+            if metrics is not None:
+                rows.append(collect_row(spec, metrics, model_dir))
+        return rows
+
+    def write_outputs():
+        rows = finished(args.specs)
+        ablation = finished(ablation_rows)
+        ablation.sort(key=lambda r: (r["importance_weight"], r["load_weight"]))
+        specialisation = None
+        if args.specialisation_model:
+            spec_dir = os.path.join(output_dir, args.specialisation_model.lower())
+            cache = output_dir + "_specialisation.json"
+            metrics = read_metrics(spec_dir, steps)
+            if metrics is not None:
+                if os.path.exists(cache):
+                    with open(cache, encoding="utf-8") as f:
+                        specialisation = json.load(f)
+                # Recomputed when the cache is of another run or of fewer steps.
+                if specialisation is None or (
+                        specialisation["model_dir"], specialisation.get("global_step")) != (
+                        spec_dir, metrics["global_step"]):
+                    specialisation = dict(expert_specialisation(spec_dir),
+                                          global_step=metrics["global_step"])
+                    write_text_atomically(cache, json.dumps(specialisation, indent=2))
+        write_text_atomically(output_dir + ".json", json.dumps(rows, indent=2))
+        write_text_atomically(output_dir + "_ablation.json", json.dumps(ablation, indent=2))
+        if rows:
+            plot(rows, output_dir + ".png")
+        update_markdown(args.markdown, markdown(
+            rows, ablation, specialisation, budget=budget, window=preset["log_every"],
+            plot_path=output_dir + ".png",
+            markdown_path=args.markdown))
+
+    failed = []
+    for spec in args.specs + args.ablation_specs:
+        if not run_model(spec, output_dir=output_dir, preset=preset, train_steps=steps):
+            failed.append(spec.directory)
+        write_outputs()
+    if not args.specs and not args.ablation_specs:
+        write_outputs()
+    print(f"[lm_table] results: {output_dir}.json, {args.markdown}", flush=True)
+    if failed:
+        print(f"[lm_table] failed: {', '.join(failed)} (rerun to resume them)", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

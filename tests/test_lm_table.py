@@ -1,0 +1,106 @@
+"""benchmarks.lm_table: compute matching, the Markdown block, and the pipeline at --preset=tiny."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import lm_table
+from models.lm import lstm_ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_model_gets_the_4xlstm_ops_per_timestep():
+    d = 128
+    target = 4 * 4 * d * 2 * d  # four LSTMs of 128: 4 gates over [input, state]
+    hidden = {}
+    for spec in lm_table.FAMILY:
+        hidden[spec.name], ops = lm_table.matched_hidden_size(spec, model_dim=d)
+        assert ops == target, spec.name
+    # By hand: the two LSTMs leave 2 * 4 * d * 2d for the middle; the (noisy) gate's two
+    # matmuls come off it, and each of 4 experts per token costs 2 d h.
+    middle = target - 2 * lstm_ops(d, d)
+    assert hidden["MoE-1-Wide"] == middle // (2 * d) // 4
+    assert hidden["MoE-32"] == (middle - 2 * d * 32) // (4 * 2 * d) == 248
+    assert hidden["MoE-256"] == (middle - 2 * d * 256) // (4 * 2 * d) == 192
+    # Hierarchical: the primary gate over 16 groups and k = 2 secondary gates over a group.
+    assert hidden["MoE-256-h"] == (middle - 2 * (d * 16 + 2 * d * 16)) // (4 * 2 * d) == 244
+    assert hidden["MoE-1024-h"] == (middle - 2 * (d * 16 + 2 * d * 64)) // (4 * 2 * d) == 220
+
+
+def test_a_model_whose_gate_exceeds_the_budget_is_refused():
+    with pytest.raises(ValueError, match="MoE-256 does not fit"):
+        lm_table.matched_hidden_size(lm_table.FAMILY[5], model_dim=32)
+
+
+def test_train_flags_of_an_ablation_run():
+    spec = lm_table.FAMILY[6].with_weights(0.2, 0.0)
+    flags = lm_table.train_flags(spec, preset=lm_table.PRESETS["full"], train_steps=7,
+                                 model_dir="/x")
+    assert spec.directory == "moe-256-h_wimp0.2_wload0"
+    for flag in ("--model=moe", "--num_experts=256", "--num_groups=16", "--k=2",
+                 "--hidden_size=244", "--importance_weight=0.2", "--load_weight=0.0",
+                 "--train_steps=7", "--model_dim=128", "--model_dir=/x", "--export_dir="):
+        assert flag in flags
+
+
+@pytest.mark.parametrize("document,expected", [
+    ("# R\n\nbefore\n<!-- lm_table:begin -->\nold\n<!-- lm_table:end -->\nafter\n",
+     "# R\n\nbefore\n<!-- lm_table:begin -->\nnew\n<!-- lm_table:end -->\nafter\n"),
+    ("# R\n", "# R\n\n<!-- lm_table:begin -->\nnew\n<!-- lm_table:end -->\n"),
+    ("", "<!-- lm_table:begin -->\nnew\n<!-- lm_table:end -->\n"),
+])
+def test_markdown_block_replaced_or_appended(document, expected):
+    block = f"{lm_table.BEGIN_MARKER}\nnew\n{lm_table.END_MARKER}"
+    assert lm_table.replace_block(document, block) == expected
+
+
+def run_table(output_dir, markdown):
+    command = [sys.executable, "-m", "benchmarks.lm_table", "--preset=tiny",
+               "--models=4xLSTM,MoE-4", "--ablation_model=MoE-4", "--ablation_weights=",
+               "--specialisation_model=MoE-4", f"--output_dir={output_dir}",
+               f"--markdown={markdown}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_tiny_table_end_to_end_and_resumed(tmp_path):
+    output_dir, markdown = tmp_path / "lm_table", tmp_path / "RESULTS.md"
+    markdown.write_text("# Results\n\nother section\n\n<!-- lm_table:begin -->\nstale\n"
+                        "<!-- lm_table:end -->\n\n## After\n")
+    run_table(output_dir, markdown)
+
+    rows = json.loads((tmp_path / "lm_table.json").read_text())
+    assert [r["model"] for r in rows] == ["4xLSTM", "MoE-4"]
+    for row in rows:
+        assert set(lm_table.TABLE_KEYS) <= set(row)
+        assert 1 < row["test_perplexity"] < 600 and 1 < row["valid_perplexity"] < 600
+        assert row["tokens_per_second"] > 0 and row["hierarchical"] is False
+    assert rows[0]["ops_per_timestep"] == rows[1]["ops_per_timestep"] == 4 * 4 * 32 * 64
+    assert rows[0]["num_experts"] == 0 and rows[1]["num_experts"] == 4
+    assert rows[1]["params_excl_embedding_softmax"] > rows[0]["params_excl_embedding_softmax"]
+
+    (ablation,) = json.loads((tmp_path / "lm_table_ablation.json").read_text())
+    assert (ablation["importance_weight"], ablation["load_weight"]) == (0.1, 0.1)
+    assert ablation["cv_importance"] >= 0 and ablation["max_mean_load"] >= 1
+    specialisation = json.loads((tmp_path / "lm_table_specialisation.json").read_text())
+    assert [e["expert"] for e in specialisation["experts"]] == [0, 1, 2, 3]
+    assert all(e["top_contexts"] for e in specialisation["experts"])
+    assert (tmp_path / "lm_table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    text = markdown.read_text()
+    assert "stale" not in text and "other section" in text and text.endswith("## After\n")
+    assert text.count(lm_table.BEGIN_MARKER) == text.count(lm_table.END_MARKER) == 1
+    assert "| MoE-4 | 4 | 32,768 |" in text and "(lm_table.png)" in text
+    assert "### Balancing losses" in text and "### Expert specialisation" in text
+
+    metrics = output_dir / "moe-4" / "metrics.json"
+    written = metrics.stat().st_mtime_ns
+    stdout = run_table(output_dir, markdown)
+    assert stdout.count("complete, skipped") == 2 and "training" not in stdout
+    assert metrics.stat().st_mtime_ns == written
+    assert markdown.read_text() == text
