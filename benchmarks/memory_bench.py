@@ -28,7 +28,8 @@ import time
 
 import numpy as np
 
-from benchmarks.layer_bench import GIB, peak_rss_bytes, print_worker_result, run_worker
+from benchmarks.layer_bench import (GIB, peak_rss_bytes, positive_int, print_worker_result,
+                                    run_worker)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,12 +120,17 @@ def main(argv=None) -> None:
                         default="both")
     parser.add_argument("--recompute", choices=("yes", "no", "both"), default="both",
                         help="recompute_activations of the layer")
-    parser.add_argument("--experts", type=int, default=Config.num_experts)
-    parser.add_argument("--groups", type=int, default=Config.num_groups)
-    parser.add_argument("--tokens", type=int, default=Config.tokens)
-    parser.add_argument("--steps", type=int, default=Config.steps)
+    parser.add_argument("--experts", type=positive_int, default=Config.num_experts)
+    parser.add_argument("--groups", type=positive_int, default=Config.num_groups)
+    parser.add_argument("--tokens", type=positive_int, default=Config.tokens)
+    parser.add_argument("--steps", type=positive_int, default=Config.steps)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.groups < Config.group_k:
+        parser.error(f"--groups ({args.groups}) must be at least group_k = {Config.group_k}")
+    if args.experts % args.groups or args.experts // args.groups < Config.k:
+        parser.error(f"--experts ({args.experts}) must be a multiple of --groups "
+                     f"({args.groups}) with at least k = {Config.k} experts per group")
     if args.worker:
         print_worker_result(measure(Config(**json.loads(args.worker))))
         return

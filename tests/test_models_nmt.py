@@ -180,6 +180,26 @@ def test_dense_model_has_no_moe_and_wider_lstms():
     assert model.decoder_lstm_1.projection.kernel.shape == (config.lstm_width, 8)
 
 
+def test_dense_lstm_width_overrides_the_matched_width():
+    config = TranslationConfig(architecture="dense", dense_lstm_width=12, **TINY)
+    model = build_translator(config)
+    assert config.lstm_width == 12
+    assert {layer.units for layer in (model.encoder_lstm_1, model.encoder_lstm_2,
+                                      model.encoder_lstm_3, model.decoder_lstm_1,
+                                      model.decoder_lstm_2)} == {12}
+    assert ops_per_timestep(config) == ops_from_weights(model)
+    # At model_dim wide the LSTMs need no projection.
+    narrow = build_translator(dataclasses.replace(config, dense_lstm_width=8))
+    assert narrow.encoder_lstm_2.projection is None
+    assert ops_per_timestep(narrow.config) < ops_per_timestep(config)
+    for kwargs, message in ((dict(architecture="moe", dense_lstm_width=12),
+                             "dense_lstm_width is for the dense model"),
+                            (dict(architecture="dense", dense_lstm_width=13),
+                             "dense_lstm_width must be even")):
+        with pytest.raises(ValueError, match=message):
+            TranslationConfig(**TINY, **kwargs)
+
+
 def test_config_round_trip_and_errors():
     model = tiny_model()
     revived = Translator.from_config(model.get_config())
@@ -273,6 +293,21 @@ def greedy(model, source, max_length):
     return sequence
 
 
+def next_token_log_probs(model, source, max_length):
+    """{prefix: log P(next token | source, prefix)}, NumPy `[vocab]`, for every prefix of
+    fewer than `max_length` tokens that the search can build (no padding or bos), read off
+    the teacher-forced model in one batch: the Python reference asks for each many times.
+    """
+    tokens = [t for t in range(model.config.vocab_size) if t not in (PAD_ID, BOS_ID)]
+    prefixes = [p for n in range(max_length) for p in itertools.product(tokens, repeat=n)]
+    inputs = np.zeros((len(prefixes), max_length), np.int32)
+    for row, prefix in enumerate(prefixes):
+        inputs[row, :len(prefix) + 1] = [BOS_ID, *prefix]
+    logits = model((np.repeat(source[None], len(prefixes), 0), inputs), training=False)
+    log_probs = log_softmax(logits.numpy())
+    return {prefix: log_probs[row, len(prefix)] for row, prefix in enumerate(prefixes)}
+
+
 def trim(ids):
     return [int(t) for t in ids if t != PAD_ID]
 
@@ -290,10 +325,11 @@ def test_beam_width_one_is_greedy_decoding(alpha):
         assert trim(ids[row]) == greedy(model, SOURCES[row], max_lengths[row])
 
 
-def numpy_beam_search(model, source, width, alpha, max_length):
+def numpy_beam_search(log_probs, width, alpha, max_length):
     """The search `beam_search` documents, one hypothesis at a time in Python: slots of
     (tokens, log P, finished); each step ranks the finished slots and every extension of
-    the live ones by log P / lp together and keeps the best `width`."""
+    the live ones by log P / lp together and keeps the best `width`. `log_probs` from
+    `next_token_log_probs(model, source, max_length)`."""
     def score(tokens, log_prob):
         return log_prob / ((5.0 + len(tokens)) / 6.0) ** alpha
 
@@ -304,9 +340,7 @@ def numpy_beam_search(model, source, width, alpha, max_length):
             if finished:
                 candidates.append((tokens, log_prob, True))
                 continue
-            inputs = np.array([[BOS_ID] + tokens], np.int32)
-            logits = model((source[None], inputs), training=False).numpy()[0, -1]
-            for token, token_log_prob in enumerate(log_softmax(logits)):
+            for token, token_log_prob in enumerate(log_probs[tuple(tokens)]):
                 if token not in (PAD_ID, BOS_ID):
                     candidates.append((tokens + [token], log_prob + token_log_prob,
                                        token == EOS_ID or len(tokens) + 1 >= max_length))
@@ -365,10 +399,11 @@ def test_beam_search_against_brute_force(seed, softmax_scale, eos_bias, alpha):
 def test_beam_search_matches_a_python_reference(seed, softmax_scale, eos_bias):
     model = tiny_model(seed=seed, softmax_scale=softmax_scale, eos_bias=eos_bias,
                        vocab_size=7)
+    log_probs = [next_token_log_probs(model, source, MAX_LENGTH) for source in SOURCES]
     for width, alpha in itertools.product((2, 3), (0.0, 1.0, 3.0)):
         ids, found_scores = search(model, width, alpha)
-        for row, source in enumerate(SOURCES):
-            tokens, score = numpy_beam_search(model, source, width, alpha, MAX_LENGTH)
+        for row in range(len(SOURCES)):
+            tokens, score = numpy_beam_search(log_probs[row], width, alpha, MAX_LENGTH)
             assert ids[row] == tokens, (width, alpha, row)
             np.testing.assert_allclose(found_scores[row], score, rtol=1e-5)
 

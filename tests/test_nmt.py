@@ -30,7 +30,8 @@ SENTENCES = ["In the beginning God created the heavens and the earth.",
              "zzzz qqqq ÆØÅ unknownword",
              ""]
 
-# Serves a SavedModel in a process where this project cannot be imported.
+# Serves SavedModels in a process where this project cannot be imported: the request is a
+# list of [saved_model, inputs]; the response the list of their translations.
 SERVE_SCRIPT = f"""
 import json, sys
 sys.path.insert(0, {TESTS!r})
@@ -38,13 +39,16 @@ from saved_model_runner import PROJECT_PACKAGES, _BlockProjectPackages
 sys.meta_path.insert(0, _BlockProjectPackages())
 import tensorflow as tf
 import tensorflow_text  # noqa: F401
-saved_model, request, response = sys.argv[1:]
+request, response = sys.argv[1:]
+translations = []
 with open(request) as f:
-    inputs = {{name: tf.constant(values, tf.string)
-              for name, values in json.load(f).items()}}
-outputs = tf.saved_model.load(saved_model).signatures["serving_default"](**inputs)
+    for saved_model, inputs in json.load(f):
+        serve = tf.saved_model.load(saved_model).signatures["serving_default"]
+        outputs = serve(**{{name: tf.constant(values, tf.string)
+                           for name, values in inputs.items()}})
+        translations.append([t.decode("utf-8") for t in outputs["translation"].numpy()])
 with open(response, "w") as f:
-    json.dump([t.decode("utf-8") for t in outputs["translation"].numpy()], f)
+    json.dump(translations, f)
 assert not any(m.split(".")[0] in PROJECT_PACKAGES for m in sys.modules)
 """
 
@@ -106,7 +110,8 @@ def runs(tmp_path_factory):
         "en-es": nmt_command(base / "en-es", "--train_steps=6"),
         # Also data parallel over two CPU devices, to show the strategies serve here.
         "es-en-dense": nmt_command(base / "es-en-dense", "--data=builtin:es-en",
-                                   "--model=dense", "--train_steps=3", "--export_dir=",
+                                   "--model=dense", "--dense_lstm_width=40",
+                                   "--train_steps=3", "--export_dir=",
                                    "--bleu_sentences=0", "--strategy=mirrored",
                                    "--num_cpu_devices=2"),
         "multi": nmt_command(base / "multi", "--data=builtin:multi", "--train_steps=6"),
@@ -161,7 +166,7 @@ def test_builtin_es_en_dense_baseline_mirrored(runs):
     _, metrics = finished_run(runs, "es-en-dense")
     assert "strategy mirrored with 2 replicas" in runs["es-en-dense"][1].wait()[2]
     check_metrics(metrics, 3, ["es-en"], bleu=False)
-    assert metrics["model"] == "dense" and metrics["lstm_width"] > 32
+    assert metrics["model"] == "dense" and metrics["lstm_width"] == 40
 
 
 def test_builtin_multi_scores_both_directions(runs):
@@ -217,15 +222,17 @@ def restore(model_dir):
         length_penalty=metrics["length_penalty"], target_languages=languages)
 
 
-def serve_in_fresh_process(saved_model, inputs, tmp_path):
+def serve_in_fresh_process(requests, tmp_path):
+    """Translations of each (saved_model, inputs) request, all served by one process that
+    has only TensorFlow and tensorflow-text."""
     script, request, response = (tmp_path / "serve.py", tmp_path / "request.json",
                                  tmp_path / "response.json")
     script.write_text(SERVE_SCRIPT)
-    request.write_text(json.dumps(inputs))
+    request.write_text(json.dumps([[str(path), inputs] for path, inputs in requests]))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    served = subprocess.run([sys.executable, str(script), str(saved_model), str(request),
-                             str(response)], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+    served = subprocess.run([sys.executable, str(script), str(request), str(response)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert served.returncode == 0, served.stderr[-3000:]
     return json.loads(response.read_text())
 
@@ -235,21 +242,29 @@ def in_process(server, texts, languages=None):
     return [t.decode("utf-8") for t in server.translate(*inputs)["translation"].numpy()]
 
 
-def test_saved_model_translates_like_the_trained_model_in_fresh_process(runs, restored,
-                                                                        tmp_path):
-    model_dir, _ = finished_run(runs, "en-es")
-    _, _, server = restored("en-es")
-    served = serve_in_fresh_process(model_dir / "export", {"text": SENTENCES}, tmp_path)
-    assert served == in_process(server, SENTENCES)
+MULTI_TEXTS, MULTI_LANGUAGES = SENTENCES[:2] * 2, ["es", "es", "en", "en"]
+
+
+@pytest.fixture(scope="module")
+def served_exports(runs, tmp_path_factory):
+    """The en-es and multi runs' SavedModels served in one fresh process."""
+    return dict(zip(("en-es", "multi"), serve_in_fresh_process(
+        [(finished_run(runs, "en-es")[0] / "export", {"text": SENTENCES}),
+         (finished_run(runs, "multi")[0] / "export",
+          {"text": MULTI_TEXTS, "target_language": MULTI_LANGUAGES})],
+        tmp_path_factory.mktemp("serve"))))
+
+
+def test_saved_model_translates_like_the_trained_model_in_fresh_process(served_exports,
+                                                                        restored):
+    served = served_exports["en-es"]
+    assert served == in_process(restored("en-es")[2], SENTENCES)
     assert len(served) == len(SENTENCES)
 
 
-def test_multilingual_saved_model_serves_like_the_trained_model(runs, restored, tmp_path):
-    model_dir, _ = finished_run(runs, "multi")
-    texts, languages = SENTENCES[:2] * 2, ["es", "es", "en", "en"]
-    served = serve_in_fresh_process(
-        model_dir / "export", {"text": texts, "target_language": languages}, tmp_path)
-    assert served == in_process(restored("multi")[2], texts, languages)
+def test_multilingual_saved_model_serves_like_the_trained_model(served_exports, restored):
+    assert served_exports["multi"] == in_process(restored("multi")[2], MULTI_TEXTS,
+                                                 MULTI_LANGUAGES)
 
 
 @pytest.fixture(scope="module")
@@ -308,13 +323,12 @@ def test_exported_model_serves_identically_in_fresh_process(random_multilingual_
     _, _, server = random_multilingual_server
     server.save(str(tmp_path / "export"), common.save_atomically)
     texts, languages = RANDOM_TEXTS + SENTENCES, ["es", "en"] * 3
-    served = serve_in_fresh_process(tmp_path / "export",
-                                    {"text": texts, "target_language": languages}, tmp_path)
+    served, served_empty = serve_in_fresh_process(
+        [(tmp_path / "export", {"text": texts, "target_language": languages}),
+         (tmp_path / "export", {"text": [], "target_language": []})], tmp_path)
     expected = in_process(server, texts, languages)
     assert served == expected and all(expected[:2])
-    assert serve_in_fresh_process(tmp_path / "export", {"text": [],
-                                                        "target_language": []},
-                                  tmp_path) == []
+    assert served_empty == []
 
 
 def translate_command(model_dir, *flags):
@@ -352,7 +366,6 @@ def test_translate_binary_reads_stdin(runs, restored, tmp_path):
 # data-spec messages themselves are checked in-process below.
 INVALID_FLAGS = [
     ("--data=builtin:fr-en", "--data=builtin:fr-en"),
-    ("--data=tsv:/nonexistent/pairs.tsv", "data file not found: /nonexistent/pairs.tsv"),
     ("--model_dim=33", "--model_dim must be even"),
     ("--num_groups=4", "--num_groups: the translation model's MoE layers are flat"),
     ("--length_penalty=-1", "--length_penalty must be >= 0"),
@@ -432,6 +445,7 @@ def test_multilingual_batches_carry_each_directions_target_token():
     ("builtin:en-fr", {}, "builtin:en-es, builtin:es-en, builtin:multi"),
     ("hub:wmt", {}, "--data='hub:wmt': expected builtin:en-es"),
     ("tsv:", {}, "tsv:PATH needs a path"),
+    ("tsv:/nonexistent/pairs.tsv", {}, "data file not found: /nonexistent/pairs.tsv"),
     (f"tsv:{BIBLE}/en.valid.txt.gz", {"valid_data": f"{BIBLE}/en.test.txt.gz"},
      "--valid_data and --test_data go together"),
 ])

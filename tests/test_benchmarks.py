@@ -1,0 +1,60 @@
+"""The benchmarks' command lines and report arithmetic (no benchmark is run here)."""
+
+import dataclasses
+
+import pytest
+
+from benchmarks import layer_bench, memory_bench
+
+
+def result(num_experts, times, dense_times, dispatch="sparse"):
+    """A worker result as `layer_bench.measure` returns it."""
+    config = layer_bench.Config(num_experts=num_experts, dispatch=dispatch, steps=len(times))
+    return {"config": dataclasses.asdict(config), "peak_rss": 3 * 2 ** 30,
+            "times": times, "dense_times": dense_times,
+            "cpu_times": [2 * t for t in times], "dense_cpu_times": dense_times}
+
+
+def test_ratio_line_divides_the_medians_per_dispatch_path():
+    results = [result(None, [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]),
+               result(8, [0.2, 0.3, 0.9], [0.2, 0.25, 0.1]),
+               result(8, [5.0, 5.0, 5.0], [1.0, 1.0, 1.0], dispatch="capacity"),
+               result(512, [0.6, 0.5, 0.4], [0.25, 0.2, 0.3])]
+    assert layer_bench.ratio_line(results, "sparse") == "ratio_vs_dense E8=1.50 E512=2.00"
+    assert layer_bench.ratio_line(results, "capacity") == "ratio_vs_dense E8=5.00"
+
+
+def test_table_row_reports_throughput_memory_and_both_ratios():
+    row = layer_bench._row(result(64, [0.5, 0.4, 0.6], [0.25, 0.16, 0.3]))
+    config = layer_bench.Config(num_experts=64)
+    assert row[:6] == ["MoE E=64", "sparse", "500", "400", "600", f"{4096 / 0.5:,.0f}"]
+    assert row[6] == f"{config.useful_flops / 0.5 / 1e9:.0f}"
+    assert row[7:] == ["3.00", "250", "2.00", "2.50", "4.00"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--experts", "0"], "invalid positive_int value"),
+    (["--experts", "2"], "at least k = 4 experts"),
+    (["--tokens", "many"], "invalid positive_int value"),
+    (["--steps", "-1"], "invalid positive_int value"),
+    (["--dispatch", "dense"], "invalid choice"),
+])
+def test_layer_bench_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        layer_bench.main(["--quick"] + argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--experts", "100"], "must be a multiple of --groups (64)"),
+    (["--experts", "64"], "at least k = 2 experts per group"),
+    (["--groups", "1"], "at least group_k = 2"),
+    (["--optimizers", "sgd"], "invalid choice"),
+    (["--steps", "0"], "invalid positive_int value"),
+])
+def test_memory_bench_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        memory_bench.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
