@@ -1,6 +1,7 @@
 """Flags and set-up shared by the training binaries."""
 
 import contextlib
+import dataclasses
 import os
 from typing import Dict
 
@@ -9,7 +10,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from train import distribution
-from train.loop import LoopConfig, Trainer
+from train import loop
 from train.schedules import WarmupInverseSqrt
 
 FLAGS = flags.FLAGS
@@ -126,11 +127,22 @@ def apply_preset(preset_values: Dict) -> None:
             FLAGS[name].value = value
 
 
-def set_up_placement() -> distribution.Placement:
-    """Devices and the `--strategy`; must run before anything else touches TensorFlow."""
+def set_up_placement(tiny_preset: Dict) -> distribution.Placement:
+    """Applies `--preset=tiny` (the binary's `tiny_preset`), then the devices and the
+    `--strategy`; must run before anything else touches TensorFlow."""
+    if FLAGS.preset == "tiny":
+        apply_preset(tiny_preset)
     distribution.configure_cpu_devices(FLAGS.num_cpu_devices)
     with usage_errors():
         return distribution.make_placement(FLAGS.strategy, mesh=FLAGS.mesh)
+
+
+def check_run_config(model_config, *, is_chief: bool) -> None:
+    """`train.loop.check_run_config` for the model's config and the data flags."""
+    loop.check_run_config(FLAGS.model_dir, {
+        "model": dataclasses.asdict(model_config), "data": FLAGS.data,
+        "valid_data": FLAGS.valid_data, "test_data": FLAGS.test_data,
+        "max_length": FLAGS.max_length, "seed": FLAGS.seed}, write=is_chief)
 
 
 def set_up_determinism(seed: int) -> None:
@@ -148,12 +160,12 @@ def make_optimizer() -> keras.optimizers.Optimizer:
 
 def make_trainer(**trainer_arguments):
     """A `Trainer` with the loop flags; its placement errors become usage errors."""
-    config = LoopConfig(model_dir=FLAGS.model_dir, train_steps=FLAGS.train_steps,
-                        eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
-                        checkpoint_every=FLAGS.checkpoint_every,
-                        max_eval_batches=FLAGS.max_eval_batches)
+    config = loop.LoopConfig(model_dir=FLAGS.model_dir, train_steps=FLAGS.train_steps,
+                             eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
+                             checkpoint_every=FLAGS.checkpoint_every,
+                             max_eval_batches=FLAGS.max_eval_batches)
     with usage_errors():  # e.g. a model the --strategy cannot place
-        return Trainer(config=config, **trainer_arguments)
+        return loop.Trainer(config=config, **trainer_arguments)
 
 
 def export_dir() -> str:

@@ -17,7 +17,6 @@ from models.lm import (ARCHITECTURES, LanguageModelConfig, build_language_model,
                        ops_per_timestep, params_excluding_embedding_softmax)
 from train import common, data
 from train.lm_serving import LanguageModelServer
-from train.loop import check_run_config
 from train.tokenizer import load_or_train
 
 FLAGS = flags.FLAGS
@@ -71,18 +70,13 @@ def make_datasets(splits: data.TextSplits, tokenizer):
 
 def main(argv):
     del argv
-    if FLAGS.preset == "tiny":
-        common.apply_preset(TINY_PRESET)
-    placement = common.set_up_placement()
+    placement = common.set_up_placement(TINY_PRESET)
     is_chief = placement.is_chief
     with common.usage_errors():
         config = model_config()
         splits = data.load_text_splits(FLAGS.data, valid_data=FLAGS.valid_data,
                                        test_data=FLAGS.test_data)
-        check_run_config(FLAGS.model_dir, {
-            "model": dataclasses.asdict(config), "data": FLAGS.data,
-            "valid_data": FLAGS.valid_data, "test_data": FLAGS.test_data,
-            "max_length": FLAGS.max_length, "seed": FLAGS.seed}, write=is_chief)
+        common.check_run_config(config, is_chief=is_chief)
     common.set_up_determinism(FLAGS.seed)
     skipped = {name: data.count_invalid_lines(getattr(splits, name))
                for name in ("train", "valid", "test")}

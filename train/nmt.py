@@ -20,7 +20,6 @@ from absl import app, flags, logging
 from models.nmt import (ARCHITECTURES, GATINGS, TranslationConfig, build_translator,
                         ops_per_timestep, params_excluding_embedding_softmax)
 from train import common, data, nmt_data
-from train.loop import check_run_config
 from train.nmt_serving import TranslationServer
 from train.schedules import WarmupInverseSqrt
 from train.tokenizer import load_or_train
@@ -154,9 +153,7 @@ def bleu_scores(server: TranslationServer, corpora, multilingual: bool, write: b
 
 def main(argv):
     del argv
-    if FLAGS.preset == "tiny":
-        common.apply_preset(TINY_PRESET)
-    placement = common.set_up_placement()
+    placement = common.set_up_placement(TINY_PRESET)
     is_chief = placement.is_chief
     with common.usage_errors():
         corpora = nmt_data.load_parallel_corpora(FLAGS.data, valid_data=FLAGS.valid_data,
@@ -165,10 +162,7 @@ def main(argv):
         target_languages = (sorted({corpus.target_language for corpus in corpora})
                             if multilingual else [])
         config = model_config(len(target_languages))
-        check_run_config(FLAGS.model_dir, {
-            "model": dataclasses.asdict(config), "data": FLAGS.data,
-            "valid_data": FLAGS.valid_data, "test_data": FLAGS.test_data,
-            "max_length": FLAGS.max_length, "seed": FLAGS.seed}, write=is_chief)
+        common.check_run_config(config, is_chief=is_chief)
     common.set_up_determinism(FLAGS.seed)
     skipped = {corpus.direction: {name: data.count_invalid_lines(getattr(corpus.splits,
                                                                          name))
