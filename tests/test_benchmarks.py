@@ -32,29 +32,20 @@ def test_table_row_reports_throughput_memory_and_both_ratios():
     assert row[7:] == ["3.00", "250", "2.00", "2.50", "4.00"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--experts", "0"], "invalid positive_int value"),
-    (["--experts", "2"], "at least k = 4 experts"),
-    (["--tokens", "many"], "invalid positive_int value"),
-    (["--steps", "-1"], "invalid positive_int value"),
-    (["--dispatch", "dense"], "invalid choice"),
+@pytest.mark.parametrize("main, argv, message", [
+    (layer_bench.main, ["--quick", "--experts", "0"], "invalid positive_int value"),
+    (layer_bench.main, ["--quick", "--experts", "2"], "at least k = 4 experts"),
+    (layer_bench.main, ["--quick", "--tokens", "many"], "invalid positive_int value"),
+    (layer_bench.main, ["--quick", "--steps", "-1"], "invalid positive_int value"),
+    (layer_bench.main, ["--quick", "--dispatch", "dense"], "invalid choice"),
+    (memory_bench.main, ["--experts", "100"], "must be a multiple of --groups (64)"),
+    (memory_bench.main, ["--experts", "64"], "at least k = 2 experts per group"),
+    (memory_bench.main, ["--groups", "1"], "at least group_k = 2"),
+    (memory_bench.main, ["--optimizers", "sgd"], "invalid choice"),
+    (memory_bench.main, ["--steps", "0"], "invalid positive_int value"),
 ])
-def test_layer_bench_rejects_bad_arguments(argv, message, capsys):
+def test_benchmarks_reject_bad_arguments_by_name(main, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        layer_bench.main(["--quick"] + argv)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--experts", "100"], "must be a multiple of --groups (64)"),
-    (["--experts", "64"], "at least k = 2 experts per group"),
-    (["--groups", "1"], "at least group_k = 2"),
-    (["--optimizers", "sgd"], "invalid choice"),
-    (["--steps", "0"], "invalid positive_int value"),
-])
-def test_memory_bench_rejects_bad_arguments(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        memory_bench.main(argv)
+        main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
