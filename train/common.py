@@ -7,11 +7,12 @@ from typing import Dict
 
 import keras
 import tensorflow as tf
-from absl import app, flags
+from absl import app, flags, logging
 
 from train import distribution
 from train import loop
 from train.schedules import WarmupInverseSqrt
+from train.tokenizer import load_or_train
 
 FLAGS = flags.FLAGS
 
@@ -143,6 +144,18 @@ def check_run_config(model_config, *, is_chief: bool) -> None:
         "model": dataclasses.asdict(model_config), "data": FLAGS.data,
         "valid_data": FLAGS.valid_data, "test_data": FLAGS.test_data,
         "max_length": FLAGS.max_length, "seed": FLAGS.seed}, write=is_chief)
+
+
+def load_or_train_tokenizer(model_config, vocabulary_lines, *, is_chief: bool):
+    """The run's subword tokenizer (see `train.tokenizer.load_or_train`) and the model
+    config with its vocab_size set to what the corpus supports."""
+    tokenizer = load_or_train(FLAGS.model_dir, vocabulary_lines,
+                              vocab_size=FLAGS.vocab_size, save=is_chief)
+    if tokenizer.vocab_size != model_config.vocab_size:
+        logging.info("The corpus supports %d subwords (asked for %d).",
+                     tokenizer.vocab_size, model_config.vocab_size)
+        model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
+    return tokenizer, model_config
 
 
 def set_up_determinism(seed: int) -> None:

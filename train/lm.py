@@ -7,7 +7,6 @@
 Restarting with the same flags resumes from the latest checkpoint in --model_dir.
 """
 
-import dataclasses
 import os
 
 import tensorflow as tf
@@ -17,7 +16,6 @@ from models.lm import (ARCHITECTURES, LanguageModelConfig, build_language_model,
                        ops_per_timestep, params_excluding_embedding_softmax)
 from train import common, data
 from train.lm_serving import LanguageModelServer
-from train.tokenizer import load_or_train
 
 FLAGS = flags.FLAGS
 common.define_common_flags(default_data="builtin:en")
@@ -87,12 +85,8 @@ def main(argv):
         lines = data.clean_lines(splits.train).take(VOCAB_LINES).as_numpy_iterator()
         return (line.decode("utf-8") for line in lines)
 
-    tokenizer = load_or_train(FLAGS.model_dir, vocabulary_lines,
-                              vocab_size=FLAGS.vocab_size, save=is_chief)
-    if tokenizer.vocab_size != config.vocab_size:
-        logging.info("The corpus supports %d subwords (asked for %d).",
-                     tokenizer.vocab_size, config.vocab_size)
-        config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+    tokenizer, config = common.load_or_train_tokenizer(config, vocabulary_lines,
+                                                       is_chief=is_chief)
 
     with placement.scope():
         model = build_language_model(config)

@@ -8,7 +8,6 @@
 Restarting with the same flags resumes from the latest checkpoint in --model_dir.
 """
 
-import dataclasses
 import os
 import statistics
 
@@ -22,7 +21,6 @@ from models.nmt import (ARCHITECTURES, GATINGS, TranslationConfig, build_transla
 from train import common, data, nmt_data
 from train.nmt_serving import TranslationServer
 from train.schedules import WarmupInverseSqrt
-from train.tokenizer import load_or_train
 
 FLAGS = flags.FLAGS
 common.define_common_flags(default_data="builtin:en-es")
@@ -177,12 +175,8 @@ def main(argv):
         return (line.decode("utf-8") for pair in pairs.as_numpy_iterator()
                 for line in pair)
 
-    tokenizer = load_or_train(FLAGS.model_dir, vocabulary_lines,
-                              vocab_size=FLAGS.vocab_size, save=is_chief)
-    if tokenizer.vocab_size != config.vocab_size:
-        logging.info("The corpus supports %d subwords (asked for %d).",
-                     tokenizer.vocab_size, config.vocab_size)
-        config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+    tokenizer, config = common.load_or_train_tokenizer(config, vocabulary_lines,
+                                                       is_chief=is_chief)
     language_tokens = {language: config.vocab_size + i
                        for i, language in enumerate(target_languages)}
 
