@@ -57,3 +57,25 @@ def moe_output(tokens, dense_gates, kernel_in, bias_in, kernel_out, bias_out):
             out[t] += dense_gates[t, e] * expert_ffn(
                 tokens[t], kernel_in[e], bias_in[e], kernel_out[e], bias_out[e])
     return out
+
+
+def grouped_ffn_and_gradients(rows, group_sizes, d_outputs, kernel_in, bias_in,
+                              kernel_out, bias_out):
+    """Each expert's FFN on its block of sorted rows, and the gradients of
+    sum(outputs * d_outputs) for the rows and every weight. Rows after the last group
+    are padding: zero outputs and zero gradients."""
+    outputs = np.zeros((rows.shape[0], kernel_out.shape[-1]))
+    grads = [np.zeros(rows.shape), np.zeros(kernel_in.shape), np.zeros(bias_in.shape),
+             np.zeros(kernel_out.shape), np.zeros(bias_out.shape)]
+    begin = 0
+    for e, size in enumerate(group_sizes):
+        x, dy = rows[begin:begin + size], d_outputs[begin:begin + size]
+        pre = x @ kernel_in[e] + bias_in[e]
+        act = np.maximum(pre, 0.0)
+        outputs[begin:begin + size] = act @ kernel_out[e] + bias_out[e]
+        d_pre = (dy @ kernel_out[e].T) * (pre > 0)
+        grads[0][begin:begin + size] = d_pre @ kernel_in[e].T
+        grads[1][e], grads[2][e] = x.T @ d_pre, d_pre.sum(axis=0)
+        grads[3][e], grads[4][e] = act.T @ dy, dy.sum(axis=0)
+        begin += size
+    return outputs, grads
