@@ -107,12 +107,12 @@ def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, b
 
         `body` returns a block `[end - begin, width]` for each (dtype, width) of
         `row_outputs` and expert e's slice for each (dtype, shape) of `expert_outputs`.
-        Returns the blocks as TensorArrays, `concat()` giving `[rows, width]` (zeros for
-        the padding rows), and the slices stacked, `[experts, ...]`.
+        Returns the blocks concatenated, `[rows, width]` (zeros for the padding rows), and
+        the slices stacked, `[experts, ...]`.
 
-        Row blocks go through TensorArrays: a write keeps a reference, the final concat
-        is one parallel copy (writing rows in place is slower: InplaceUpdate copies row by
-        row), and a block can be read back without any concat. The per-expert slices (the kernel gradients) are written in place,
+        Row blocks go through TensorArrays: a write keeps a reference and the final
+        concat is one parallel copy (writing rows in place is slower: InplaceUpdate copies
+        row by row). The per-expert slices (the kernel gradients) are written in place,
         so that each stacked gradient (1 GiB per kernel at 512 experts of the paper's
         size) exists once: TensorArray.stack would hold it twice, and a scatter would copy
         the whole buffer on every write.
@@ -132,7 +132,7 @@ def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, b
                                            (0, arrays, buffers))
         arrays = [a.write(num_experts, tf.zeros([padding_rows, width], dtype))
                   for a, (dtype, width) in zip(arrays, row_outputs)]
-        return arrays, buffers
+        return [a.concat() for a in arrays], buffers
 
     def hidden_of(x, e):
         return tf.nn.relu(tf.matmul(x, kernel_in[e]) + bias_in[e])
@@ -148,18 +148,13 @@ def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, b
         row_outputs = [(dtype, kernel_out.shape[-1])]
         if not recompute_activations:
             row_outputs.append((dtype, kernel_in.shape[-1]))
-        # The activations stay as blocks: the looped backward pass reads them per expert.
         (outputs, *stored), _ = for_each_expert(expert, row_outputs, [])
-        for blocks in stored:
-            # Unread without a backward pass (inference), as intended; eager TensorArrays
-            # would warn about it at exit, graph ones have no such check.
-            getattr(blocks, "mark_used", lambda: None)()
 
         def looped_grad(d_outputs):
             def expert_grad(e, begin, end):
                 x = inputs[begin:end]
                 dy = d_outputs[begin:end]
-                act = stored[0].read(e) if stored else hidden_of(x, e)
+                act = stored[0][begin:end] if stored else hidden_of(x, e)
                 d_pre = tf.raw_ops.ReluGrad(gradients=_times_transposed(dy, kernel_out[e]),
                                             features=act)
                 return ([_times_transposed(d_pre, kernel_in[e])],
@@ -172,7 +167,7 @@ def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, b
             (d_inputs,), d_weights = for_each_expert(
                 expert_grad, [(dtype, inputs.shape[-1])],
                 [(w.dtype, tf.shape(w)) for w in weights])
-            return (d_inputs.concat(), *d_weights)
+            return (d_inputs, *d_weights)
 
         def padded_grad(d_outputs):
             """The backward pass as batched matmuls over `[experts, largest group, ...]`.
@@ -189,7 +184,7 @@ def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, b
             x = tf.gather(inputs, row_of_slot)                        # [experts, capacity, d_in]
             dy = tf.gather(d_outputs, row_of_slot) * tf.cast(filled, dtype)[..., None]
             if stored:
-                act = tf.gather(stored[0].concat(), row_of_slot)
+                act = tf.gather(stored[0], row_of_slot)
             else:
                 act = tf.nn.relu(tf.matmul(x, kernel_in) + bias_in[:, None, :])
             d_pre = tf.raw_ops.ReluGrad(
@@ -205,7 +200,7 @@ def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, b
             return tf.cond(_pad_to_batch(group_sizes),
                            lambda: padded_grad(d_outputs), lambda: looped_grad(d_outputs))
 
-        return outputs.concat(), grad
+        return outputs, grad
 
     return forward(inputs, kernel_in, bias_in, kernel_out, bias_out)
 
