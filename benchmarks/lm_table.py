@@ -40,7 +40,8 @@ from tensorflow.core.util import event_pb2
 
 from models.lm import LanguageModelConfig, build_language_model, ops_per_timestep
 from train import data
-from train.tokenizer import PAD_ID, TOKENIZER_FILE, SubwordTokenizer
+from train.tokenizer import PAD_ID
+from train.trained_model import restore_trained_model
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -269,14 +270,8 @@ def expert_specialisation(model_dir: str, *, num_sentences: int = 1000,
     receive >= 20 positions, the median share of an expert's positions taken by its most
     frequent subword, against the same share for the whole split.
     """
-    with open(os.path.join(model_dir, "run_config.json"), encoding="utf-8") as f:
-        run_config = json.load(f)
-    tokenizer = SubwordTokenizer.load(os.path.join(model_dir, TOKENIZER_FILE))
-    config = dataclasses.replace(LanguageModelConfig(**run_config["model"]),
-                                 vocab_size=tokenizer.vocab_size)
-    model = build_language_model(config)
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    model, tokenizer, run_config = restore_trained_model(model_dir, LanguageModelConfig,
+                                                         build_language_model)
     moe = model.get_layer("moe")
     # The MoE reads the first LSTM's residual output (models.lm's wiring).
     moe_inputs = keras.Model(model.inputs, model.get_layer("lstm_1_residual").output)

@@ -183,17 +183,11 @@ def assert_export_serves_the_checkpoint(model_dir, tmp_path):
     # The same sentences through the training loss, in this process, from the checkpoint.
     from train import lm as lm_binary
     from train.data import sentence_sequences
-    from train.tokenizer import SubwordTokenizer
+    from train.trained_model import restore_trained_model
     from models.lm import LanguageModelConfig, build_language_model
 
-    with open(model_dir / "run_config.json") as f:
-        run_config = json.load(f)
-    tokenizer = SubwordTokenizer.load(str(model_dir / "subword.model"))
-    config = LanguageModelConfig(**{**run_config["model"],
-                                    "vocab_size": tokenizer.vocab_size})
-    model = build_language_model(config)
-    tf.train.Checkpoint(model=model).restore(
-        tf.train.latest_checkpoint(str(model_dir / "checkpoints"))).expect_partial()
+    model, tokenizer, run_config = restore_trained_model(
+        str(model_dir), LanguageModelConfig, build_language_model)
     for i, sentence in enumerate(sentences):
         sequence = sentence_sequences(tokenizer.tokenize(tf.constant([sentence])),
                                       max_length=run_config["max_length"]).to_tensor()
@@ -219,3 +213,14 @@ def test_score_binary_reads_stdin_and_samples(tmp_path):
         text=True, timeout=300)
     assert sampled.returncode == 0, sampled.stderr[-2000:]
     assert sampled.stdout.startswith("And God")
+
+
+def test_restore_trained_model_names_what_is_missing(tmp_path):
+    from train.trained_model import restore_trained_model
+    from models.lm import LanguageModelConfig, build_language_model
+
+    with pytest.raises(FileNotFoundError, match="run_config.json not found"):
+        restore_trained_model(str(tmp_path), LanguageModelConfig, build_language_model)
+    (tmp_path / "run_config.json").write_text(json.dumps({"model": {}}))
+    with pytest.raises(FileNotFoundError, match="no checkpoint in checkpoints/"):
+        restore_trained_model(str(tmp_path), LanguageModelConfig, build_language_model)

@@ -19,6 +19,7 @@ from models.nmt import TranslationConfig, beam_search, build_translator
 from train import common, data, nmt_data
 from train.nmt_serving import TranslationServer
 from train.tokenizer import BOS_ID, EOS_ID, PAD_ID, SubwordTokenizer
+from train.trained_model import restore_trained_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -206,17 +207,11 @@ def restored(runs):
 
 
 def restore(model_dir):
-    with open(model_dir / "run_config.json") as f:
-        run_config = json.load(f)
     with open(model_dir / "metrics.json") as f:
         metrics = json.load(f)
-    tokenizer = SubwordTokenizer.load(str(model_dir / "subword.model"))
-    config = TranslationConfig(**{**run_config["model"],
-                                  "vocab_size": tokenizer.vocab_size})
-    model = build_translator(config)
-    tf.train.Checkpoint(model=model).restore(
-        tf.train.latest_checkpoint(str(model_dir / "checkpoints"))).expect_partial()
-    languages = ["en", "es"] if config.num_language_tokens else []
+    model, tokenizer, _ = restore_trained_model(str(model_dir), TranslationConfig,
+                                                build_translator)
+    languages = ["en", "es"] if model.config.num_language_tokens else []
     return model, tokenizer, TranslationServer(
         model, tokenizer, beam_width=metrics["beam_width"],
         length_penalty=metrics["length_penalty"], target_languages=languages)

@@ -1,0 +1,48 @@
+"""Reading back what a training run left in its `--model_dir`."""
+
+import dataclasses
+import json
+import os
+from typing import Callable, NamedTuple
+
+import keras
+import tensorflow as tf
+
+from train import loop
+from train.tokenizer import TOKENIZER_FILE, SubwordTokenizer
+
+
+class TrainedModel(NamedTuple):
+    model: keras.Model
+    tokenizer: SubwordTokenizer
+    run_config: dict
+
+
+def restore_trained_model(model_dir: str, config_class: type,
+                          build_model: Callable) -> TrainedModel:
+    """The model of the run in `model_dir` at its latest checkpoint.
+
+    Args:
+        model_dir: a training run's `--model_dir` (run_config.json, the tokenizer and
+            checkpoints/).
+        config_class: the model's config dataclass (`LanguageModelConfig`,
+            `TranslationConfig`), built from run_config.json's "model" entry.
+        build_model: builds the model from that config.
+
+    Returns:
+        The restored model, the run's tokenizer and its run config.
+    """
+    path = os.path.join(model_dir, loop.CONFIG_FILE)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path} not found: {model_dir} holds no training run.")
+    with tf.io.gfile.GFile(path) as f:
+        run_config = json.load(f)
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, loop.CHECKPOINT_DIR))
+    if latest is None:
+        raise FileNotFoundError(f"{model_dir} has no checkpoint in {loop.CHECKPOINT_DIR}/.")
+    tokenizer = SubwordTokenizer.load(os.path.join(model_dir, TOKENIZER_FILE))
+    config = dataclasses.replace(config_class(**run_config["model"]),
+                                 vocab_size=tokenizer.vocab_size)
+    model = build_model(config)
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    return TrainedModel(model=model, tokenizer=tokenizer, run_config=run_config)
