@@ -16,7 +16,7 @@ from typing import Optional
 
 import keras
 
-from moe_tf import SparselyGatedMoE
+from models.moe_block import moe_from_config
 
 ARCHITECTURES = ("moe", "4xlstm", "moe-1-wide", "moe-1-deep")
 DEEP_LAYERS = 4
@@ -78,12 +78,7 @@ def _lstm(x, config: LanguageModelConfig, name: str):
 def _middle_block(x, config: LanguageModelConfig):
     """The layer between the two LSTMs: an MoE, or a dense stand-in for a baseline."""
     if config.architecture == "moe":
-        return SparselyGatedMoE(
-            config.num_experts, config.k, config.hidden_size,
-            num_groups=config.num_groups, noisy_gating=config.noisy_gating,
-            importance_weight=config.importance_weight, load_weight=config.load_weight,
-            dispatch=config.dispatch, capacity_factor=config.capacity_factor,
-            name="moe")(x)
+        return moe_from_config(config, num_groups=config.num_groups, name="moe")(x)
     if config.architecture == "moe-1-wide":
         widths, name = [config.wide_hidden_size], "wide_expert"
     else:

@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 
 from models.lm import lstm_ops
+from models.moe_block import moe_from_config
 from moe_tf import SparselyGatedMoE
 from train.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -309,12 +310,8 @@ class Translator(keras.Model):
         self.built = True
 
     def _moe(self, name: str) -> SparselyGatedMoE:
-        c = self.config
-        return SparselyGatedMoE(
-            c.num_experts, c.k, c.hidden_size, output_size=c.model_dim, gating=c.gating,
-            noisy_gating=c.noisy_gating, importance_weight=c.importance_weight,
-            load_weight=c.load_weight, dispatch=c.dispatch,
-            capacity_factor=c.capacity_factor, name=name)
+        return moe_from_config(self.config, output_size=self.config.model_dim,
+                               gating=self.config.gating, name=name)
 
     def _branch(self, name, x, y, training):
         """The residual add around a layer, with dropout on the layer's output."""
