@@ -14,6 +14,7 @@ from tests import numpy_reference as ref
     ([3, 0, 5, 1, 2, 4], True),   # small groups: padding at most doubles the rows
     ([14, 0, 1, 0, 0, 0], False),  # skewed: padding to 14 rows would make 84 of 15
     ([130, 3], False),             # a group of _SMALL_BLOCK_ROWS or more
+    ([0, 0, 0], True),             # no rows at all (every token masked)
 ])
 @pytest.mark.parametrize("recompute", [False, True])
 def test_grouped_outputs_and_gradients_match_numpy(group_sizes, padded, recompute):
