@@ -1,6 +1,7 @@
 """Optimizers for very large mixtures of experts (Appendix D of the paper)."""
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 
@@ -55,6 +56,7 @@ class FactoredAdam(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
+        self._previous_update = []  # see update_step
         # One entry per variable, None where a slot does not apply: factored variables
         # have row and column moments, the others a full velocity.
         self._row_moments, self._column_moments, self._velocities = [], [], []
@@ -74,6 +76,10 @@ class FactoredAdam(keras.optimizers.Optimizer):
                 self._velocities.append(self.add_variable_from_reference(variable,
                                                                          "velocity"))
 
+    def apply(self, grads, trainable_variables=None):
+        self._previous_update = []  # see update_step
+        return super().apply(grads, trainable_variables)
+
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
         gradient = ops.cast(gradient, dtype)
@@ -81,23 +87,31 @@ class FactoredAdam(keras.optimizers.Optimizer):
         step = ops.cast(self.iterations + 1, dtype)
         alpha = ops.cast(learning_rate, dtype) * ops.sqrt(1 - ops.power(beta_2, step))
         index = self._get_variable_index(variable)
-        squared = ops.square(gradient)
         rows = self._row_moments[index]
         if rows is None:
             velocity = self._velocities[index]
-            self.assign_add(velocity, (squared - velocity) * (1 - beta_2))
-            denominator = ops.sqrt(velocity) + self.epsilon
-        else:
+            self.assign_add(velocity, (ops.square(gradient) - velocity) * (1 - beta_2))
+            self.assign_sub(variable,
+                            gradient * (alpha / (ops.sqrt(velocity) + self.epsilon)))
+            return
+        # The factored variables are updated one after another: each update has
+        # full-size temporaries (g^2, then the denominator: 2 GiB each per kernel at 4096
+        # experts of 512 x 256), and concurrent updates would hold them all at once.
+        with tf.control_dependencies(self._previous_update):
             columns = self._column_moments[index]
+            squared = ops.square(gradient)
             self.assign_add(rows, (ops.mean(squared, axis=-1) - rows) * (1 - beta_2))
             self.assign_add(columns, (ops.mean(squared, axis=-2) - columns) * (1 - beta_2))
-            # sqrt(R C^T / mean(R)) = sqrt(R / mean(R)) sqrt(C)^T: besides g^2, the only
-            # full-size temporary is the denominator, which the divisions reuse in place.
+            # sqrt(R C^T / mean(R)) = sqrt(R / mean(R)) sqrt(C)^T; the divisions reuse
+            # the denominator's buffer.
             row_scale = ops.sqrt(ops.divide_no_nan(
                 rows, ops.mean(rows, axis=-1, keepdims=True)))
             denominator = (ops.expand_dims(row_scale, -1)
                            * ops.expand_dims(ops.sqrt(columns), -2) + self.epsilon)
-        self.assign_sub(variable, gradient * (alpha / denominator))
+            self.assign_sub(variable, gradient * (alpha / denominator))
+        # A read of the updated variable: ordered after the update, and what the next
+        # factored update waits for.
+        self._previous_update = [tf.convert_to_tensor(variable)]
 
     def get_config(self):
         config = super().get_config()

@@ -53,14 +53,22 @@ def random_problem(seed=0, steps=6):
     return weights, gradients
 
 
-def test_matches_numpy_reference():
+@pytest.mark.parametrize("in_function", [False, True])
+def test_matches_numpy_reference(in_function):
+    # In a tf.function the factored updates are chained by control dependencies.
     weights, gradients = random_problem()
     hyper = dict(learning_rate=0.01, beta_2=0.9, epsilon=1e-6)
     expected = factored_adam_reference(weights, gradients, **hyper)
     variables = [keras.Variable(w) for w in weights]
     optimizer = FactoredAdam(**hyper)
+    optimizer.build(variables)
+
+    def apply(grads):
+        optimizer.apply_gradients(zip(grads, variables))
+
+    apply = tf.function(apply) if in_function else apply
     for step, grads in enumerate(gradients):
-        optimizer.apply_gradients(zip([tf.constant(g) for g in grads], variables))
+        apply([tf.constant(g) for g in grads])
         for variable, want in zip(variables, expected[step]):
             np.testing.assert_allclose(np.asarray(variable), want, rtol=1e-5, atol=1e-6,
                                        err_msg=f"step {step + 1}, {variable.path}")
