@@ -46,16 +46,23 @@ def write_json_atomically(path: str, value) -> None:
     tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
+def read_run_config(model_dir: str) -> Optional[Dict]:
+    """The run configuration recorded in `model_dir`, or None if it holds no run."""
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
 def check_run_config(model_dir: str, run_config: Dict, *, write: bool = True) -> None:
     """Refuses a model_dir trained with another configuration; records it for a new one
     (if `write`: processes other than the chief only check).
 
     Called before anything is written to the directory, so a refused run changes nothing.
     """
-    path = os.path.join(model_dir, CONFIG_FILE)
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            stored = json.load(f)
+    stored = read_run_config(model_dir)
+    if stored is not None:
         differences = {key: (stored.get(key), run_config.get(key))
                        for key in sorted(set(stored) | set(run_config))
                        if stored.get(key) != run_config.get(key)}
@@ -68,7 +75,7 @@ def check_run_config(model_dir: str, run_config: Dict, *, write: bool = True) ->
         return
     if write:
         tf.io.gfile.makedirs(model_dir)
-        write_json_atomically(path, run_config)
+        write_json_atomically(os.path.join(model_dir, CONFIG_FILE), run_config)
 
 
 def moe_layers(model: keras.Model):

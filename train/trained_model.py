@@ -1,7 +1,6 @@
 """Reading back what a training run left in its `--model_dir`."""
 
 import dataclasses
-import json
 import os
 from typing import Callable, NamedTuple
 
@@ -32,11 +31,10 @@ def restore_trained_model(model_dir: str, config_class: type,
     Returns:
         The restored model, the run's tokenizer and its run config.
     """
-    path = os.path.join(model_dir, loop.CONFIG_FILE)
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path} not found: {model_dir} holds no training run.")
-    with tf.io.gfile.GFile(path) as f:
-        run_config = json.load(f)
+    run_config = loop.read_run_config(model_dir)
+    if run_config is None:
+        raise FileNotFoundError(f"{os.path.join(model_dir, loop.CONFIG_FILE)} not found: "
+                                f"{model_dir} holds no training run.")
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, loop.CHECKPOINT_DIR))
     if latest is None:
         raise FileNotFoundError(f"{model_dir} has no checkpoint in {loop.CHECKPOINT_DIR}/.")
