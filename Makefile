@@ -12,18 +12,24 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The experts' compiled CPU kernels (nothing is built on a CPU without AVX-512; the
+# layer then runs TensorFlow ops only).
+KERNELS := moe_tf/kernels/_grouped_feed_forward.so
+$(KERNELS): moe_tf/kernels/grouped_feed_forward.cc moe_tf/kernels/build.py $(STAMP)
+	$(PY) -m moe_tf.kernels.build
 
-test: $(STAMP)
+install: $(STAMP) $(KERNELS)
+
+test: install
 	$(PY) -m pytest tests
 
 # The default MoE language model on the built-in English corpus (about 6 minutes of
 # training on 2 CPU cores), then a sentence scored by the exported SavedModel.
 RUN_DIR ?= runs/lm_moe
-train: $(STAMP)
+train: install
 	$(PY) -m train.lm --model_dir=$(RUN_DIR)
 	echo "In the beginning God created the heavens and the earth." | \
 		$(PY) -m train.score --saved_model=$(RUN_DIR)/export
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(KERNELS)

@@ -12,6 +12,8 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from moe_tf import kernels
+
 
 def _per_expert_initializer(initializer, num_experts: int):
     """An initializer for `[experts, fan_in, fan_out]` kernels with per-expert fans.
@@ -95,8 +97,29 @@ def _split_capacity(group_sizes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return best, tf.maximum(largest - best, 0)
 
 
+def _compiled_kernels_apply(inputs, kernel_in, kernel_out):
+    """The compiled kernels (`moe_tf.kernels`) when built and the operands suit them:
+    float32 throughout and every width a multiple of 16."""
+    ops = kernels.grouped_feed_forward_ops()
+    widths = (inputs.shape[-1], kernel_in.shape[-1], kernel_out.shape[-1])
+    if ops is None or any(w is None or w % 16 for w in widths):
+        return None
+    if any(t.dtype != tf.float32 for t in (inputs, kernel_in, kernel_out)):
+        return None
+    return ops
+
+
+def _cond(pred, true_fn, false_fn):
+    """tf.cond, or just the branch when `pred` is a Python bool: a loop inside a cond
+    branch misses Grappler's loop optimisations."""
+    if isinstance(pred, bool):
+        return true_fn() if pred else false_fn()
+    return tf.cond(pred, true_fn, false_fn)
+
+
 def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, bias_out,
-                          *, recompute_activations: bool = False):
+                          *, recompute_activations: bool = False,
+                          compiled_kernels: bool = False):
     """Each expert's FFN on its own contiguous block of rows.
 
     Args:
@@ -107,6 +130,9 @@ def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, b
         kernel_out `[experts, hidden, d_out]`, bias_out `[experts, d_out]`.
         recompute_activations: keep no `[rows, hidden]` activations for the backward
             pass, which recomputes them (one more matmul per expert).
+        compiled_kernels: run the experts with the compiled kernels of `moe_tf.kernels`
+            when they are built and suit the operands, and the experts average fewer than
+            `_SMALL_BLOCK_ROWS` rows (with more, oneDNN's large matmuls are faster).
 
     Returns:
         `[rows, d_out]`, zeros for the padding rows (which get zero gradients too).
@@ -118,6 +144,7 @@ def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, b
     and run as batched matmuls (`_pad_to_batch`).
     """
     num_experts = tf.shape(kernel_in)[0]
+    ops = _compiled_kernels_apply(inputs, kernel_in, kernel_out) if compiled_kernels else None
     offsets = tf.concat([[0], tf.cumsum(group_sizes)], axis=0)
     padding_rows = tf.shape(inputs)[0] - offsets[-1]
 
@@ -164,10 +191,31 @@ def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, b
             return ([out] if recompute_activations else [out, act]), []
 
         dtype = inputs.dtype
-        row_outputs = [(dtype, kernel_out.shape[-1])]
-        if not recompute_activations:
-            row_outputs.append((dtype, kernel_in.shape[-1]))
-        (outputs, *stored), _ = for_each_expert(expert, row_outputs, [])
+
+        def looped_forward():
+            """`[rows, d_out]` and the kept activations, `[rows, hidden]` (or no rows)."""
+            row_outputs = [(dtype, kernel_out.shape[-1])]
+            if not recompute_activations:
+                row_outputs.append((dtype, kernel_in.shape[-1]))
+            (outputs, *stored), _ = for_each_expert(expert, row_outputs, [])
+            return outputs, (stored[0] if stored else tf.zeros([0, kernel_in.shape[-1]],
+                                                               dtype))
+
+        if ops is None:
+            outputs, hidden = looped_forward()
+        else:
+            rows, experts = inputs.shape[0], kernel_in.shape[0]
+            if rows is None or experts is None:
+                few_rows = tf.shape(inputs)[0] < _SMALL_BLOCK_ROWS * num_experts
+            else:
+                few_rows = rows < _SMALL_BLOCK_ROWS * experts
+            outputs, hidden = _cond(
+                few_rows,
+                lambda: tuple(ops.moe_grouped_feed_forward(
+                    inputs, group_sizes, kernel_in, bias_in, kernel_out, bias_out,
+                    keep_hidden=not recompute_activations)),
+                looped_forward)
+        stored = [] if recompute_activations else [hidden]
 
         def looped_grad(d_outputs):
             def expert_grad(e, begin, end):
@@ -251,8 +299,17 @@ def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, b
             return (tf.pad(d_rows, [[0, padding_rows], [0, 0]]), *d_weights)
 
         def grad(d_outputs):
-            return tf.cond(_pad_to_batch(group_sizes),
-                           lambda: padded_grad(d_outputs), lambda: looped_grad(d_outputs))
+            def tensorflow_grad():
+                return tf.cond(_pad_to_batch(group_sizes), lambda: padded_grad(d_outputs),
+                               lambda: looped_grad(d_outputs))
+
+            if ops is None:
+                return tensorflow_grad()
+            return _cond(few_rows,
+                         lambda: tuple(ops.moe_grouped_feed_forward_grad(
+                             inputs, group_sizes, kernel_in, bias_in, kernel_out, hidden,
+                             d_outputs)),
+                         tensorflow_grad)
 
         return outputs, grad
 
@@ -277,13 +334,21 @@ class FeedForwardExperts(keras.layers.Layer):
     backward pass but recomputed there (Appendix D of the paper): one more
     `input_dim x hidden_size` matmul per row, and no `[rows, hidden_size]` tensor held
     from the forward to the backward pass.
+
+    With `compiled_kernels=True` (the default), grouped training calls run the experts
+    with the compiled CPU kernels of `moe_tf.kernels` when they are built, the weights
+    and inputs are float32 with widths that are multiples of 16, and the experts
+    average fewer than 128 rows. Inference calls always use TensorFlow ops, so that
+    exported SavedModels load without this package's op library.
     """
 
     def __init__(self, *, num_experts: int, hidden_size: int, output_size: int,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
-                 recompute_activations: bool = False, **kwargs):
+                 recompute_activations: bool = False, compiled_kernels: bool = True,
+                 **kwargs):
         super().__init__(**kwargs)
         self.num_experts = num_experts
+        self.compiled_kernels = compiled_kernels
         self.hidden_size = hidden_size
         self.output_size = output_size
         self.recompute_activations = recompute_activations
@@ -306,7 +371,7 @@ class FeedForwardExperts(keras.layers.Layer):
                                         shape=(self.num_experts, self.output_size),
                                         initializer=self.bias_initializer)
 
-    def call(self, inputs, *, group_sizes: Optional[tf.Tensor] = None):
+    def call(self, inputs, *, group_sizes: Optional[tf.Tensor] = None, training=None):
         """Runs the experts.
 
         Args:
@@ -314,6 +379,7 @@ class FeedForwardExperts(keras.layers.Layer):
                 (grouped), else `[experts, capacity, input_dim]` (batched).
             group_sizes: int32 `[experts]`, the rows of each expert in grouped mode; rows
                 after the last expert's are padding (zero outputs and gradients).
+            training: the compiled kernels run only in training calls (`True`).
 
         Returns:
             `[rows, output_size]` or `[experts, capacity, output_size]`.
@@ -323,7 +389,8 @@ class FeedForwardExperts(keras.layers.Layer):
         if group_sizes is not None:
             return _grouped_feed_forward(
                 inputs, group_sizes, *weights,
-                recompute_activations=self.recompute_activations)
+                recompute_activations=self.recompute_activations,
+                compiled_kernels=self.compiled_kernels and training is True)
         if self.recompute_activations:
             return tf.recompute_grad(_batched_feed_forward)(inputs, *weights)
         return _batched_feed_forward(inputs, *weights)
@@ -335,5 +402,6 @@ class FeedForwardExperts(keras.layers.Layer):
                       kernel_initializer=keras.initializers.serialize(
                           self.kernel_initializer),
                       bias_initializer=keras.initializers.serialize(self.bias_initializer),
-                      recompute_activations=self.recompute_activations)
+                      recompute_activations=self.recompute_activations,
+                      compiled_kernels=self.compiled_kernels)
         return config

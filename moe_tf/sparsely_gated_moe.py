@@ -51,6 +51,10 @@ class SparselyGatedMoE(keras.layers.Layer):
         recompute_activations: recompute the experts' hidden activations on the backward
             pass instead of keeping them from the forward pass (Appendix D): less memory,
             one more matmul per assignment.
+        compiled_kernels: in training calls of the sparse dispatch, run the experts with
+            the compiled CPU kernels of `moe_tf.kernels` when they are built and apply
+            (float32, widths multiples of 16, fewer than 128 rows per expert on average);
+            False keeps TensorFlow ops throughout.
 
     Call arguments:
         inputs: float `[..., input_dim]`, rank >= 2.
@@ -75,7 +79,7 @@ class SparselyGatedMoE(keras.layers.Layer):
                  threshold_loss_weight: float = 1.0,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  seed: Optional[int] = None, recompute_activations: bool = False,
-                 **kwargs):
+                 compiled_kernels: bool = True, **kwargs):
         super().__init__(**kwargs)
         _check_arguments(num_experts=num_experts, k=k, hidden_size=hidden_size,
                          output_size=output_size, num_groups=num_groups, group_k=group_k,
@@ -100,6 +104,7 @@ class SparselyGatedMoE(keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.seed = seed
         self.recompute_activations = recompute_activations
+        self.compiled_kernels = compiled_kernels
         self.supports_masking = True
 
         if gating == "balanced":
@@ -155,7 +160,8 @@ class SparselyGatedMoE(keras.layers.Layer):
             output_size=self.output_size or input_dim,
             kernel_initializer=self.kernel_initializer,
             bias_initializer=self.bias_initializer,
-            recompute_activations=self.recompute_activations, dtype=self.dtype_policy,
+            recompute_activations=self.recompute_activations,
+            compiled_kernels=self.compiled_kernels, dtype=self.dtype_policy,
             name="experts")
         self.experts.build((None, input_dim))
 
@@ -293,7 +299,8 @@ class SparselyGatedMoE(keras.layers.Layer):
             threshold_loss_weight=self.threshold_loss_weight,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
-            seed=self.seed, recompute_activations=self.recompute_activations)
+            seed=self.seed, recompute_activations=self.recompute_activations,
+            compiled_kernels=self.compiled_kernels)
         return config
 
 

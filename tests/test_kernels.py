@@ -1,0 +1,147 @@
+"""The compiled experts' kernels (moe_tf/kernels) against NumPy, on their own and as
+the grouped experts' training path."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from moe_tf import FeedForwardExperts
+from moe_tf import kernels
+from moe_tf.kernels import build
+from tests import numpy_reference as ref
+
+pytestmark = pytest.mark.skipif(build.why_not_buildable() is not None,
+                                reason=f"the kernels are not built here: "
+                                       f"{build.why_not_buildable()}")
+
+
+def ops():
+    library = kernels.grouped_feed_forward_ops()
+    assert library is not None, (
+        f"{kernels.LIBRARY} is missing: `make test` builds it (python -m moe_tf.kernels.build)")
+    return library
+
+
+def random_problem(group_sizes, d_in, hidden, d_out, padding_rows=3, seed=0):
+    rng = np.random.default_rng(seed)
+    num_experts, num_rows = len(group_sizes), sum(group_sizes) + padding_rows
+    weights = [rng.normal(size=shape) for shape in (
+        (num_experts, d_in, hidden), (num_experts, hidden),
+        (num_experts, hidden, d_out), (num_experts, d_out))]
+    return rng.normal(size=(num_rows, d_in)), rng.normal(size=(num_rows, d_out)), weights
+
+
+# Widths cover every column tail of the 64-wide panels (16, 32, 48) and the transposed
+# products' 4-column tails; the group sizes every row tail of the 6-row and 4-row blocks,
+# an empty group and a group of more than one block.
+@pytest.mark.parametrize("d_in, hidden, d_out", [(16, 48, 80), (32, 64, 16), (48, 112, 96)])
+@pytest.mark.parametrize("keep_hidden", [True, False])
+def test_ops_match_numpy(d_in, hidden, d_out, keep_hidden):
+    group_sizes = [1, 2, 3, 4, 5, 0, 6, 7, 13]
+    rows, d_outputs, weights = random_problem(group_sizes, d_in, hidden, d_out)
+    x, dy = tf.constant(rows, tf.float32), tf.constant(d_outputs, tf.float32)
+    w = [tf.constant(v, tf.float32) for v in weights]
+    sizes = tf.constant(group_sizes, tf.int32)
+
+    outputs, act = ops().moe_grouped_feed_forward(x, sizes, *w, keep_hidden=keep_hidden)
+    assert act.shape == ((x.shape[0], hidden) if keep_hidden else (0, hidden))
+    grads = ops().moe_grouped_feed_forward_grad(x, sizes, w[0], w[1], w[2], act, dy)
+
+    want_y, want_grads = ref.grouped_ffn_and_gradients(rows, group_sizes, d_outputs,
+                                                       *weights)
+    np.testing.assert_allclose(outputs.numpy(), want_y, rtol=1e-4, atol=1e-4)
+    if keep_hidden:
+        begin = np.cumsum([0] + group_sizes)
+        want_act = np.zeros((x.shape[0], hidden))
+        for e in range(len(group_sizes)):
+            block = slice(begin[e], begin[e + 1])
+            want_act[block] = np.maximum(rows[block] @ weights[0][e] + weights[1][e], 0)
+        np.testing.assert_allclose(act.numpy(), want_act, rtol=1e-4, atol=1e-4)
+    names = ["d_inputs", "d_kernel_in", "d_bias_in", "d_kernel_out", "d_bias_out"]
+    for got, want, name in zip(grads, want_grads, names):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_grouped_experts_train_with_the_kernels(recompute):
+    """FeedForwardExperts takes the compiled path in training calls only, and its
+    outputs and gradients match NumPy's."""
+    group_sizes = [5, 0, 9, 2]
+    rows, d_outputs, _ = random_problem(group_sizes, 16, 32, 16, seed=1)
+    layer = FeedForwardExperts(num_experts=4, hidden_size=32, output_size=16,
+                               recompute_activations=recompute)
+    layer.build((None, 16))
+    rng = np.random.default_rng(2)
+    for weight in layer.weights:
+        weight.assign(rng.normal(size=weight.shape))
+    sizes = tf.constant(group_sizes, tf.int32)
+    x = tf.constant(rows, tf.float32)
+
+    @tf.function
+    def step(x, training):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, group_sizes=sizes, training=training)
+            loss = tf.reduce_sum(y * tf.constant(d_outputs, tf.float32))
+        return y, tape.gradient(loss, [x] + layer.weights)
+
+    def op_types(training):
+        graph = step.get_concrete_function(x, training).graph
+        functions = graph._functions.values()  # the custom gradient's functions
+        return {op.type for g in [graph, *(f.graph for f in functions)]
+                for op in g.get_operations()}
+
+    assert {"MoeGroupedFeedForward", "MoeGroupedFeedForwardGrad"} <= op_types(True)
+    assert not any(t.startswith("Moe") for t in op_types(False))
+
+    want_y, want_grads = ref.grouped_ffn_and_gradients(
+        rows, group_sizes, d_outputs, *(w.numpy().astype(np.float64) for w in layer.weights))
+    for training in (True, False):
+        y, grads = step(x, training)
+        np.testing.assert_allclose(y.numpy(), want_y, rtol=1e-4, atol=1e-4)
+        for got, want in zip(grads, want_grads):
+            np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_kernels_are_skipped_where_they_do_not_apply():
+    """Widths that are not multiples of 16, other dtypes and many rows per expert stay
+    on TensorFlow ops (and still train)."""
+    def has_kernel_op(layer, rows, dtype=tf.float32):
+        layer.build((None, rows.shape[-1]))
+        sizes = tf.constant([rows.shape[0] // 2, rows.shape[0] - rows.shape[0] // 2])
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(layer(x, group_sizes=sizes, training=True))
+            return tape.gradient(loss, [x] + layer.weights)
+
+        graph = step.get_concrete_function(tf.cast(rows, dtype)).graph
+        return any(op.type.startswith("Moe") for op in graph.get_operations())
+
+    def experts(**kwargs):
+        return FeedForwardExperts(num_experts=2, hidden_size=32, output_size=16, **kwargs)
+
+    assert has_kernel_op(experts(), np.ones((20, 16)))
+    assert not has_kernel_op(experts(compiled_kernels=False), np.ones((20, 16)))
+    assert not has_kernel_op(experts(), np.ones((20, 12)))           # d_in % 16
+    assert not has_kernel_op(experts(), np.ones((256, 16)))          # 128 rows per expert
+    assert not has_kernel_op(experts(dtype="mixed_bfloat16"), np.ones((20, 16)),
+                             tf.bfloat16)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(group_sizes=[4, 5]), "group_sizes sum to 9, more than the 8 rows"),
+    (dict(group_sizes=[-1, 2]), r"group_sizes\[0\] = -1 is negative"),
+    (dict(d_in=12), "multiples of 16"),
+    (dict(kernel_in_experts=3), r"kernel_in must be \[experts, d, h\]"),
+])
+def test_bad_operands_are_named(change, message):
+    d_in = change.get("d_in", 16)
+    x = tf.ones([8, d_in])
+    sizes = tf.constant(change.get("group_sizes", [3, 4]), tf.int32)
+    kernel_in = tf.ones([change.get("kernel_in_experts", 2), d_in, 32])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        ops().moe_grouped_feed_forward(x, sizes, kernel_in, tf.ones([2, 32]),
+                                       tf.ones([2, 32, 16]), tf.ones([2, 16]))
