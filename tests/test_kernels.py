@@ -126,7 +126,8 @@ def test_kernels_are_skipped_where_they_do_not_apply():
     assert has_kernel_op(experts(), np.ones((20, 16)))
     assert not has_kernel_op(experts(compiled_kernels=False), np.ones((20, 16)))
     assert not has_kernel_op(experts(), np.ones((20, 12)))           # d_in % 16
-    assert not has_kernel_op(experts(), np.ones((256, 16)))          # 128 rows per expert
+    assert has_kernel_op(experts(), np.ones((512, 16)))              # 256 rows per expert
+    assert not has_kernel_op(experts(), np.ones((514, 16)))          # 257
     assert not has_kernel_op(experts(dtype="mixed_bfloat16"), np.ones((20, 16)),
                              tf.bfloat16)
 

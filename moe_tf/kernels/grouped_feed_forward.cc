@@ -201,6 +201,15 @@ Prefetch WeightsOf(const float* stacked, int64_t e, int64_t size, int64_t expert
   return {begin, begin + sizeof(float) * size};
 }
 
+// A buffer of at least `floats` for the calling thread: one expert's activations or
+// gradients, kept across calls (a [rows, h] temporary for all experts would add to the
+// step's peak memory; this holds the largest group's rows per thread).
+float* ThreadScratch(size_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
 struct Dims {
   int64_t rows, experts, d, h, o;
 };
@@ -286,13 +295,7 @@ class GroupedFeedForwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({dims.rows, dims.o}), &outputs));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             1, TensorShape({keep_hidden_ ? dims.rows : 0, dims.h}), &hidden));
-    // Without keep_hidden, a scratch buffer that lives only for this op.
-    Tensor scratch;
-    if (!keep_hidden_) {
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
-                                             TensorShape({dims.rows, dims.h}), &scratch));
-    }
-    float* hid = keep_hidden_ ? hidden->flat<float>().data() : scratch.flat<float>().data();
+    float* hid = hidden->flat<float>().data();
     const float* x = inputs.flat<float>().data();
     float* y = outputs->flat<float>().data();
     const float* w1 = kernel_in.flat<float>().data();
@@ -304,7 +307,7 @@ class GroupedFeedForwardOp : public OpKernel {
     ForEachExpert(ctx, dims, 2 * n.h * (n.d + n.o), [&](int64_t e) {
       const int64_t begin = offsets[e], m = offsets[e + 1] - offsets[e];
       if (m == 0) return;
-      float* act = hid + begin * n.h;
+      float* act = keep_hidden_ ? hid + begin * n.h : ThreadScratch(m * n.h);
       // While one kernel is multiplied, the next one is fetched.
       Prefetch next_out = WeightsOf(w2, e, n.h * n.o, n.experts);
       Times(m, n.h, n.d, x + begin * n.d, n.d, 1, w1 + e * n.d * n.h, n.h, act, n.h,
@@ -351,31 +354,22 @@ class GroupedFeedForwardGradOp : public OpKernel {
                                 "], got ", d_outputs.shape().DebugString()));
 
     Tensor *d_inputs, *d_kernel_in, *d_bias_in, *d_kernel_out, *d_bias_out;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, inputs.shape(), &d_inputs));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, kernel_in.shape(), &d_kernel_in));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({n.experts, n.h}), &d_bias_in));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, kernel_out.shape(), &d_kernel_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, inputs.shape(), &d_inputs));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({n.experts, n.h}), &d_bias_in));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({n.experts, n.o}), &d_bias_out));
-    // The gradient at the hidden layer's pre-activations, and the recomputed activations.
-    Tensor d_pre_buffer, act_buffer;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({n.rows, n.h}),
-                                           &d_pre_buffer));
-    if (recompute) {
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
-                                             TensorShape({n.rows, n.h}), &act_buffer));
-    }
     const float* x = inputs.flat<float>().data();
     const float* w1 = kernel_in.flat<float>().data();
     const float* b1 = bias_in.flat<float>().data();
     const float* w2 = kernel_out.flat<float>().data();
-    const float* hid = recompute ? act_buffer.flat<float>().data() : hidden.flat<float>().data();
+    const float* hid = hidden.flat<float>().data();
     const float* dy_all = d_outputs.flat<float>().data();
     float* dx_all = d_inputs->flat<float>().data();
     float* dw1_all = d_kernel_in->flat<float>().data();
     float* db1_all = d_bias_in->flat<float>().data();
     float* dw2_all = d_kernel_out->flat<float>().data();
     float* db2_all = d_bias_out->flat<float>().data();
-    float* d_pre_all = d_pre_buffer.flat<float>().data();
 
     ForEachExpert(ctx, dims, 4 * n.h * (n.d + n.o), [&](int64_t e) {
       const int64_t begin = offsets[e], m = offsets[e + 1] - offsets[e];
@@ -383,8 +377,9 @@ class GroupedFeedForwardGradOp : public OpKernel {
       const float* dy = dy_all + begin * n.o;
       const float* w1e = w1 + e * n.d * n.h;
       const float* w2e = w2 + e * n.h * n.o;
-      float* act = const_cast<float*>(hid) + begin * n.h;
-      float* d_pre = d_pre_all + begin * n.h;
+      // The gradient at the hidden pre-activations, then the recomputed activations.
+      float* d_pre = ThreadScratch((recompute ? 2 : 1) * m * n.h);
+      float* act = recompute ? d_pre + m * n.h : const_cast<float*>(hid) + begin * n.h;
       // While one kernel is read, the next one is fetched: kernel_in for dx, then the
       // next expert's kernel_out.
       Prefetch next_in = WeightsOf(w1, e, n.d * n.h, n.experts);
