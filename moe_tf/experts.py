@@ -99,10 +99,10 @@ def _split_capacity(group_sizes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 # Up to this many rows per expert on average the compiled kernels beat the TensorFlow
 # path (experts' FFN forward and backward, float32, d = 512, h = 1024, 16384 rows, 2 cores;
-# ad hoc, ranges over runs): 32 rows 372 against 493-514 ms, 256 rows 250-257 against
-# 288-306, 512 rows 253-268 against 282-307, 1024 rows 262-269 against 270-280; at 2048
-# rows oneDNN's large matmuls win (288-300 against 266-283).
-_COMPILED_KERNEL_ROWS = 1024
+# ad hoc, ranges over runs): 32 rows 372 against 493-514 ms, 256 rows 263-272 against
+# 288-306, 1024 rows 259-263 against 275-310, 2048 rows 251-263 against 269-290; at 4096
+# rows (4 experts for 2 threads) they are even, 273-278 against 274-276.
+_COMPILED_KERNEL_ROWS = 2048
 
 
 def _compiled_kernels_apply(inputs, kernel_in, kernel_out):
@@ -346,7 +346,7 @@ class FeedForwardExperts(keras.layers.Layer):
     With `compiled_kernels=True` (the default), grouped training calls run the experts
     with the compiled CPU kernels of `moe_tf.kernels` when they are built, the weights
     and inputs are float32 with widths that are multiples of 16, and the experts
-    average at most 1024 rows. Inference calls always use TensorFlow ops, so that
+    average at most 2048 rows. Inference calls always use TensorFlow ops, so that
     exported SavedModels load without this package's op library.
     """
 

@@ -33,11 +33,12 @@ def random_problem(group_sizes, d_in, hidden, d_out, padding_rows=3, seed=0):
 
 # Widths cover every column tail of the 64-wide panels (16, 32, 48); the group sizes every
 # row tail of the 6-row blocks, an empty group, and groups whose transposition (16 x 16
-# blocks, then single rows) has whole blocks and a tail.
+# blocks, then single rows) has whole blocks and a tail; the last group's weight gradients
+# sum two chunks of rows (kChunk = 512).
 @pytest.mark.parametrize("d_in, hidden, d_out", [(16, 48, 80), (32, 64, 16), (48, 112, 96)])
 @pytest.mark.parametrize("keep_hidden", [True, False])
 def test_ops_match_numpy(d_in, hidden, d_out, keep_hidden):
-    group_sizes = [1, 2, 3, 4, 5, 0, 6, 7, 13, 16, 37]
+    group_sizes = [1, 2, 3, 4, 5, 0, 6, 7, 13, 16, 37, 600]
     rows, d_outputs, weights = random_problem(group_sizes, d_in, hidden, d_out)
     x, dy = tf.constant(rows, tf.float32), tf.constant(d_outputs, tf.float32)
     w = [tf.constant(v, tf.float32) for v in weights]
@@ -126,8 +127,8 @@ def test_kernels_are_skipped_where_they_do_not_apply():
     assert has_kernel_op(experts(), np.ones((20, 16)))
     assert not has_kernel_op(experts(compiled_kernels=False), np.ones((20, 16)))
     assert not has_kernel_op(experts(), np.ones((20, 12)))           # d_in % 16
-    assert has_kernel_op(experts(), np.ones((2048, 16)))             # 1024 rows per expert
-    assert not has_kernel_op(experts(), np.ones((2050, 16)))         # 1025
+    assert has_kernel_op(experts(), np.ones((4096, 16)))             # 2048 rows per expert
+    assert not has_kernel_op(experts(), np.ones((4098, 16)))         # 2049
     assert not has_kernel_op(experts(dtype="mixed_bfloat16"), np.ones((20, 16)),
                              tf.bfloat16)
 

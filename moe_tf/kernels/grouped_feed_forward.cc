@@ -61,16 +61,28 @@ float* ThreadScratch(int slot, size_t floats) {
   return buffers[slot].data();
 }
 
-// C[R rows, 16 J cols] = A[R, K] B[K, 16 J] (+ bias) (ReLU), all row-major. R x J
-// accumulators stay in registers for the whole reduction.
+// What a product does with A B: C = [C +] A B [+ bias], [ReLU], with streaming stores or
+// not. Streaming stores skip reading the lines first: for a weight gradient, written once
+// and not read again in the op.
+struct Output {
+  const float* bias = nullptr;  // [columns], added to every row
+  bool relu = false;
+  bool accumulate = false;
+  bool stream = false;
+};
+
+// C[R rows, 16 J cols] (out)= A[R, K] B[K, 16 J], all row-major. R x J accumulators stay
+// in registers for the whole reduction.
 template <int R, int J>
 inline void BlockTimes(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                       int64_t ldc, int64_t k_size, const float* bias, bool relu,
-                       bool stream, Prefetch* prefetch) {
+                       int64_t ldc, int64_t k_size, const Output& out, Prefetch* prefetch) {
   __m512 acc[R][J];
   for (int j = 0; j < J; ++j) {
-    const __m512 init = bias ? _mm512_loadu_ps(bias + kLanes * j) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) acc[r][j] = init;
+    const __m512 init = out.bias ? _mm512_loadu_ps(out.bias + kLanes * j) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      acc[r][j] = out.accumulate ? _mm512_add_ps(init, _mm512_loadu_ps(c + r * ldc + kLanes * j))
+                                 : init;
+    }
   }
   for (int64_t k = 0; k < k_size; ++k) {
     prefetch->Step();
@@ -85,10 +97,8 @@ inline void BlockTimes(const float* a, int64_t lda, const float* b, int64_t ldb,
   const __m512 zero = _mm512_setzero_ps();
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < J; ++j) {
-      const __m512 value = relu ? _mm512_max_ps(acc[r][j], zero) : acc[r][j];
-      // Streaming stores skip reading the lines first: a weight gradient is written
-      // once and not read again in this op.
-      if (stream) {
+      const __m512 value = out.relu ? _mm512_max_ps(acc[r][j], zero) : acc[r][j];
+      if (out.stream) {
         _mm512_stream_ps(c + r * ldc + kLanes * j, value);
       } else {
         _mm512_storeu_ps(c + r * ldc + kLanes * j, value);
@@ -101,46 +111,53 @@ inline void BlockTimes(const float* a, int64_t lda, const float* b, int64_t ldb,
 // plus 4 loaded vectors and a broadcast fit the 32 registers).
 template <int J>
 void PanelTimes(int64_t m_size, const float* a, int64_t lda, const float* b, int64_t ldb,
-                float* c, int64_t ldc, int64_t k_size, const float* bias, bool relu,
-                bool stream, Prefetch* prefetch) {
+                float* c, int64_t ldc, int64_t k_size, const Output& out, Prefetch* prefetch) {
   int64_t m = 0;
   for (; m + 6 <= m_size; m += 6) {
-    BlockTimes<6, J>(a + m * lda, lda, b, ldb, c + m * ldc, ldc, k_size, bias, relu, stream,
-                     prefetch);
+    BlockTimes<6, J>(a + m * lda, lda, b, ldb, c + m * ldc, ldc, k_size, out, prefetch);
   }
   const float* a_m = a + m * lda;
   float* c_m = c + m * ldc;
   switch (m_size - m) {
-    case 1: BlockTimes<1, J>(a_m, lda, b, ldb, c_m, ldc, k_size, bias, relu, stream, prefetch); break;
-    case 2: BlockTimes<2, J>(a_m, lda, b, ldb, c_m, ldc, k_size, bias, relu, stream, prefetch); break;
-    case 3: BlockTimes<3, J>(a_m, lda, b, ldb, c_m, ldc, k_size, bias, relu, stream, prefetch); break;
-    case 4: BlockTimes<4, J>(a_m, lda, b, ldb, c_m, ldc, k_size, bias, relu, stream, prefetch); break;
-    case 5: BlockTimes<5, J>(a_m, lda, b, ldb, c_m, ldc, k_size, bias, relu, stream, prefetch); break;
+    case 1: BlockTimes<1, J>(a_m, lda, b, ldb, c_m, ldc, k_size, out, prefetch); break;
+    case 2: BlockTimes<2, J>(a_m, lda, b, ldb, c_m, ldc, k_size, out, prefetch); break;
+    case 3: BlockTimes<3, J>(a_m, lda, b, ldb, c_m, ldc, k_size, out, prefetch); break;
+    case 4: BlockTimes<4, J>(a_m, lda, b, ldb, c_m, ldc, k_size, out, prefetch); break;
+    case 5: BlockTimes<5, J>(a_m, lda, b, ldb, c_m, ldc, k_size, out, prefetch); break;
     default: break;
   }
 }
 
 // The panel of `width` (16 J, J <= 4) columns starting at b.
 void PanelTimes(int64_t width, int64_t m_size, const float* a, int64_t lda, const float* b,
-                int64_t ldb, float* c, int64_t ldc, int64_t k_size, const float* bias,
-                bool relu, bool stream, Prefetch* prefetch) {
+                int64_t ldb, float* c, int64_t ldc, int64_t k_size, const Output& out,
+                Prefetch* prefetch) {
   switch (width / kLanes) {
-    case 4: PanelTimes<4>(m_size, a, lda, b, ldb, c, ldc, k_size, bias, relu, stream, prefetch); break;
-    case 3: PanelTimes<3>(m_size, a, lda, b, ldb, c, ldc, k_size, bias, relu, stream, prefetch); break;
-    case 2: PanelTimes<2>(m_size, a, lda, b, ldb, c, ldc, k_size, bias, relu, stream, prefetch); break;
-    default: PanelTimes<1>(m_size, a, lda, b, ldb, c, ldc, k_size, bias, relu, stream, prefetch); break;
+    case 4: PanelTimes<4>(m_size, a, lda, b, ldb, c, ldc, k_size, out, prefetch); break;
+    case 3: PanelTimes<3>(m_size, a, lda, b, ldb, c, ldc, k_size, out, prefetch); break;
+    case 2: PanelTimes<2>(m_size, a, lda, b, ldb, c, ldc, k_size, out, prefetch); break;
+    default: PanelTimes<1>(m_size, a, lda, b, ldb, c, ldc, k_size, out, prefetch); break;
   }
 }
 
 constexpr int64_t kPanel = 4 * kLanes;  // columns per panel
 
-// C[m, n] = sum_k A[m, k] B[k, n] (+ bias[n]) (ReLU). n_size % 16 == 0.
+Output HiddenLayer(const float* bias) {
+  Output out;
+  out.bias = bias;
+  out.relu = true;
+  return out;
+}
+
+// C[m, n] (out)= sum_k A[m, k] B[k, n]. n_size % 16 == 0.
 void Times(int64_t m_size, int64_t n_size, int64_t k_size, const float* a, int64_t lda,
            const float* b, int64_t ldb, float* c, int64_t ldc, Prefetch* prefetch,
-           const float* bias = nullptr, bool relu = false, bool stream = false) {
+           const Output& out = {}) {
   for (int64_t n = 0; n < n_size; n += kPanel) {
+    Output panel_out = out;
+    if (out.bias) panel_out.bias += n;
     PanelTimes(std::min(kPanel, n_size - n), m_size, a, lda, b + n, ldb, c + n, ldc, k_size,
-               bias ? bias + n : nullptr, relu, stream, prefetch);
+               panel_out, prefetch);
   }
 }
 
@@ -198,19 +215,28 @@ void TimesTransposed(int64_t m_size, int64_t n_size, int64_t k_size, const float
   for (int64_t n = 0; n < n_size; n += kPanel) {
     const int64_t width = std::min(kPanel, n_size - n);
     TransposeInto(b + n * ldb, width, k_size, ldb, panel, kPanel);
-    PanelTimes(width, m_size, a, lda, panel, kPanel, c + n, ldc, k_size, nullptr, false,
-               false, prefetch);
+    PanelTimes(width, m_size, a, lda, panel, kPanel, c + n, ldc, k_size, Output(), prefetch);
   }
 }
 
 // C[m, n] = sum_k A[k, m] B[k, n], A transposed into a scratch buffer first (reading A
-// column-wise in the product would use a fraction of each cache line).
+// column-wise in the product would use a fraction of each cache line). Long reductions
+// run in chunks of kChunk rows added to C, so that a panel of B stays in L2.
+constexpr int64_t kChunk = 512;
 void TransposedTimes(int64_t m_size, int64_t n_size, int64_t k_size, const float* a,
                      int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                      Prefetch* prefetch, bool stream) {
-  float* a_t = ThreadScratch(2, m_size * k_size);
-  TransposeInto(a, k_size, m_size, lda, a_t, k_size);
-  Times(m_size, n_size, k_size, a_t, k_size, b, ldb, c, ldc, prefetch, nullptr, false, stream);
+  float* a_t = ThreadScratch(2, m_size * std::min(k_size, kChunk));
+  int64_t k = 0;
+  do {
+    const int64_t chunk = std::min(kChunk, k_size - k);
+    TransposeInto(a + k * lda, chunk, m_size, lda, a_t, chunk);
+    Output out;
+    out.accumulate = k > 0;
+    out.stream = stream && k + chunk == k_size;
+    Times(m_size, n_size, chunk, a_t, chunk, b + k * ldb, ldb, c, ldc, prefetch, out);
+    k += chunk;
+  } while (k < k_size);
 }
 
 // out[n] = sum over m_size rows of x[m, n] (a bias gradient).
@@ -333,10 +359,12 @@ class GroupedFeedForwardOp : public OpKernel {
       // While one kernel is multiplied, the next one is fetched.
       Prefetch next_out = WeightsOf(w2, e, n.h * n.o, n.experts);
       Times(m, n.h, n.d, x + begin * n.d, n.d, w1 + e * n.d * n.h, n.h, act, n.h, &next_out,
-            b1 + e * n.h, /*relu=*/true);
+            HiddenLayer(b1 + e * n.h));
       Prefetch next_in = WeightsOf(w1, e + 1, n.d * n.h, n.experts);
+      Output output_layer;
+      output_layer.bias = b2 + e * n.o;
       Times(m, n.o, n.h, act, n.h, w2 + e * n.h * n.o, n.o, y + begin * n.o, n.o, &next_in,
-            b2 + e * n.o);
+            output_layer);
     });
     const int64_t used = offsets.back();
     std::memset(y + used * n.o, 0, sizeof(float) * (n.rows - used) * n.o);
@@ -407,8 +435,7 @@ class GroupedFeedForwardGradOp : public OpKernel {
       Prefetch next_in = WeightsOf(w1, e, n.d * n.h, n.experts);
       Prefetch next_out = WeightsOf(w2, e + 1, n.h * n.o, n.experts);
       if (recompute) {
-        Times(m, n.h, n.d, xe, n.d, w1e, n.h, act, n.h, &next_out, b1 + e * n.h,
-              /*relu=*/true);
+        Times(m, n.h, n.d, xe, n.d, w1e, n.h, act, n.h, &next_out, HiddenLayer(b1 + e * n.h));
       }
       // d_pre = (dy W2^T) where the ReLU passed its input, else 0.
       TimesTransposed(m, n.h, n.o, dy, n.o, w2e, n.o, d_pre, n.h, &next_in);
