@@ -34,7 +34,7 @@ def random_problem(group_sizes, d_in, hidden, d_out, padding_rows=3, seed=0):
 # Widths cover every column tail of the 64-wide panels (16, 32, 48); the group sizes every
 # row tail of the 6-row blocks, an empty group, and groups whose transposition (16 x 16
 # blocks, then single rows) has whole blocks and a tail; the last group's weight gradients
-# sum two chunks of rows (kChunk = 512).
+# sum two chunks of rows (kChunkRows = 512).
 @pytest.mark.parametrize("d_in, hidden, d_out", [(16, 48, 80), (32, 64, 16), (48, 112, 96)])
 @pytest.mark.parametrize("keep_hidden", [True, False])
 def test_ops_match_numpy(d_in, hidden, d_out, keep_hidden):

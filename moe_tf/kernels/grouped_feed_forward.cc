@@ -219,29 +219,20 @@ void TimesTransposed(int64_t m_size, int64_t n_size, int64_t k_size, const float
   }
 }
 
-// C[m, n] = sum_k A[k, m] B[k, n], A transposed into a scratch buffer first (reading A
-// column-wise in the product would use a fraction of each cache line). Long reductions
-// run in chunks of kChunk rows added to C, so that a panel of B stays in L2.
-constexpr int64_t kChunk = 512;
+// C[m, n] (out)= sum_k A[k, m] B[k, n], A transposed into a scratch buffer first
+// (reading A column-wise in the product would use a fraction of each cache line).
 void TransposedTimes(int64_t m_size, int64_t n_size, int64_t k_size, const float* a,
                      int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
-                     Prefetch* prefetch, bool stream) {
-  float* a_t = ThreadScratch(2, m_size * std::min(k_size, kChunk));
-  int64_t k = 0;
-  do {
-    const int64_t chunk = std::min(kChunk, k_size - k);
-    TransposeInto(a + k * lda, chunk, m_size, lda, a_t, chunk);
-    Output out;
-    out.accumulate = k > 0;
-    out.stream = stream && k + chunk == k_size;
-    Times(m_size, n_size, chunk, a_t, chunk, b + k * ldb, ldb, c, ldc, prefetch, out);
-    k += chunk;
-  } while (k < k_size);
+                     Prefetch* prefetch, const Output& out) {
+  float* a_t = ThreadScratch(2, m_size * k_size);
+  TransposeInto(a, k_size, m_size, lda, a_t, k_size);
+  Times(m_size, n_size, k_size, a_t, k_size, b, ldb, c, ldc, prefetch, out);
 }
 
-// out[n] = sum over m_size rows of x[m, n] (a bias gradient).
-void ColumnSums(int64_t m_size, int64_t n_size, const float* x, float* out) {
-  std::fill(out, out + n_size, 0.0f);
+// out[n] (+)= sum over m_size rows of x[m, n] (a bias gradient).
+void ColumnSums(int64_t m_size, int64_t n_size, const float* x, float* out,
+                bool accumulate) {
+  if (!accumulate) std::fill(out, out + n_size, 0.0f);
   for (int64_t m = 0; m < m_size; ++m) {
     const float* row = x + m * n_size;
     for (int64_t n = 0; n < n_size; n += kLanes) {
@@ -250,6 +241,11 @@ void ColumnSums(int64_t m_size, int64_t n_size, const float* x, float* out) {
     }
   }
 }
+
+// Rows of one expert handled together: bounds the per-thread scratch buffers (a chunk's
+// activations and their gradients) and keeps the weight gradients' reductions short
+// enough for a panel of the other operand to stay in L2.
+constexpr int64_t kChunkRows = 512;
 
 // The stacked weights of expert e (nothing past the last expert).
 Prefetch WeightsOf(const float* stacked, int64_t e, int64_t size, int64_t experts) {
@@ -355,16 +351,19 @@ class GroupedFeedForwardOp : public OpKernel {
     ForEachExpert(ctx, dims, 2 * n.h * (n.d + n.o), [&](int64_t e) {
       const int64_t begin = offsets[e], m = offsets[e + 1] - offsets[e];
       if (m == 0) return;
-      float* act = keep_hidden_ ? hid + begin * n.h : ThreadScratch(0, m * n.h);
       // While one kernel is multiplied, the next one is fetched.
       Prefetch next_out = WeightsOf(w2, e, n.h * n.o, n.experts);
-      Times(m, n.h, n.d, x + begin * n.d, n.d, w1 + e * n.d * n.h, n.h, act, n.h, &next_out,
-            HiddenLayer(b1 + e * n.h));
       Prefetch next_in = WeightsOf(w1, e + 1, n.d * n.h, n.experts);
       Output output_layer;
       output_layer.bias = b2 + e * n.o;
-      Times(m, n.o, n.h, act, n.h, w2 + e * n.h * n.o, n.o, y + begin * n.o, n.o, &next_in,
-            output_layer);
+      for (int64_t r = begin; r < begin + m; r += kChunkRows) {
+        const int64_t rows = std::min(kChunkRows, begin + m - r);
+        float* act = keep_hidden_ ? hid + r * n.h : ThreadScratch(0, rows * n.h);
+        Times(rows, n.h, n.d, x + r * n.d, n.d, w1 + e * n.d * n.h, n.h, act, n.h, &next_out,
+              HiddenLayer(b1 + e * n.h));
+        Times(rows, n.o, n.h, act, n.h, w2 + e * n.h * n.o, n.o, y + r * n.o, n.o, &next_in,
+              output_layer);
+      }
     });
     const int64_t used = offsets.back();
     std::memset(y + used * n.o, 0, sizeof(float) * (n.rows - used) * n.o);
@@ -423,36 +422,47 @@ class GroupedFeedForwardGradOp : public OpKernel {
 
     ForEachExpert(ctx, dims, 4 * n.h * (n.d + n.o), [&](int64_t e) {
       const int64_t begin = offsets[e], m = offsets[e + 1] - offsets[e];
-      const float* xe = x + begin * n.d;
-      const float* dy = dy_all + begin * n.o;
       const float* w1e = w1 + e * n.d * n.h;
       const float* w2e = w2 + e * n.h * n.o;
-      // The gradient at the hidden pre-activations, then the recomputed activations.
-      float* d_pre = ThreadScratch(0, (recompute ? 2 : 1) * m * n.h);
-      float* act = recompute ? d_pre + m * n.h : const_cast<float*>(hid) + begin * n.h;
       // While one kernel is read, the next one is fetched: kernel_in for dx, then the
       // next expert's kernel_out.
       Prefetch next_in = WeightsOf(w1, e, n.d * n.h, n.experts);
       Prefetch next_out = WeightsOf(w2, e + 1, n.h * n.o, n.experts);
-      if (recompute) {
-        Times(m, n.h, n.d, xe, n.d, w1e, n.h, act, n.h, &next_out, HiddenLayer(b1 + e * n.h));
-      }
-      // d_pre = (dy W2^T) where the ReLU passed its input, else 0.
-      TimesTransposed(m, n.h, n.o, dy, n.o, w2e, n.o, d_pre, n.h, &next_in);
-      const __m512 zero = _mm512_setzero_ps();
-      for (int64_t i = 0; i < m * n.h; i += kLanes) {
-        const __mmask16 on = _mm512_cmp_ps_mask(_mm512_loadu_ps(act + i), zero, _CMP_GT_OQ);
-        _mm512_storeu_ps(d_pre + i, _mm512_maskz_mov_ps(on, _mm512_loadu_ps(d_pre + i)));
-      }
-      // Weight gradients: act^T dy and x^T d_pre.
-      TransposedTimes(n.h, n.o, m, act, n.h, dy, n.o, dw2_all + e * n.h * n.o, n.o,
-                      &next_out, /*stream=*/true);
-      ColumnSums(m, n.o, dy, db2_all + e * n.o);
-      TransposedTimes(n.d, n.h, m, xe, n.d, d_pre, n.h, dw1_all + e * n.d * n.h, n.h,
-                      &next_out, /*stream=*/true);
-      ColumnSums(m, n.h, d_pre, db1_all + e * n.h);
-      TimesTransposed(m, n.d, n.h, d_pre, n.h, w1e, n.h, dx_all + begin * n.d, n.d,
-                      &next_out);
+      // One pass even without rows, which writes the expert's zero weight gradients.
+      int64_t r = begin;
+      do {
+        const int64_t rows = std::min(kChunkRows, begin + m - r);
+        const bool first = r == begin, last = r + rows == begin + m;
+        const float* xr = x + r * n.d;
+        const float* dy = dy_all + r * n.o;
+        // The gradient at the hidden pre-activations, then the recomputed activations.
+        float* d_pre = ThreadScratch(0, (recompute ? 2 : 1) * rows * n.h);
+        float* act = recompute ? d_pre + rows * n.h : const_cast<float*>(hid) + r * n.h;
+        if (recompute) {
+          Times(rows, n.h, n.d, xr, n.d, w1e, n.h, act, n.h, &next_out,
+                HiddenLayer(b1 + e * n.h));
+        }
+        // d_pre = (dy W2^T) where the ReLU passed its input, else 0.
+        TimesTransposed(rows, n.h, n.o, dy, n.o, w2e, n.o, d_pre, n.h, &next_in);
+        const __m512 zero = _mm512_setzero_ps();
+        for (int64_t i = 0; i < rows * n.h; i += kLanes) {
+          const __mmask16 on = _mm512_cmp_ps_mask(_mm512_loadu_ps(act + i), zero, _CMP_GT_OQ);
+          _mm512_storeu_ps(d_pre + i, _mm512_maskz_mov_ps(on, _mm512_loadu_ps(d_pre + i)));
+        }
+        // Weight gradients act^T dy and x^T d_pre, summed over the chunks.
+        Output weight_gradient;
+        weight_gradient.accumulate = !first;
+        weight_gradient.stream = last;
+        TransposedTimes(n.h, n.o, rows, act, n.h, dy, n.o, dw2_all + e * n.h * n.o, n.o,
+                        &next_out, weight_gradient);
+        ColumnSums(rows, n.o, dy, db2_all + e * n.o, !first);
+        TransposedTimes(n.d, n.h, rows, xr, n.d, d_pre, n.h, dw1_all + e * n.d * n.h, n.h,
+                        &next_out, weight_gradient);
+        ColumnSums(rows, n.h, d_pre, db1_all + e * n.h, !first);
+        TimesTransposed(rows, n.d, n.h, d_pre, n.h, w1e, n.h, dx_all + r * n.d, n.d,
+                        &next_out);
+        r += rows;
+      } while (r < begin + m);
     });
     const int64_t used = offsets.back();
     std::memset(dx_all + used * n.d, 0, sizeof(float) * (n.rows - used) * n.d);
