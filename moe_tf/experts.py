@@ -105,9 +105,9 @@ def _split_capacity(group_sizes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 _COMPILED_KERNEL_ROWS = 2048
 
 
-def _compiled_kernels_apply(inputs, kernel_in, kernel_out):
-    """The compiled kernels (`moe_tf.kernels`) when built and the operands suit them:
-    float32 throughout and every width a multiple of 16."""
+def _compiled_kernels_for(inputs, kernel_in, kernel_out):
+    """The compiled kernels' ops (`moe_tf.kernels`) for these operands, or None: they
+    must be built, and the operands float32 with every width a multiple of 16."""
     ops = kernels.grouped_feed_forward_ops()
     widths = (inputs.shape[-1], kernel_in.shape[-1], kernel_out.shape[-1])
     if ops is None or any(w is None or w % 16 for w in widths):
@@ -152,7 +152,7 @@ def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, b
     and run as batched matmuls (`_pad_to_batch`).
     """
     num_experts = tf.shape(kernel_in)[0]
-    ops = _compiled_kernels_apply(inputs, kernel_in, kernel_out) if compiled_kernels else None
+    ops = _compiled_kernels_for(inputs, kernel_in, kernel_out) if compiled_kernels else None
     offsets = tf.concat([[0], tf.cumsum(group_sizes)], axis=0)
     padding_rows = tf.shape(inputs)[0] - offsets[-1]
 
