@@ -48,6 +48,7 @@ class Config:
     k: int = 4
     dtype: str = "float32"
     recompute_activations: bool = False
+    compiled_kernels: bool = True
     steps: int = 10
     warmup: int = 3
 
@@ -87,6 +88,7 @@ def training_step(config: Config) -> Callable[[], None]:
         model = SparselyGatedMoE(config.num_experts, config.k, config.hidden_size,
                                  dispatch=config.dispatch,
                                  recompute_activations=config.recompute_activations,
+                                 compiled_kernels=config.compiled_kernels,
                                  dtype=policy, seed=0)
     model.build((None, config.model_dim))
     weights = model.trainable_weights
@@ -217,6 +219,9 @@ def _parse_args(argv):
                              "gate stays float32)")
     parser.add_argument("--recompute-activations", action="store_true",
                         help="SparselyGatedMoE(recompute_activations=True)")
+    parser.add_argument("--no-compiled-kernels", dest="compiled_kernels",
+                        action="store_false",
+                        help="SparselyGatedMoE(compiled_kernels=False): TensorFlow ops only")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.experts and min(args.experts) < Config.k:
@@ -234,7 +239,8 @@ def main(argv=None) -> None:
     paths = ("sparse", "capacity") if dispatch == "both" else (dispatch,)
     experts = args.experts or ([8, 64] if args.quick else [8, 64, 512])
     base = Config(tokens=args.tokens, steps=args.steps, dtype=args.dtype,
-                  recompute_activations=args.recompute_activations)
+                  recompute_activations=args.recompute_activations,
+                  compiled_kernels=args.compiled_kernels)
     # --quick leaves out the dense baseline's own process (its row and peak RSS): every
     # MoE process times the dense baseline alongside anyway.
     configs = ([] if args.quick else [base]) + [
@@ -247,6 +253,7 @@ def main(argv=None) -> None:
         results.append(run_worker("benchmarks.layer_bench", dataclasses.asdict(config)))
     print(f"T={args.tokens} d={base.model_dim} hidden={base.hidden_size} k={base.k} "
           f"dtype={args.dtype} recompute_activations={args.recompute_activations} "
+          f"compiled_kernels={args.compiled_kernels} "
           f"steps={args.steps} (after {base.warmup} warm-up)")
     print(format_table(results))
     for path in paths[1:]:

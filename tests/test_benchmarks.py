@@ -49,3 +49,9 @@ def test_benchmarks_reject_bad_arguments_by_name(main, argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_layer_bench_can_turn_the_compiled_kernels_off():
+    assert layer_bench._parse_args(["--quick"]).compiled_kernels is True
+    assert layer_bench._parse_args(["--quick", "--no-compiled-kernels"]).compiled_kernels is False
+    assert layer_bench.Config().compiled_kernels is True
