@@ -463,6 +463,8 @@ class GroupedFeedForwardGradOp : public OpKernel {
                         &next_out);
         r += rows;
       } while (r < begin + m);
+      // Streaming stores are weakly ordered: make them visible before the op's output is.
+      _mm_sfence();
     });
     const int64_t used = offsets.back();
     std::memset(dx_all + used * n.d, 0, sizeof(float) * (n.rows - used) * n.d);
