@@ -405,7 +405,10 @@ class GroupedFeedForwardGradOp : public OpKernel {
     Tensor *d_inputs, *d_kernel_in, *d_bias_in, *d_kernel_out, *d_bias_out;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, kernel_in.shape(), &d_kernel_in));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, kernel_out.shape(), &d_kernel_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, inputs.shape(), &d_inputs));
+    // d_inputs may take over d_outputs' buffer (when d = o and nothing else reads it): a
+    // chunk's input gradients are written after its last read of d_outputs.
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({6}, 0, inputs.shape(),
+                                                              &d_inputs));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({n.experts, n.h}), &d_bias_in));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({n.experts, n.o}), &d_bias_out));
     const float* x = inputs.flat<float>().data();
