@@ -258,10 +258,23 @@ struct Dims {
   int64_t rows, experts, d, h, o;
 };
 
-// Checks the inputs both ops share and reads their sizes and each group's first row.
-tensorflow::Status ReadDims(const Tensor& inputs, const Tensor& group_sizes,
-                            const Tensor& kernel_in, const Tensor& kernel_out,
-                            std::vector<int64_t>* offsets, Dims* dims) {
+// The inputs both ops start with (inputs, group_sizes, kernel_in, bias_in, kernel_out),
+// checked: their data, their sizes and each group's first row (offsets[e]; the last
+// entry is the number of rows in use).
+struct Operands {
+  const float *x, *w1, *b1, *w2;
+  std::vector<int64_t> offsets;
+  Dims dims;
+};
+
+tensorflow::Status ReadOperands(OpKernelContext* ctx, Operands* operands) {
+  const Tensor& inputs = ctx->input(0);
+  const Tensor& group_sizes = ctx->input(1);
+  const Tensor& kernel_in = ctx->input(2);
+  const Tensor& bias_in = ctx->input(3);
+  const Tensor& kernel_out = ctx->input(4);
+  Dims* dims = &operands->dims;
+  std::vector<int64_t>* offsets = &operands->offsets;
   if (inputs.dims() != 2) {
     return InvalidArgument("inputs must be [rows, d], got shape ",
                            inputs.shape().DebugString());
@@ -300,6 +313,14 @@ tensorflow::Status ReadDims(const Tensor& inputs, const Tensor& group_sizes,
     return InvalidArgument("group_sizes sum to ", offsets->back(), ", more than the ",
                            dims->rows, " rows of inputs");
   }
+  if (bias_in.NumElements() != dims->experts * dims->h) {
+    return InvalidArgument("bias_in must be [experts, h] = [", dims->experts, ", ", dims->h,
+                           "], got ", bias_in.shape().DebugString());
+  }
+  operands->x = inputs.flat<float>().data();
+  operands->w1 = kernel_in.flat<float>().data();
+  operands->b1 = bias_in.flat<float>().data();
+  operands->w2 = kernel_out.flat<float>().data();
   return tensorflow::OkStatus();
 }
 
@@ -322,17 +343,14 @@ class GroupedFeedForwardOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& inputs = ctx->input(0);
-    const Tensor& kernel_in = ctx->input(2);
-    const Tensor& bias_in = ctx->input(3);
-    const Tensor& kernel_out = ctx->input(4);
+    Operands operands;
+    OP_REQUIRES_OK(ctx, ReadOperands(ctx, &operands));
+    const Dims& dims = operands.dims;
+    const std::vector<int64_t>& offsets = operands.offsets;
     const Tensor& bias_out = ctx->input(5);
-    std::vector<int64_t> offsets;
-    Dims dims;
-    OP_REQUIRES_OK(ctx, ReadDims(inputs, ctx->input(1), kernel_in, kernel_out, &offsets, &dims));
-    OP_REQUIRES(ctx, bias_in.NumElements() == dims.experts * dims.h &&
-                         bias_out.NumElements() == dims.experts * dims.o,
-                InvalidArgument("bias_in must be [experts, h] and bias_out [experts, o]"));
+    OP_REQUIRES(ctx, bias_out.NumElements() == dims.experts * dims.o,
+                InvalidArgument("bias_out must be [experts, o] = [", dims.experts, ", ",
+                                dims.o, "], got ", bias_out.shape().DebugString()));
 
     Tensor* outputs = nullptr;
     Tensor* hidden = nullptr;
@@ -340,11 +358,8 @@ class GroupedFeedForwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             1, TensorShape({keep_hidden_ ? dims.rows : 0, dims.h}), &hidden));
     float* hid = hidden->flat<float>().data();
-    const float* x = inputs.flat<float>().data();
+    const float *x = operands.x, *w1 = operands.w1, *b1 = operands.b1, *w2 = operands.w2;
     float* y = outputs->flat<float>().data();
-    const float* w1 = kernel_in.flat<float>().data();
-    const float* b1 = bias_in.flat<float>().data();
-    const float* w2 = kernel_out.flat<float>().data();
     const float* b2 = bias_out.flat<float>().data();
     const Dims& n = dims;
 
@@ -379,19 +394,12 @@ class GroupedFeedForwardGradOp : public OpKernel {
   explicit GroupedFeedForwardGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& inputs = ctx->input(0);
-    const Tensor& kernel_in = ctx->input(2);
-    const Tensor& bias_in = ctx->input(3);
-    const Tensor& kernel_out = ctx->input(4);
+    Operands operands;
+    OP_REQUIRES_OK(ctx, ReadOperands(ctx, &operands));
+    const Dims& n = operands.dims;
+    const std::vector<int64_t>& offsets = operands.offsets;
     const Tensor& hidden = ctx->input(5);
     const Tensor& d_outputs = ctx->input(6);
-    std::vector<int64_t> offsets;
-    Dims dims;
-    OP_REQUIRES_OK(ctx, ReadDims(inputs, ctx->input(1), kernel_in, kernel_out, &offsets, &dims));
-    const Dims& n = dims;
-    OP_REQUIRES(ctx, bias_in.NumElements() == n.experts * n.h,
-                InvalidArgument("bias_in must be [experts, h], got ",
-                                bias_in.shape().DebugString()));
     const bool recompute = hidden.NumElements() == 0;
     OP_REQUIRES(ctx, recompute || (hidden.dims() == 2 && hidden.dim_size(0) == n.rows &&
                                    hidden.dim_size(1) == n.h),
@@ -403,18 +411,15 @@ class GroupedFeedForwardGradOp : public OpKernel {
                                 "], got ", d_outputs.shape().DebugString()));
 
     Tensor *d_inputs, *d_kernel_in, *d_bias_in, *d_kernel_out, *d_bias_out;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, kernel_in.shape(), &d_kernel_in));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, kernel_out.shape(), &d_kernel_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, ctx->input(2).shape(), &d_kernel_in));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, ctx->input(4).shape(), &d_kernel_out));
     // d_inputs may take over d_outputs' buffer (when d = o and nothing else reads it): a
     // chunk's input gradients are written after its last read of d_outputs.
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({6}, 0, inputs.shape(),
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({6}, 0, ctx->input(0).shape(),
                                                               &d_inputs));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({n.experts, n.h}), &d_bias_in));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({n.experts, n.o}), &d_bias_out));
-    const float* x = inputs.flat<float>().data();
-    const float* w1 = kernel_in.flat<float>().data();
-    const float* b1 = bias_in.flat<float>().data();
-    const float* w2 = kernel_out.flat<float>().data();
+    const float *x = operands.x, *w1 = operands.w1, *b1 = operands.b1, *w2 = operands.w2;
     const float* hid = hidden.flat<float>().data();
     const float* dy_all = d_outputs.flat<float>().data();
     float* dx_all = d_inputs->flat<float>().data();
@@ -423,7 +428,7 @@ class GroupedFeedForwardGradOp : public OpKernel {
     float* dw2_all = d_kernel_out->flat<float>().data();
     float* db2_all = d_bias_out->flat<float>().data();
 
-    ForEachExpert(ctx, dims, 4 * n.h * (n.d + n.o), [&](int64_t e) {
+    ForEachExpert(ctx, n, 4 * n.h * (n.d + n.o), [&](int64_t e) {
       const int64_t begin = offsets[e], m = offsets[e + 1] - offsets[e];
       const float* w1e = w1 + e * n.d * n.h;
       const float* w2e = w2 + e * n.h * n.o;
