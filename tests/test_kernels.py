@@ -157,3 +157,39 @@ def test_bad_operands_are_named(change, message):
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         ops().moe_grouped_feed_forward(x, sizes, kernel_in, tf.ones([2, 32]),
                                        tf.ones([2, 32, 16]), tf.ones([2, 16]))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_unknown_row_count_chooses_the_path_at_run_time(recompute):
+    """With the rows unknown when tracing, a tf.cond picks the kernels or the TensorFlow
+    loop from the rows per expert; both must give NumPy's numbers."""
+    layer = FeedForwardExperts(num_experts=2, hidden_size=32, output_size=16,
+                               recompute_activations=recompute)
+    layer.build((None, 16))
+    rng = np.random.default_rng(3)
+    for weight in layer.weights:
+        weight.assign(rng.normal(size=weight.shape) * 0.3)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 16]), tf.TensorSpec([2], tf.int32),
+                                  tf.TensorSpec([None, 16])])
+    def step(x, sizes, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, group_sizes=sizes, training=True) * dy)
+        return loss, tape.gradient(loss, [x] + layer.weights)
+
+    graph = step.get_concrete_function().graph
+    types = {op.type for g in [graph, *(f.graph for f in graph._functions.values())]
+             for op in g.get_operations()}
+    assert {"MoeGroupedFeedForward", "If"} <= types or {"MoeGroupedFeedForward",
+                                                       "StatelessIf"} <= types
+
+    for group_sizes in ([3, 4], [2100, 2000]):  # kernels, then past 2048 rows per expert
+        rows, d_outputs = (rng.normal(size=(sum(group_sizes), w)) for w in (16, 16))
+        _, grads = step(tf.constant(rows, tf.float32), tf.constant(group_sizes),
+                        tf.constant(d_outputs, tf.float32))
+        _, want = ref.grouped_ffn_and_gradients(
+            rows, group_sizes, d_outputs, *(w.numpy().astype(np.float64) for w in layer.weights))
+        for got, expected in zip(grads, want):
+            np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4,
+                                       atol=1e-5 * max(10.0, np.abs(expected).max()))
