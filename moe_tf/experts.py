@@ -107,7 +107,11 @@ _COMPILED_KERNEL_ROWS = 2048
 
 def _compiled_kernels_for(inputs, kernel_in, kernel_out):
     """The compiled kernels' ops (`moe_tf.kernels`) for these operands, or None: they
-    must be built, and the operands float32 with every width a multiple of 16."""
+    must be built, the operands float32 with every width a multiple of 16, and no GPU
+    visible (the ops are CPU-only; on a GPU machine they would pull the experts' work
+    back to the host)."""
+    if tf.config.list_logical_devices("GPU"):
+        return None
     ops = kernels.grouped_feed_forward_ops()
     widths = (inputs.shape[-1], kernel_in.shape[-1], kernel_out.shape[-1])
     if ops is None or any(w is None or w % 16 for w in widths):
@@ -344,9 +348,9 @@ class FeedForwardExperts(keras.layers.Layer):
     from the forward to the backward pass.
 
     With `compiled_kernels=True` (the default), grouped training calls run the experts
-    with the compiled CPU kernels of `moe_tf.kernels` when they are built, the weights
-    and inputs are float32 with widths that are multiples of 16, and the experts
-    average at most 2048 rows. Inference calls always use TensorFlow ops, so that
+    with the compiled CPU kernels of `moe_tf.kernels` when they are built, no GPU is
+    visible, the weights and inputs are float32 with widths that are multiples of 16,
+    and the experts average at most 2048 rows. Inference calls always use TensorFlow ops, so that
     exported SavedModels load without this package's op library.
     """
 

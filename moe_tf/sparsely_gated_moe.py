@@ -53,7 +53,8 @@ class SparselyGatedMoE(keras.layers.Layer):
             one more matmul per assignment.
         compiled_kernels: in training calls of the sparse dispatch, run the experts with
             the compiled CPU kernels of `moe_tf.kernels` when they are built and apply
-            (float32, widths multiples of 16, at most 2048 rows per expert on average);
+            (float32, widths multiples of 16, at most 2048 rows per expert on average, no
+            visible GPU);
             False keeps TensorFlow ops throughout.
 
     Call arguments:

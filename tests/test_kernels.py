@@ -114,9 +114,9 @@ def test_grouped_experts_train_with_the_kernels(recompute):
             np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_kernels_are_skipped_where_they_do_not_apply():
-    """Widths that are not multiples of 16, other dtypes and many rows per expert stay
-    on TensorFlow ops (and still train)."""
+def test_kernels_are_skipped_where_they_do_not_apply(monkeypatch):
+    """Widths that are not multiples of 16, other dtypes, many rows per expert and a
+    visible GPU stay on TensorFlow ops (and still train)."""
     def has_kernel_op(layer, rows, dtype=tf.float32):
         layer.build((None, rows.shape[-1]))
         sizes = tf.constant([rows.shape[0] // 2, rows.shape[0] - rows.shape[0] // 2])
@@ -141,6 +141,10 @@ def test_kernels_are_skipped_where_they_do_not_apply():
     assert not has_kernel_op(experts(), np.ones((4098, 16)))         # 2049
     assert not has_kernel_op(experts(dtype="mixed_bfloat16"), np.ones((20, 16)),
                              tf.bfloat16)
+    # This machine has no GPU; what the layer sees on one is a non-empty device list.
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
+    assert not has_kernel_op(experts(), np.ones((20, 16)))
 
 
 @pytest.mark.parametrize("change, message", [
