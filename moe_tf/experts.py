@@ -216,11 +216,10 @@ def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, b
         if ops is None:
             outputs, hidden = looped_forward()
         else:
-            rows, experts = inputs.shape[0], kernel_in.shape[0]
-            if rows is None or experts is None:
-                few_rows = tf.shape(inputs)[0] <= _COMPILED_KERNEL_ROWS * num_experts
-            else:
-                few_rows = rows <= _COMPILED_KERNEL_ROWS * experts
+            # A Python bool when the shapes are static, else decided at run time.
+            rows = inputs.shape[0] if inputs.shape[0] is not None else tf.shape(inputs)[0]
+            experts = kernel_in.shape[0] if kernel_in.shape[0] is not None else num_experts
+            few_rows = rows <= _COMPILED_KERNEL_ROWS * experts
             outputs, hidden = _cond(
                 few_rows,
                 lambda: tuple(ops.moe_grouped_feed_forward(

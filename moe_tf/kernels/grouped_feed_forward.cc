@@ -345,25 +345,24 @@ class GroupedFeedForwardOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     Operands operands;
     OP_REQUIRES_OK(ctx, ReadOperands(ctx, &operands));
-    const Dims& dims = operands.dims;
+    const Dims& n = operands.dims;
     const std::vector<int64_t>& offsets = operands.offsets;
     const Tensor& bias_out = ctx->input(5);
-    OP_REQUIRES(ctx, bias_out.NumElements() == dims.experts * dims.o,
-                InvalidArgument("bias_out must be [experts, o] = [", dims.experts, ", ",
-                                dims.o, "], got ", bias_out.shape().DebugString()));
+    OP_REQUIRES(ctx, bias_out.NumElements() == n.experts * n.o,
+                InvalidArgument("bias_out must be [experts, o] = [", n.experts, ", ", n.o,
+                                "], got ", bias_out.shape().DebugString()));
 
     Tensor* outputs = nullptr;
     Tensor* hidden = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({dims.rows, dims.o}), &outputs));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n.rows, n.o}), &outputs));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            1, TensorShape({keep_hidden_ ? dims.rows : 0, dims.h}), &hidden));
+                            1, TensorShape({keep_hidden_ ? n.rows : 0, n.h}), &hidden));
     float* hid = hidden->flat<float>().data();
     const float *x = operands.x, *w1 = operands.w1, *b1 = operands.b1, *w2 = operands.w2;
     float* y = outputs->flat<float>().data();
     const float* b2 = bias_out.flat<float>().data();
-    const Dims& n = dims;
 
-    ForEachExpert(ctx, dims, 2 * n.h * (n.d + n.o), [&](int64_t e) {
+    ForEachExpert(ctx, n, 2 * n.h * (n.d + n.o), [&](int64_t e) {
       const int64_t begin = offsets[e], m = offsets[e + 1] - offsets[e];
       if (m == 0) return;
       // While one kernel is multiplied, the next one is fetched.
@@ -445,10 +444,12 @@ class GroupedFeedForwardGradOp : public OpKernel {
         const float* dy = dy_all + r * n.o;
         // The gradient at the hidden pre-activations, then the recomputed activations.
         float* d_pre = ThreadScratch(0, (recompute ? 2 : 1) * rows * n.h);
-        float* act = recompute ? d_pre + rows * n.h : const_cast<float*>(hid) + r * n.h;
+        const float* act = hid + r * n.h;
         if (recompute) {
-          Times(rows, n.h, n.d, xr, n.d, w1e, n.h, act, n.h, &next_out,
+          float* recomputed = d_pre + rows * n.h;
+          Times(rows, n.h, n.d, xr, n.d, w1e, n.h, recomputed, n.h, &next_out,
                 HiddenLayer(b1 + e * n.h));
+          act = recomputed;
         }
         // d_pre = (dy W2^T) where the ReLU passed its input, else 0.
         TimesTransposed(rows, n.h, n.o, dy, n.o, w2e, n.o, d_pre, n.h, &next_in);
