@@ -12,10 +12,10 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The experts' compiled CPU kernels (nothing is built on a CPU without AVX-512; the
+# The layer's compiled CPU kernels (nothing is built on a CPU without AVX-512; the
 # layer then runs TensorFlow ops only).
-KERNELS := moe_tf/kernels/_grouped_feed_forward.so
-$(KERNELS): moe_tf/kernels/grouped_feed_forward.cc moe_tf/kernels/build.py $(STAMP)
+KERNELS := moe_tf/kernels/_moe_kernels.so
+$(KERNELS): $(wildcard moe_tf/kernels/*.cc) moe_tf/kernels/build.py $(STAMP)
 	$(PY) -m moe_tf.kernels.build
 
 install: $(STAMP) $(KERNELS)

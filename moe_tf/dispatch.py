@@ -8,8 +8,10 @@ import math
 
 import tensorflow as tf
 
+from moe_tf import kernels
 
-def sparse_dispatch(inputs, routing, experts):
+
+def sparse_dispatch(inputs, routing, experts, *, compiled_kernels: bool = False):
     """Dropless dispatch: every assignment is computed, nothing of size tokens x experts.
 
     The assignments are sorted by expert once (unused ones last); the experts run on
@@ -18,6 +20,12 @@ def sparse_dispatch(inputs, routing, experts):
     written by hand so that the backward pass reuses both permutations: every data
     movement is a gather (TensorFlow's gradient of a gather is a scatter-add, slower on
     CPU), and no forward tensor outlives its last use.
+
+    With `compiled_kernels` (the layer passes it in training calls) and float32 tokens,
+    the per-token sums (the combine, and the dispatch's gradient) and the combine's
+    gradient run as the compiled ops of `moe_tf.kernels` when they are built: one pass
+    over the rows each, in place of a gather, multiplies and a sum with their
+    `[assignments, d]` temporaries.
     """
     assignments = routing.assignments()
     order = tf.argsort(assignments.expert_index, stable=True)
@@ -26,29 +34,43 @@ def sparse_dispatch(inputs, routing, experts):
     group_sizes = tf.math.bincount(assignments.expert_index,
                                    minlength=routing.num_experts,
                                    maxlength=routing.num_experts, dtype=tf.int32)
+    ops = kernels.op_library_for(inputs) if compiled_kernels else None
+    if ops is not None:
+        offsets = routing.token_offsets()
+
+    def sum_per_token(rows, weights=None):
+        """Sorted rows `[assignments, d]` -> `[tokens, d]`: each token's sum of its rows,
+        times `weights` (`[assignments]`, assignment order) when given."""
+        if ops is not None:
+            return ops.moe_weighted_row_sum(
+                rows, inverse, tf.zeros([0], rows.dtype) if weights is None else weights,
+                offsets)
+        rows = tf.gather(rows, inverse)
+        return routing.sum_per_token(rows if weights is None else rows * weights[:, None])
 
     @tf.custom_gradient
     def dispatch(inputs):
         """`[tokens, d_in]` -> `[assignments, d_in]`: each assignment's token, sorted."""
-        def grad(d_rows):
-            return routing.sum_per_token(tf.gather(d_rows, inverse))
-
-        return tf.gather(inputs, sorted_tokens), grad
+        return tf.gather(inputs, sorted_tokens), sum_per_token
 
     @tf.custom_gradient
     def combine(rows, gate):
         """Sorted outputs `[assignments, d_out]` -> `[tokens, d_out]`, sum of gate * row."""
-        weights = tf.cast(gate, rows.dtype)[:, None]
+        weights = tf.cast(gate, rows.dtype)
 
         def grad(d_outputs):
+            if ops is not None:
+                d_rows, d_gate = ops.moe_weighted_row_sum_grad(rows, inverse, weights,
+                                                               offsets, d_outputs)
+                return d_rows, tf.cast(d_gate, gate.dtype)
             d_rows = tf.gather(d_outputs, sorted_tokens)
             d_gate = tf.gather(tf.reduce_sum(d_rows * rows, axis=-1), inverse)
             # Ordered so that `rows` is freed before the experts' backward pass starts.
             with tf.control_dependencies([d_gate]):
-                d_rows = d_rows * tf.gather(weights, order)
+                d_rows = d_rows * tf.gather(weights, order)[:, None]
             return d_rows, tf.cast(d_gate, gate.dtype)
 
-        return routing.sum_per_token(tf.gather(rows, inverse) * weights), grad
+        return sum_per_token(rows, weights), grad
 
     rows = experts(dispatch(inputs), group_sizes=group_sizes)
     return combine(rows, assignments.gate)

@@ -106,19 +106,12 @@ _COMPILED_KERNEL_ROWS = 2048
 
 
 def _compiled_kernels_for(inputs, kernel_in, kernel_out):
-    """The compiled kernels' ops (`moe_tf.kernels`) for these operands, or None: they
-    must be built, the operands float32 with every width a multiple of 16, and no GPU
-    visible (the ops are CPU-only; on a GPU machine they would pull the experts' work
-    back to the host)."""
-    if tf.config.list_logical_devices("GPU"):
-        return None
-    ops = kernels.grouped_feed_forward_ops()
+    """The compiled kernels' ops for these operands (`kernels.op_library_for`, and every
+    width a multiple of 16), or None."""
     widths = (inputs.shape[-1], kernel_in.shape[-1], kernel_out.shape[-1])
-    if ops is None or any(w is None or w % 16 for w in widths):
+    if any(w is None or w % 16 for w in widths):
         return None
-    if any(t.dtype != tf.float32 for t in (inputs, kernel_in, kernel_out)):
-        return None
-    return ops
+    return kernels.op_library_for(inputs, kernel_in, kernel_out)
 
 
 def _cond(pred, true_fn, false_fn):

@@ -4,9 +4,9 @@ A gate decides, for `tokens` tokens and `experts` experts, a set of (token, expe
 value) assignments. Top-k gates give every token the same number of slots (`SlotRouting`);
 the strictly balanced gate lets an expert pick any number of a token's slots, so it gives a
 dense matrix (`DenseRouting`). Both offer what the two dispatchers need:
-`assignments()` and `sum_per_token()` for the dropless sparse path and `capacity_masks()`
-for the fixed-capacity einsum path. A gate value of exactly 0 marks an unused slot
-(padding, masked tokens).
+`assignments()`, `sum_per_token()` and `token_offsets()` for the dropless sparse path and
+`capacity_masks()` for the fixed-capacity einsum path. A gate value of exactly 0 marks an
+unused slot (padding, masked tokens).
 """
 
 from typing import NamedTuple
@@ -56,6 +56,10 @@ class SlotRouting(NamedTuple):
         """
         slots = tf.shape(self.gate)[1]
         return tf.reduce_sum(tf.reshape(values, [-1, slots, tf.shape(values)[-1]]), axis=1)
+
+    def token_offsets(self) -> tf.Tensor:
+        """int32 `[tokens + 1]`: token t's assignments are `offsets[t] .. offsets[t+1]-1`."""
+        return tf.range(tf.shape(self.gate)[0] + 1) * tf.shape(self.gate)[1]
 
     def expert_counts(self) -> tf.Tensor:
         """float32 `[experts]`: how many tokens each expert receives (dropless)."""
@@ -119,6 +123,11 @@ class DenseRouting(NamedTuple):
         """`[assignments, d]` in `assignments()` order -> `[tokens, d]`, per-token sums."""
         return tf.math.unsorted_segment_sum(values, self.assignments().token_index,
                                             tf.shape(self.gate)[0])
+
+    def token_offsets(self) -> tf.Tensor:
+        """int32 `[tokens + 1]`: token t's assignments are `offsets[t] .. offsets[t+1]-1`."""
+        per_token = tf.reduce_sum(tf.cast(self.gate > 0, tf.int32), axis=1)
+        return tf.concat([[0], tf.cumsum(per_token)], axis=0)
 
     def expert_counts(self) -> tf.Tensor:
         return tf.reduce_sum(tf.cast(self.gate > 0, tf.float32), axis=0)

@@ -51,10 +51,10 @@ class SparselyGatedMoE(keras.layers.Layer):
         recompute_activations: recompute the experts' hidden activations on the backward
             pass instead of keeping them from the forward pass (Appendix D): less memory,
             one more matmul per assignment.
-        compiled_kernels: in training calls of the sparse dispatch, run the experts with
-            the compiled CPU kernels of `moe_tf.kernels` when they are built and apply
-            (float32, widths multiples of 16, at most 2048 rows per expert on average, no
-            visible GPU);
+        compiled_kernels: in training calls of the sparse dispatch, run the experts and
+            the per-token sums with the compiled CPU kernels of `moe_tf.kernels` when they
+            are built and apply (float32, no visible GPU; for the experts also widths
+            that are multiples of 16 and at most 2048 rows per expert on average);
             False keeps TensorFlow ops throughout.
 
     Call arguments:
@@ -172,7 +172,9 @@ class SparselyGatedMoE(keras.layers.Layer):
                                 token_mask=token_mask)
         routing = gate_output.routing
         if self.dispatch == "sparse":
-            outputs = sparse_dispatch(tokens, routing, self.experts)
+            outputs = sparse_dispatch(
+                tokens, routing, self.experts,
+                compiled_kernels=self.compiled_kernels and training is True)
         else:
             capacity = expert_capacity(
                 tokens.shape[0] if tokens.shape[0] is not None else tf.shape(tokens)[0],

@@ -1,11 +1,12 @@
-"""The compiled experts' kernels (moe_tf/kernels) against NumPy, on their own and as
-the grouped experts' training path."""
+"""The compiled kernels (moe_tf/kernels) against NumPy, on their own and as the
+layer's training path: the grouped experts' FFNs and the sparse dispatch's per-token
+sums."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from moe_tf import FeedForwardExperts
+from moe_tf import FeedForwardExperts, SparselyGatedMoE
 from moe_tf import kernels
 from moe_tf.kernels import build
 from tests import numpy_reference as ref
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.skipif(build.why_not_buildable() is not None,
 
 
 def ops():
-    library = kernels.grouped_feed_forward_ops()
+    library = kernels.op_library()
     assert library is not None, (
         f"{kernels.LIBRARY} is missing: `make test` builds it (python -m moe_tf.kernels.build)")
     return library
@@ -197,3 +198,108 @@ def test_unknown_row_count_chooses_the_path_at_run_time(recompute):
         for got, expected in zip(grads, want):
             np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4,
                                        atol=1e-5 * max(10.0, np.abs(expected).max()))
+
+
+def weighted_row_sum_problem(counts, d, seed=0):
+    """Rows `[sum(counts), d]`, a permutation of them, weights and per-sum offsets."""
+    rng = np.random.default_rng(seed)
+    entries = sum(counts)
+    return (rng.normal(size=(entries, d)), rng.permutation(entries).astype(np.int32),
+            rng.normal(size=entries), np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+
+
+# d = 37 has both 16-lane blocks and a scalar tail; one sum has no entries.
+@pytest.mark.parametrize("d", [5, 16, 37])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_weighted_row_sum_ops_match_numpy(d, weighted):
+    counts = [2, 0, 1, 4, 2, 3]
+    rows, row_index, weights, offsets = weighted_row_sum_problem(counts, d)
+    if not weighted:
+        weights = np.ones_like(weights)
+    d_sums = np.random.default_rng(1).normal(size=(len(counts), d))
+    sums = ops().moe_weighted_row_sum(
+        tf.constant(rows, tf.float32), row_index,
+        tf.constant(weights if weighted else np.zeros(0), tf.float32), offsets)
+
+    want_sums = np.zeros((len(counts), d))
+    want_d_rows, want_d_weights = np.zeros_like(rows), np.zeros_like(weights)
+    for n in range(len(counts)):
+        for a in range(offsets[n], offsets[n + 1]):
+            r = row_index[a]
+            want_sums[n] += weights[a] * rows[r]
+            want_d_rows[r] = weights[a] * d_sums[n]
+            want_d_weights[a] = d_sums[n] @ rows[r]
+    np.testing.assert_allclose(sums.numpy(), want_sums, rtol=1e-5, atol=1e-5)
+
+    d_rows, d_weights = ops().moe_weighted_row_sum_grad(
+        tf.constant(rows, tf.float32), row_index, tf.constant(weights, tf.float32), offsets,
+        tf.constant(d_sums, tf.float32))
+    np.testing.assert_allclose(d_rows.numpy(), want_d_rows, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(d_weights.numpy(), want_d_weights, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(row_index=[0, 1, 2, 7]), r"row_index\[3\] = 7 is not in \[0, 4\)"),
+    (dict(offsets=[0, 3, 2, 4]), r"offsets must not decrease"),
+    (dict(offsets=[0, 1, 2, 3]), "offsets must run from 0 to the 4 entries"),
+    (dict(weights=[1.0, 2.0]), r"weights must be \[entries\] = \[4\] or empty"),
+    (dict(row_index=[0, 1, 1, 3], grad=True), "row 1 appears twice"),
+])
+def test_weighted_row_sum_bad_operands_are_named(change, message):
+    rows = tf.ones([4, 3])
+    row_index = tf.constant(change.get("row_index", [3, 0, 2, 1]), tf.int32)
+    weights = tf.constant(change.get("weights", [1.0, 2.0, 3.0, 4.0]), tf.float32)
+    offsets = tf.constant(change.get("offsets", [0, 2, 2, 4]), tf.int32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        if change.get("grad"):
+            ops().moe_weighted_row_sum_grad(rows, row_index, weights, offsets, tf.ones([3, 3]))
+        else:
+            ops().moe_weighted_row_sum(rows, row_index, weights, offsets)
+
+
+def layer_op_types(layer, x, training):
+    """The op types of a traced training step of `layer` (gradients included)."""
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.sin(layer(x, training=training)))
+        return tape.gradient(loss, [x] + layer.trainable_weights)
+
+    graph = step.get_concrete_function(x).graph
+    return {op.type for g in [graph, *(f.graph for f in graph._functions.values())]
+            for op in g.get_operations()}
+
+
+@pytest.mark.parametrize("gating", ["top_k", "balanced"])
+def test_sparse_dispatch_sums_train_with_the_kernels(gating):
+    """The layer's training step takes the per-token sum ops (slot and dense routings,
+    and widths the experts' kernels do not take), and its outputs and gradients equal
+    those of the TensorFlow-only layer; inference and compiled_kernels=False do not."""
+    def layer(**kwargs):
+        moe = SparselyGatedMoE(6, 2, 8, gating=gating, noisy_gating=False, **kwargs)
+        moe.build((None, 5))
+        rng = np.random.default_rng(4)
+        for weight in moe.weights:
+            weight.assign(rng.normal(size=weight.shape))
+        return moe
+
+    x = tf.constant(np.random.default_rng(5).normal(size=(23, 5)), tf.float32)
+    compiled, plain = layer(), layer(compiled_kernels=False)
+    sum_ops = {"MoeWeightedRowSum", "MoeWeightedRowSumGrad"}
+    assert sum_ops <= layer_op_types(compiled, x, True)
+    assert not sum_ops & layer_op_types(compiled, x, False)
+    assert not sum_ops & layer_op_types(plain, x, True)
+
+    results = []
+    for moe in (compiled, plain):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = moe(x, training=True)
+            loss = tf.reduce_sum(tf.sin(y) * tf.range(5, dtype=tf.float32))
+        results.append([y, *tape.gradient(loss, [x] + moe.trainable_weights)])
+    for got, want in zip(*results):
+        if want is None:  # the balanced gate's threshold is not trained by gradients
+            assert got is None
+            continue
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)

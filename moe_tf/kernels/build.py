@@ -1,6 +1,6 @@
-"""Compiles the experts' CPU kernels: `python -m moe_tf.kernels.build`.
+"""Compiles the layer's CPU kernels: `python -m moe_tf.kernels.build`.
 
-Builds `_grouped_feed_forward.so` next to this file with the compiler and flags of the
+Builds `_moe_kernels.so` from the `.cc` files next to this file with the compiler and flags of the
 installed TensorFlow. `make install` runs it. Where it cannot be built (no C++ compiler,
 no AVX-512) it says so and builds nothing; the layer then runs TensorFlow ops only.
 """
@@ -15,7 +15,8 @@ import tensorflow as tf
 
 from moe_tf.kernels import LIBRARY
 
-SOURCE = os.path.join(os.path.dirname(__file__), "grouped_feed_forward.cc")
+SOURCES = [os.path.join(os.path.dirname(__file__), name)
+           for name in ("grouped_feed_forward.cc", "weighted_row_sum.cc")]
 
 
 def cpu_has_avx512() -> bool:
@@ -46,7 +47,7 @@ def build(output: str = LIBRARY) -> None:
     """Compiles the kernels into `output`; raises CalledProcessError on failure."""
     command = [compiler(), "-shared", "-fPIC", "-O3",
                "-march=x86-64-v4", "-Wno-deprecated-declarations",
-               "-Wno-interference-size", "-o", output + ".tmp", SOURCE,
+               "-Wno-interference-size", "-o", output + ".tmp", *SOURCES,
                *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
     subprocess.run(command, check=True)
     os.replace(output + ".tmp", output)  # a reader never sees a half-written library
