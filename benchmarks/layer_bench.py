@@ -3,6 +3,7 @@
     python -m benchmarks.layer_bench                  # E = 8, 64, 512; sparse and capacity
     python -m benchmarks.layer_bench --quick          # E = 8, 64; sparse; under a minute
     python -m benchmarks.layer_bench --tokens 16384 --experts 512
+    python -m benchmarks.layer_bench --allocator tcmalloc   # tcmalloc for every tensor
 
 A step is one layer's forward and backward pass inside a `tf.function`: the loss
 sum(y * dy) (plus the balancing loss for the MoE) and its gradients for the inputs and for
@@ -23,6 +24,7 @@ counts only the useful matmuls: 3 x 2 x tokens x k x (d x hidden + hidden x d) p
 """
 
 import argparse
+import ctypes.util
 import dataclasses
 import json
 import os
@@ -49,6 +51,7 @@ class Config:
     dtype: str = "float32"
     recompute_activations: bool = False
     compiled_kernels: bool = True
+    allocator: str = "tensorflow"
     steps: int = 10
     warmup: int = 3
 
@@ -60,6 +63,29 @@ class Config:
     def useful_flops(self) -> float:
         """Forward and backward FLOPs of the selected experts' (or the dense) matmuls."""
         return 3 * 2 * self.tokens * self.k * 2 * self.model_dim * self.hidden_size
+
+
+def allocator_environment(allocator: str) -> dict:
+    """Environment variables that make a worker process use `allocator`.
+
+    "tensorflow": TensorFlow's own CPU allocator (a BFC pool); nothing to set.
+    "tcmalloc": every tensor from tcmalloc (preloaded; the oneDNN build's
+    TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1 sends the tensors to the system allocator).
+    """
+    if allocator == "tensorflow":
+        return {}
+    library = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library(
+        "tcmalloc")
+    if library is None:
+        raise ValueError("--allocator tcmalloc: no tcmalloc library found (on Debian or "
+                         "Ubuntu: apt-get install libtcmalloc-minimal4)")
+    return {"LD_PRELOAD": library, "TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "1"}
+
+
+def loaded_allocator() -> str:
+    """"tcmalloc" when tcmalloc is mapped into this process, else "tensorflow"."""
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+        return "tcmalloc" if "libtcmalloc" in maps.read() else "tensorflow"
 
 
 def peak_rss_bytes() -> int:
@@ -115,6 +141,9 @@ def training_step(config: Config) -> Callable[[], None]:
 
 def measure(config: Config) -> dict:
     """Times `config` (and, for a MoE, the dense baseline alongside); runs in a worker."""
+    if loaded_allocator() != config.allocator:
+        raise RuntimeError(f"the worker runs with the {loaded_allocator()} allocator, "
+                           f"not {config.allocator}")
     step = training_step(config)
     for _ in range(config.warmup):
         step()
@@ -140,7 +169,8 @@ def measure(config: Config) -> dict:
 
 def run_worker(module: str, config: dict) -> dict:
     """Runs `python -m <module> --worker <config as JSON>`; returns the JSON it prints."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+               **allocator_environment(config.get("allocator", "tensorflow")))
     worker = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(config)],
                             env=env, capture_output=True, text=True, check=False)
     for line in reversed(worker.stdout.splitlines()):
@@ -222,11 +252,20 @@ def _parse_args(argv):
     parser.add_argument("--no-compiled-kernels", dest="compiled_kernels",
                         action="store_false",
                         help="SparselyGatedMoE(compiled_kernels=False): TensorFlow ops only")
+    parser.add_argument("--allocator", choices=("tensorflow", "tcmalloc"),
+                        default="tensorflow",
+                        help="CPU memory allocator of the worker processes: TensorFlow's "
+                             "own (default) or tcmalloc for every tensor (needs "
+                             "libtcmalloc-minimal4)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.experts and min(args.experts) < Config.k:
         parser.error(f"--experts: every layer needs at least k = {Config.k} experts; "
                      f"got {min(args.experts)}")
+    try:
+        allocator_environment(args.allocator)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -240,7 +279,7 @@ def main(argv=None) -> None:
     experts = args.experts or ([8, 64] if args.quick else [8, 64, 512])
     base = Config(tokens=args.tokens, steps=args.steps, dtype=args.dtype,
                   recompute_activations=args.recompute_activations,
-                  compiled_kernels=args.compiled_kernels)
+                  compiled_kernels=args.compiled_kernels, allocator=args.allocator)
     # --quick leaves out the dense baseline's own process (its row and peak RSS): every
     # MoE process times the dense baseline alongside anyway.
     configs = ([] if args.quick else [base]) + [
@@ -253,7 +292,7 @@ def main(argv=None) -> None:
         results.append(run_worker("benchmarks.layer_bench", dataclasses.asdict(config)))
     print(f"T={args.tokens} d={base.model_dim} hidden={base.hidden_size} k={base.k} "
           f"dtype={args.dtype} recompute_activations={args.recompute_activations} "
-          f"compiled_kernels={args.compiled_kernels} "
+          f"compiled_kernels={args.compiled_kernels} allocator={args.allocator} "
           f"steps={args.steps} (after {base.warmup} warm-up)")
     print(format_table(results))
     for path in paths[1:]:
