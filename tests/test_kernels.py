@@ -275,7 +275,8 @@ def layer_op_types(layer, x, training):
 def test_sparse_dispatch_sums_train_with_the_kernels(gating):
     """The layer's training step takes the per-token sum ops (slot and dense routings,
     and widths the experts' kernels do not take), and its outputs and gradients equal
-    those of the TensorFlow-only layer; inference and compiled_kernels=False do not."""
+    those of the TensorFlow-only layer, masked tokens included; inference and
+    compiled_kernels=False do not take them."""
     def layer(**kwargs):
         moe = SparselyGatedMoE(6, 2, 8, gating=gating, noisy_gating=False, **kwargs)
         moe.build((None, 5))
@@ -285,6 +286,7 @@ def test_sparse_dispatch_sums_train_with_the_kernels(gating):
         return moe
 
     x = tf.constant(np.random.default_rng(5).normal(size=(23, 5)), tf.float32)
+    mask = tf.constant(np.arange(23) % 5 != 3)  # masked tokens have no assignments
     compiled, plain = layer(), layer(compiled_kernels=False)
     sum_ops = {"MoeWeightedRowSum", "MoeWeightedRowSumGrad"}
     assert sum_ops <= layer_op_types(compiled, x, True)
@@ -295,7 +297,7 @@ def test_sparse_dispatch_sums_train_with_the_kernels(gating):
     for moe in (compiled, plain):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = moe(x, training=True)
+            y = moe(x, training=True, mask=mask)
             loss = tf.reduce_sum(tf.sin(y) * tf.range(5, dtype=tf.float32))
         results.append([y, *tape.gradient(loss, [x] + moe.trainable_weights)])
     for got, want in zip(*results):
