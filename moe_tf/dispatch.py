@@ -51,6 +51,7 @@ def sparse_dispatch(inputs, routing, experts, *, compiled_kernels: bool = False)
     @tf.custom_gradient
     def dispatch(inputs):
         """`[tokens, d_in]` -> `[assignments, d_in]`: each assignment's token, sorted."""
+        # The gradient: each token's sum of its rows' gradients.
         return tf.gather(inputs, sorted_tokens), sum_per_token
 
     @tf.custom_gradient
