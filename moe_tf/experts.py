@@ -58,18 +58,21 @@ def _times_transposed(rows: tf.Tensor, weight: tf.Tensor) -> tf.Tensor:
     return tf.raw_ops.BatchMatMulV2(x=rows[None], y=weight[None], adj_y=True)[0]
 
 
-def _pad_to_batch(group_sizes: tf.Tensor) -> tf.Tensor:
-    """Whether the grouped backward pass should pad the groups and batch the experts.
+def _pad_to_batch(group_sizes: tf.Tensor, num_rows) -> tf.Tensor:
+    """Whether the grouped backward pass over `num_rows` rows should pad the groups and
+    batch the experts.
 
     True when every group is smaller than `_SMALL_BLOCK_ROWS` (per-expert matmuls are
     then dominated by per-call overhead and the copies of kernel gradients into place)
     and padding at most doubles the rows (it costs memory and FLOPs in proportion, and
     a skewed routing, one expert with most rows, must not blow it up).
     Measured crossover on the benchmark shapes: about 128 rows per expert.
+    Never without rows (an empty batch): unfilled slots gather row 0.
     """
     largest = tf.reduce_max(group_sizes)
-    return tf.logical_and(largest < _SMALL_BLOCK_ROWS,
-                          largest * tf.size(group_sizes) <= 2 * tf.reduce_sum(group_sizes))
+    return tf.logical_and(
+        tf.logical_and(num_rows > 0, largest < _SMALL_BLOCK_ROWS),
+        largest * tf.size(group_sizes) <= 2 * tf.reduce_sum(group_sizes))
 
 
 # What gathering one expert's two kernels for the overflow pass costs, in padded rows of
@@ -304,7 +307,8 @@ def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, b
 
         def grad(d_outputs):
             def tensorflow_grad():
-                return tf.cond(_pad_to_batch(group_sizes), lambda: padded_grad(d_outputs),
+                return tf.cond(_pad_to_batch(group_sizes, tf.shape(inputs)[0]),
+                               lambda: padded_grad(d_outputs),
                                lambda: looped_grad(d_outputs))
 
             if ops is None:

@@ -32,7 +32,8 @@ def test_grouped_outputs_and_gradients_match_numpy(group_sizes, padded, recomput
     rows = rng.normal(size=(num_rows, d_in))
     d_outputs = rng.normal(size=(num_rows, d_out))
     sizes = tf.constant(group_sizes, tf.int32)
-    assert bool(experts_module._pad_to_batch(sizes)) is padded
+    assert bool(experts_module._pad_to_batch(sizes, num_rows)) is padded
+    assert not experts_module._pad_to_batch(sizes, 0)  # an empty batch: the loop
 
     x = tf.constant(rows, tf.float32)
     with tf.GradientTape() as tape:

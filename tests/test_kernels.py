@@ -244,6 +244,7 @@ def test_weighted_row_sum_ops_match_numpy(d, weighted):
     (dict(offsets=[0, 1, 2, 3]), "offsets must run from 0 to the 4 entries"),
     (dict(weights=[1.0, 2.0]), r"weights must be \[entries\] = \[4\] or empty"),
     (dict(row_index=[0, 1, 1, 3], grad=True), "row 1 appears twice"),
+    (dict(weights=[], grad=True), r"weights must be \[entries\] = \[4\], got shape \[0\]"),
 ])
 def test_weighted_row_sum_bad_operands_are_named(change, message):
     rows = tf.ones([4, 3])

@@ -191,6 +191,26 @@ def test_mask_skips_positions_everywhere(dispatch):
     np.testing.assert_allclose(fraction, (dense > 0).sum(0) / 8.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("gating", ["top_k", "balanced"])
+@pytest.mark.parametrize("compiled_kernels", [True, False])
+def test_batches_without_tokens_train(gating, compiled_kernels):
+    """An empty batch and a fully masked one give zero outputs, zero gradients for the
+    inputs and experts, and a finite loss, on both backward paths."""
+    layer = SparselyGatedMoE(6, 2, 16, gating=gating, compiled_kernels=compiled_kernels)
+    layer.build((None, 16))
+    for x, mask in ((tf.zeros([0, 16]), None), (tf.ones([5, 16]), tf.zeros([5], bool))):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True, mask=mask)
+            loss = tf.reduce_sum(y) + tf.add_n(layer.losses)
+        grads = tape.gradient(loss, [x] + layer.experts.trainable_weights)
+        assert y.shape == x.shape
+        np.testing.assert_array_equal(y.numpy(), 0.0)
+        assert np.isfinite(loss.numpy())
+        for grad in grads:
+            np.testing.assert_array_equal(grad.numpy(), 0.0)
+
+
 def test_keras_mask_propagates_from_embedding():
     tokens = keras.Input(shape=(None,), dtype="int32")
     embedded = keras.layers.Embedding(10, 4, mask_zero=True)(tokens)

@@ -42,7 +42,8 @@ struct Entries {
 };
 
 // Checks the operands shared by both ops; every index is checked before any is used.
-Status ReadEntries(OpKernelContext* ctx, Entries* entries) {
+// Empty weights stand for all 1 where `weights_optional`.
+Status ReadEntries(OpKernelContext* ctx, bool weights_optional, Entries* entries) {
   const Tensor& rows = ctx->input(0);
   const Tensor& row_index = ctx->input(1);
   const Tensor& weights = ctx->input(2);
@@ -55,16 +56,18 @@ Status ReadEntries(OpKernelContext* ctx, Entries* entries) {
                            row_index.shape().DebugString());
   }
   const int64_t num_entries = row_index.dim_size(0);
-  if (weights.dims() != 1 || (weights.dim_size(0) != num_entries && weights.dim_size(0) != 0)) {
-    return InvalidArgument("weights must be [entries] = [", num_entries,
-                           "] or empty, got shape ", weights.shape().DebugString());
+  const bool all_ones = weights_optional && weights.dims() == 1 && weights.dim_size(0) == 0;
+  if (!all_ones && (weights.dims() != 1 || weights.dim_size(0) != num_entries)) {
+    return InvalidArgument("weights must be [entries] = [", num_entries, "]",
+                           weights_optional ? " or empty" : "", ", got shape ",
+                           weights.shape().DebugString());
   }
   if (offsets.dims() != 1 || offsets.dim_size(0) < 1) {
     return InvalidArgument("offsets must be [sums + 1], got shape ",
                            offsets.shape().DebugString());
   }
   *entries = {rows.flat<float>().data(), row_index.flat<int32_t>().data(),
-              weights.NumElements() ? weights.flat<float>().data() : nullptr,
+              all_ones ? nullptr : weights.flat<float>().data(),
               offsets.flat<int32_t>().data(), rows.dim_size(0), rows.dim_size(1),
               num_entries, offsets.dim_size(0) - 1};
   for (int64_t a = 0; a < num_entries; ++a) {
@@ -122,7 +125,7 @@ class WeightedRowSumOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     Entries e;
-    OP_REQUIRES_OK(ctx, ReadEntries(ctx, &e));
+    OP_REQUIRES_OK(ctx, ReadEntries(ctx, /*weights_optional=*/true, &e));
     Tensor* sums = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({e.num_sums, e.d}), &sums));
     float* out = sums->flat<float>().data();
@@ -150,9 +153,7 @@ class WeightedRowSumGradOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     Entries e;
-    OP_REQUIRES_OK(ctx, ReadEntries(ctx, &e));
-    OP_REQUIRES(ctx, e.weights != nullptr,
-                InvalidArgument("weights must be given ([entries]) for the gradient"));
+    OP_REQUIRES_OK(ctx, ReadEntries(ctx, /*weights_optional=*/false, &e));
     OP_REQUIRES(ctx, e.num_entries == e.num_rows,
                 InvalidArgument("row_index must be a permutation of the ", e.num_rows,
                                 " rows, but has ", e.num_entries, " entries"));
