@@ -23,6 +23,13 @@ def ops():
     return library
 
 
+def op_types(concrete_function):
+    """The op types of a traced function, the custom gradients' functions included."""
+    graph = concrete_function.graph
+    return {op.type for g in [graph, *(f.graph for f in graph._functions.values())]
+            for op in g.get_operations()}
+
+
 def random_problem(group_sizes, d_in, hidden, d_out, padding_rows=3, seed=0):
     rng = np.random.default_rng(seed)
     num_experts, num_rows = len(group_sizes), sum(group_sizes) + padding_rows
@@ -97,14 +104,9 @@ def test_grouped_experts_train_with_the_kernels(recompute):
             loss = tf.reduce_sum(y * tf.constant(d_outputs, tf.float32))
         return y, tape.gradient(loss, [x] + layer.weights)
 
-    def op_types(training):
-        graph = step.get_concrete_function(x, training).graph
-        functions = graph._functions.values()  # the custom gradient's functions
-        return {op.type for g in [graph, *(f.graph for f in functions)]
-                for op in g.get_operations()}
-
-    assert {"MoeGroupedFeedForward", "MoeGroupedFeedForwardGrad"} <= op_types(True)
-    assert not any(t.startswith("Moe") for t in op_types(False))
+    assert {"MoeGroupedFeedForward", "MoeGroupedFeedForwardGrad"} <= op_types(
+        step.get_concrete_function(x, True))
+    assert not any(t.startswith("Moe") for t in op_types(step.get_concrete_function(x, False)))
 
     want_y, want_grads = ref.grouped_ffn_and_gradients(
         rows, group_sizes, d_outputs, *(w.numpy().astype(np.float64) for w in layer.weights))
@@ -183,9 +185,7 @@ def test_unknown_row_count_chooses_the_path_at_run_time(recompute):
             loss = tf.reduce_sum(layer(x, group_sizes=sizes, training=True) * dy)
         return loss, tape.gradient(loss, [x] + layer.weights)
 
-    graph = step.get_concrete_function().graph
-    types = {op.type for g in [graph, *(f.graph for f in graph._functions.values())]
-             for op in g.get_operations()}
+    types = op_types(step.get_concrete_function())
     assert {"MoeGroupedFeedForward", "If"} <= types or {"MoeGroupedFeedForward",
                                                        "StatelessIf"} <= types
 
@@ -267,17 +267,15 @@ def layer_op_types(layer, x, training):
             loss = tf.reduce_sum(tf.sin(layer(x, training=training)))
         return tape.gradient(loss, [x] + layer.trainable_weights)
 
-    graph = step.get_concrete_function(x).graph
-    return {op.type for g in [graph, *(f.graph for f in graph._functions.values())]
-            for op in g.get_operations()}
+    return op_types(step.get_concrete_function(x))
 
 
 @pytest.mark.parametrize("gating", ["top_k", "balanced"])
-def test_sparse_dispatch_sums_train_with_the_kernels(gating):
+def test_sparse_dispatch_sums_train_with_the_kernels(gating, monkeypatch):
     """The layer's training step takes the per-token sum ops (slot and dense routings,
     and widths the experts' kernels do not take), and its outputs and gradients equal
-    those of the TensorFlow-only layer, masked tokens included; inference and
-    compiled_kernels=False do not take them."""
+    those of the TensorFlow-only layer, masked tokens included; inference,
+    compiled_kernels=False and a visible GPU do not take them."""
     def layer(**kwargs):
         moe = SparselyGatedMoE(6, 2, 8, gating=gating, noisy_gating=False, **kwargs)
         moe.build((None, 5))
@@ -293,6 +291,10 @@ def test_sparse_dispatch_sums_train_with_the_kernels(gating):
     assert sum_ops <= layer_op_types(compiled, x, True)
     assert not sum_ops & layer_op_types(compiled, x, False)
     assert not sum_ops & layer_op_types(plain, x, True)
+    with monkeypatch.context() as patch:  # what the layer sees on a GPU machine
+        patch.setattr(tf.config, "list_logical_devices",
+                      lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
+        assert not sum_ops & layer_op_types(layer(), x, True)
 
     results = []
     for moe in (compiled, plain):
