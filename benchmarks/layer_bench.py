@@ -44,6 +44,7 @@ class Config:
 
     num_experts: Optional[int] = None
     dispatch: str = "sparse"
+    capacity_group_size: Optional[int] = None  # the capacity path's token groups
     tokens: int = 4096
     model_dim: int = 512
     hidden_size: int = 1024
@@ -113,6 +114,9 @@ def training_step(config: Config) -> Callable[[], None]:
     else:
         model = SparselyGatedMoE(config.num_experts, config.k, config.hidden_size,
                                  dispatch=config.dispatch,
+                                 capacity_group_size=(config.capacity_group_size
+                                                      if config.dispatch == "capacity"
+                                                      else None),
                                  recompute_activations=config.recompute_activations,
                                  compiled_kernels=config.compiled_kernels,
                                  dtype=policy, seed=0)
@@ -252,6 +256,10 @@ def _parse_args(argv):
     parser.add_argument("--no-compiled-kernels", dest="compiled_kernels",
                         action="store_false",
                         help="SparselyGatedMoE(compiled_kernels=False): TensorFlow ops only")
+    parser.add_argument("--capacity-group-size", type=positive_int,
+                        help="SparselyGatedMoE(capacity_group_size=...) for the capacity "
+                             "path: route the tokens in groups of this many (default: "
+                             "the whole batch as one group)")
     parser.add_argument("--allocator", choices=("tensorflow", "tcmalloc"),
                         default="tensorflow",
                         help="CPU memory allocator of the worker processes: TensorFlow's "
@@ -279,7 +287,8 @@ def main(argv=None) -> None:
     experts = args.experts or ([8, 64] if args.quick else [8, 64, 512])
     base = Config(tokens=args.tokens, steps=args.steps, dtype=args.dtype,
                   recompute_activations=args.recompute_activations,
-                  compiled_kernels=args.compiled_kernels, allocator=args.allocator)
+                  compiled_kernels=args.compiled_kernels, allocator=args.allocator,
+                  capacity_group_size=args.capacity_group_size)
     # --quick leaves out the dense baseline's own process (its row and peak RSS): every
     # MoE process times the dense baseline alongside anyway.
     configs = ([] if args.quick else [base]) + [
@@ -293,6 +302,7 @@ def main(argv=None) -> None:
     print(f"T={args.tokens} d={base.model_dim} hidden={base.hidden_size} k={base.k} "
           f"dtype={args.dtype} recompute_activations={args.recompute_activations} "
           f"compiled_kernels={args.compiled_kernels} allocator={args.allocator} "
+          f"capacity_group_size={args.capacity_group_size} "
           f"steps={args.steps} (after {base.warmup} warm-up)")
     print(format_table(results))
     for path in paths[1:]:

@@ -39,6 +39,7 @@ class LanguageModelConfig:
     dropout: float = 0.1
     dispatch: str = "sparse"
     capacity_factor: Optional[float] = None   # dispatch="capacity" only
+    capacity_group_size: Optional[int] = None  # dispatch="capacity" only
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:

@@ -58,6 +58,7 @@ class TranslationConfig:
     dispatch: str = "sparse"
     dense_lstm_width: int = 0       # dense only: LSTM units; 0: match the moe model's ops
     capacity_factor: Optional[float] = None   # dispatch="capacity" only
+    capacity_group_size: Optional[int] = None  # dispatch="capacity" only
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:

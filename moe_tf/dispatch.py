@@ -9,6 +9,7 @@ import math
 import tensorflow as tf
 
 from moe_tf import kernels
+from moe_tf.routing import split_into_groups
 
 
 def sparse_dispatch(inputs, routing, experts, *, compiled_kernels: bool = False):
@@ -92,20 +93,41 @@ def expert_capacity(num_tokens, assignments_per_token: int, num_experts: int,
     return tf.maximum(1, tf.minimum(num_tokens, wanted))
 
 
-def capacity_dispatch(inputs, routing, experts, *, capacity, expert_sharding=None):
+def capacity_dispatch(inputs, routing, experts, *, capacity, group_size=None,
+                      expert_sharding=None):
     """GShard-style fixed-capacity dispatch with one-hot einsums.
 
     Each expert gets a buffer of `capacity` rows, `[experts, capacity, d_in]`; assignments
     that do not fit are dropped (those tokens get no contribution from that expert).
     All shapes are static when the token count is, as XLA and DTensor want.
+
+    With `group_size`, the tokens are routed in groups of that many (the last one padded
+    with unused tokens), as GShard does: each group has `capacity` slots per expert, the
+    experts see `[experts, groups x capacity, d_in]`, and the one-hot einsums cost
+    tokens x group_size instead of tokens^2. Without it the whole batch is one group.
     `expert_sharding` (an `ExpertSharding`, DTensor) moves the expert buffers onto the
     devices holding their experts and the results back.
     """
-    dispatch, combine = routing.capacity_masks(capacity)          # [T, E, C]
-    expert_inputs = tf.einsum("tec,td->ecd", tf.cast(dispatch, inputs.dtype), inputs)
+    num_tokens = tf.shape(inputs)[0]
+    g = ""
+    if group_size is not None:
+        g = "g"
+        routing = routing.grouped(group_size)
+        inputs = split_into_groups(inputs, group_size)            # [G, S, d_in]
+    dispatch, combine = routing.capacity_masks(capacity)          # [(G,) S, E, C]
+    expert_inputs = tf.einsum(f"{g}sec,{g}sd->e{g}cd", tf.cast(dispatch, inputs.dtype),
+                              inputs)
+    buffers = tf.shape(expert_inputs)
+    if g:
+        expert_inputs = tf.reshape(expert_inputs, [routing.num_experts, -1, buffers[-1]])
     if expert_sharding is not None:
         expert_inputs = expert_sharding.to_experts(expert_inputs)
-    outputs = experts(expert_inputs)                              # [E, C, d_out]
+    outputs = experts(expert_inputs)                              # [E, (G x) C, d_out]
     if expert_sharding is not None:
         outputs = expert_sharding.from_experts(outputs)
-    return tf.einsum("tec,eco->to", tf.cast(combine, outputs.dtype), outputs)
+    if g:
+        outputs = tf.reshape(outputs, tf.concat([buffers[:-1], tf.shape(outputs)[-1:]], 0))
+    outputs = tf.einsum(f"{g}sec,e{g}co->{g}so", tf.cast(combine, outputs.dtype), outputs)
+    if g:
+        outputs = tf.reshape(outputs, [-1, tf.shape(outputs)[-1]])[:num_tokens]
+    return outputs

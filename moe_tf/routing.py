@@ -79,25 +79,35 @@ class SlotRouting(NamedTuple):
         return tf.einsum("tk,tke->te", self.gate, one_hot)
 
     def capacity_masks(self, capacity) -> tuple[tf.Tensor, tf.Tensor]:
-        """GShard-style dispatch and combine tensors, `[tokens, experts, capacity]` each.
+        """GShard-style dispatch and combine tensors, `[tokens, experts, capacity]` each
+        (`[groups, tokens, experts, capacity]` for a `grouped` routing: every group fills
+        its own buffers).
 
         Every token's first choice is placed before any token's second choice, so that
         overflow drops the least preferred slots first; within a slot rank, earlier tokens
         come first. Assignments beyond `capacity` are dropped (their one-hot row is empty).
         """
+        g = _group_axis(self.gate)
         active = tf.cast(self.gate > 0, self.gate.dtype)
         one_hot = tf.one_hot(self.expert_index, self.num_experts,
-                             dtype=self.gate.dtype) * active[..., None]   # [T, K, E]
-        slot_major = tf.transpose(one_hot, [1, 0, 2])                     # [K, T, E]
-        flat = tf.reshape(slot_major, [-1, self.num_experts])
-        position = tf.reshape(tf.cumsum(flat, axis=0, exclusive=True), tf.shape(slot_major))
-        position = tf.reduce_sum(tf.transpose(position, [1, 0, 2]) * one_hot, axis=-1)
+                             dtype=self.gate.dtype) * active[..., None]   # [(G,) T, K, E]
+        swap = [*range(len(g)), len(g) + 1, len(g), len(g) + 2]  # T <-> K
+        slot_major = tf.transpose(one_hot, swap)                          # [(G,) K, T, E]
+        groups = [tf.shape(slot_major)[0]] if g else []
+        flat = tf.reshape(slot_major, [*groups, -1, self.num_experts])
+        position = tf.reshape(tf.cumsum(flat, axis=-2, exclusive=True), tf.shape(slot_major))
+        position = tf.reduce_sum(tf.transpose(position, swap) * one_hot, axis=-1)
         position_one_hot = tf.one_hot(tf.cast(position, tf.int32), capacity,
-                                      dtype=self.gate.dtype)              # [T, K, C]
-        dispatch = tf.einsum("tke,tkc->tec", one_hot, position_one_hot)
-        combine = tf.einsum("tke,tkc->tec", one_hot * self.gate[..., None],
+                                      dtype=self.gate.dtype)              # [(G,) T, K, C]
+        dispatch = tf.einsum(f"{g}tke,{g}tkc->{g}tec", one_hot, position_one_hot)
+        combine = tf.einsum(f"{g}tke,{g}tkc->{g}tec", one_hot * self.gate[..., None],
                             position_one_hot)
         return dispatch, combine
+
+    def grouped(self, group_size: int) -> "SlotRouting":
+        """The same routing as `[groups, group_size, slots]` (see `split_into_groups`)."""
+        return SlotRouting(split_into_groups(self.expert_index, group_size),
+                           split_into_groups(self.gate, group_size), self.num_experts)
 
 
 class DenseRouting(NamedTuple):
@@ -139,9 +149,29 @@ class DenseRouting(NamedTuple):
         return self.gate
 
     def capacity_masks(self, capacity) -> tuple[tf.Tensor, tf.Tensor]:
-        """Dispatch and combine `[tokens, experts, capacity]`; earlier tokens first."""
+        """Dispatch and combine `[(groups,) tokens, experts, capacity]`; earlier tokens
+        first."""
         active = tf.cast(self.gate > 0, self.gate.dtype)
-        position = tf.cumsum(active, axis=0, exclusive=True)
+        position = tf.cumsum(active, axis=-2, exclusive=True)
         dispatch = tf.one_hot(tf.cast(position, tf.int32), capacity,
                               dtype=self.gate.dtype) * active[..., None]
         return dispatch, dispatch * self.gate[..., None]
+
+    def grouped(self, group_size: int) -> "DenseRouting":
+        """The same routing as `[groups, group_size, experts]` (see `split_into_groups`)."""
+        return DenseRouting(split_into_groups(self.gate, group_size))
+
+
+def split_into_groups(values: tf.Tensor, group_size: int) -> tf.Tensor:
+    """`[tokens, ...]` -> `[groups, group_size, ...]`, zero-padded to whole groups.
+
+    Padding tokens get gate 0 (and expert 0, or zero inputs): unused, like masked ones.
+    """
+    padding = -tf.shape(values)[0] % group_size
+    values = tf.pad(values, [[0, padding]] + [[0, 0]] * (values.shape.rank - 1))
+    return tf.reshape(values, tf.concat([[-1, group_size], tf.shape(values)[1:]], axis=0))
+
+
+def _group_axis(gate: tf.Tensor) -> str:
+    """"g" when `gate` has a leading groups axis (a `grouped` routing), else ""."""
+    return "g" if gate.shape.rank == 3 else ""

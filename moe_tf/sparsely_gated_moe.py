@@ -41,6 +41,10 @@ class SparselyGatedMoE(keras.layers.Layer):
         capacity_factor: slots per expert as a multiple of the even share,
             ceil(capacity_factor * tokens * assignments_per_token / experts); only with
             dispatch="capacity" (default 2.0).
+        capacity_group_size: with dispatch="capacity", route the tokens in groups of
+            this many (GShard's groups): each group has its own slots, computed as above
+            with `tokens` = the group size, and the one-hot dispatch costs tokens x group
+            size instead of tokens^2. None (the default): the whole batch is one group.
         gating: "top_k" (noisy top-k, flat or hierarchical) or "balanced" (the strictly
             balanced gating of Appendix F; `noisy_gating` does not apply to it).
         noise_epsilon: the floor added to the noise scale softplus(x W_noise).
@@ -75,7 +79,7 @@ class SparselyGatedMoE(keras.layers.Layer):
                  group_k: Optional[int] = None, noisy_gating: bool = True,
                  importance_weight: float = 0.1, load_weight: float = 0.1,
                  dispatch: str = "sparse", capacity_factor: Optional[float] = None,
-                 gating: str = "top_k",
+                 capacity_group_size: Optional[int] = None, gating: str = "top_k",
                  noise_epsilon: float = gating.DEFAULT_NOISE_EPSILON,
                  threshold_loss_weight: float = 1.0,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
@@ -86,7 +90,8 @@ class SparselyGatedMoE(keras.layers.Layer):
                          output_size=output_size, num_groups=num_groups, group_k=group_k,
                          importance_weight=importance_weight, load_weight=load_weight,
                          dispatch=dispatch, capacity_factor=capacity_factor,
-                         gating=gating, noise_epsilon=noise_epsilon)
+                         capacity_group_size=capacity_group_size, gating=gating,
+                         noise_epsilon=noise_epsilon)
         self.num_experts = num_experts
         self.k = k
         self.hidden_size = hidden_size
@@ -98,6 +103,7 @@ class SparselyGatedMoE(keras.layers.Layer):
         self.load_weight = load_weight
         self.dispatch = dispatch
         self.capacity_factor = capacity_factor
+        self.capacity_group_size = capacity_group_size
         self.gating = gating
         self.noise_epsilon = noise_epsilon
         self.threshold_loss_weight = threshold_loss_weight
@@ -176,11 +182,13 @@ class SparselyGatedMoE(keras.layers.Layer):
                 tokens, routing, self.experts,
                 compiled_kernels=self.compiled_kernels and training is True)
         else:
-            capacity = expert_capacity(
-                tokens.shape[0] if tokens.shape[0] is not None else tf.shape(tokens)[0],
-                self.assignments_per_token, self.num_experts,
-                self.capacity_factor or DEFAULT_CAPACITY_FACTOR)
+            group_size = self.capacity_group_size or (
+                tokens.shape[0] if tokens.shape[0] is not None else tf.shape(tokens)[0])
+            capacity = expert_capacity(group_size, self.assignments_per_token,
+                                       self.num_experts,
+                                       self.capacity_factor or DEFAULT_CAPACITY_FACTOR)
             outputs = capacity_dispatch(tokens, routing, self.experts, capacity=capacity,
+                                        group_size=self.capacity_group_size,
                                         expert_sharding=self.expert_sharding)
         if training:
             self._record_balance(gate_output)
@@ -194,7 +202,8 @@ class SparselyGatedMoE(keras.layers.Layer):
         `expert_sharding.weight_layout` and feeds batch-sharded inputs. Needs
         dispatch="capacity" (the sparse dispatch's sort and while loop have no DTensor
         layout propagation) and top-k gating (the balanced gate picks each expert's top
-        tokens over the whole batch with a scatter that DTensor cannot shard).
+        tokens over the whole batch with a scatter that DTensor cannot shard), without
+        `capacity_group_size` (its reshapes of batch-sharded tokens are not supported).
         """
         if expert_sharding is not None:
             if self.dispatch != "capacity":
@@ -205,6 +214,11 @@ class SparselyGatedMoE(keras.layers.Layer):
                 raise ValueError(
                     f"SparselyGatedMoE {self.name!r}: sharding the experts with DTensor "
                     f"needs gating='top_k'; the layer has gating={self.gating!r}.")
+            if self.capacity_group_size is not None:
+                raise ValueError(
+                    f"SparselyGatedMoE {self.name!r}: sharding the experts with DTensor "
+                    f"routes the batch as one group; the layer has capacity_group_size="
+                    f"{self.capacity_group_size}.")
             if self.num_experts % expert_sharding.num_expert_shards:
                 raise ValueError(
                     f"SparselyGatedMoE {self.name!r}: num_experts ({self.num_experts}) "
@@ -298,7 +312,7 @@ class SparselyGatedMoE(keras.layers.Layer):
             group_k=self.group_k, noisy_gating=self.noisy_gating,
             importance_weight=self.importance_weight, load_weight=self.load_weight,
             dispatch=self.dispatch, capacity_factor=self.capacity_factor,
-            gating=self.gating, noise_epsilon=self.noise_epsilon,
+            capacity_group_size=self.capacity_group_size, gating=self.gating, noise_epsilon=self.noise_epsilon,
             threshold_loss_weight=self.threshold_loss_weight,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
@@ -308,8 +322,8 @@ class SparselyGatedMoE(keras.layers.Layer):
 
 
 def _check_arguments(*, num_experts, k, hidden_size, output_size, num_groups, group_k,
-                     importance_weight, load_weight, dispatch, capacity_factor, gating,
-                     noise_epsilon):
+                     importance_weight, load_weight, dispatch, capacity_factor,
+                     capacity_group_size, gating, noise_epsilon):
     """Raises ValueError naming the first bad constructor argument."""
 
     def positive_int(name, value):
@@ -335,6 +349,11 @@ def _check_arguments(*, num_experts, k, hidden_size, output_size, num_groups, gr
         if not capacity_factor > 0:
             raise ValueError(f"SparselyGatedMoE: `capacity_factor` must be > 0; got "
                              f"{capacity_factor!r}.")
+    if capacity_group_size is not None:
+        positive_int("capacity_group_size", capacity_group_size)
+        if dispatch != "capacity":
+            raise ValueError("SparselyGatedMoE: `capacity_group_size` only applies to "
+                             "dispatch='capacity'; the sparse dispatch has no slots.")
     for name, value in (("importance_weight", importance_weight),
                         ("load_weight", load_weight)):
         if not value >= 0:

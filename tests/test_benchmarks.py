@@ -38,6 +38,7 @@ def test_table_row_reports_throughput_memory_and_both_ratios():
     (layer_bench.main, ["--quick", "--tokens", "many"], "invalid positive_int value"),
     (layer_bench.main, ["--quick", "--steps", "-1"], "invalid positive_int value"),
     (layer_bench.main, ["--quick", "--dispatch", "dense"], "invalid choice"),
+    (layer_bench.main, ["--quick", "--capacity-group-size", "0"], "invalid positive_int value"),
     (memory_bench.main, ["--experts", "100"], "must be a multiple of --groups (64)"),
     (memory_bench.main, ["--experts", "64"], "at least k = 2 experts per group"),
     (memory_bench.main, ["--groups", "1"], "at least group_k = 2"),

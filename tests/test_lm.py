@@ -150,6 +150,8 @@ def test_incompatible_model_dir_is_refused_untouched(tmp_path):
     ("--data=hub:lm1b", "--data='hub:lm1b'"),
     ("--data=builtin:fr", "--data=builtin:fr"),
     ("--data=text:/nonexistent/file.txt", "data file not found: /nonexistent/file.txt"),
+    ("--capacity_group_size=64", "--capacity_group_size needs --dispatch=capacity"),
+    ("--dispatch=capacity --capacity_group_size=0", "--capacity_group_size must be >= 1"),
 ])
 def test_invalid_flags_are_rejected_by_name(flag, message, tmp_path):
     result = run(lm_command(tmp_path / "run", *flag.split()))
@@ -224,3 +226,21 @@ def test_restore_trained_model_names_what_is_missing(tmp_path):
     (tmp_path / "run_config.json").write_text(json.dumps({"model": {}}))
     with pytest.raises(FileNotFoundError, match="no checkpoint in checkpoints/"):
         restore_trained_model(str(tmp_path), LanguageModelConfig, build_language_model)
+
+
+def test_run_config_check_names_the_setting_and_accepts_later_settings(tmp_path):
+    """A resumed run must have the recorded settings; one the record predates (default
+    None) counts as None, so runs from before a new setting still resume."""
+    from train import loop
+
+    model_dir = str(tmp_path)
+    loop.check_run_config(model_dir, {"model": {"k": 2}, "data": "builtin:en"})
+    loop.check_run_config(model_dir, {"model": {"k": 2, "capacity_group_size": None},
+                                      "data": "builtin:en"})
+    with pytest.raises(ValueError, match=r"--model\.k: was 2, now 4"):
+        loop.check_run_config(model_dir, {"model": {"k": 4}, "data": "builtin:en"})
+    with pytest.raises(ValueError, match=r"--model\.capacity_group_size: was None, now 64"):
+        loop.check_run_config(model_dir, {"model": {"k": 2, "capacity_group_size": 64},
+                                          "data": "builtin:en"})
+    with pytest.raises(ValueError, match=r"--data: was 'builtin:en', now 'builtin:es'"):
+        loop.check_run_config(model_dir, {"model": {"k": 2}, "data": "builtin:es"})

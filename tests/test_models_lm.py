@@ -67,6 +67,17 @@ def test_hierarchical_moe_model_builds():
     assert config.experts_per_token == 4
 
 
+def test_capacity_settings_reach_the_moe_layer():
+    config = LanguageModelConfig(vocab_size=50, model_dim=16, num_experts=4, k=2,
+                                 hidden_size=8, dispatch="capacity", capacity_factor=1.5,
+                                 capacity_group_size=6)
+    model = build_language_model(config)
+    assert model(np.ones((2, 5), np.int32)).shape == (2, 5, 50)   # 10 tokens, 2 groups
+    (moe,) = [layer for layer in model._flatten_layers() if layer.name.startswith("moe")]
+    assert (moe.dispatch, moe.capacity_factor, moe.capacity_group_size) == (
+        "capacity", 1.5, 6)
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="architecture"):
         LanguageModelConfig(architecture="transformer")

@@ -13,6 +13,8 @@ CONFIGS = {
     "flat_sparse": dict(num_experts=4, k=2, hidden_size=8),
     "flat_capacity": dict(num_experts=4, k=2, hidden_size=8, dispatch="capacity",
                           capacity_factor=2.0),
+    "capacity_groups": dict(num_experts=4, k=2, hidden_size=8, dispatch="capacity",
+                            capacity_group_size=4),
     "hierarchical": dict(num_experts=8, k=2, hidden_size=8, num_groups=2, group_k=1),
     "balanced": dict(num_experts=4, k=2, hidden_size=8, gating="balanced"),
     "output_size": dict(num_experts=4, k=1, hidden_size=8, output_size=3),
@@ -128,15 +130,18 @@ def test_balanced_inference_uses_thresholds():
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("config", [dict(num_experts=6, k=2),
-                                    dict(num_experts=8, k=2, num_groups=2, group_k=2),
-                                    dict(num_experts=4, k=2, gating="balanced")])
-def test_sparse_and_capacity_dispatch_agree_with_gradients(config):
+@pytest.mark.parametrize("config, group_size", [
+    (dict(num_experts=6, k=2), None),
+    (dict(num_experts=6, k=2), 6),   # 20 tokens: groups of 6, the last padded
+    (dict(num_experts=8, k=2, num_groups=2, group_k=2), None),
+    (dict(num_experts=4, k=2, gating="balanced"), None),
+    (dict(num_experts=4, k=2, gating="balanced"), 6)])
+def test_sparse_and_capacity_dispatch_agree_with_gradients(config, group_size):
     x = tf.constant(inputs((4, 5, 3)))
     layers = []
     for dispatch in ("sparse", "capacity"):
-        extra = {"dispatch": "capacity", "capacity_factor": 8.0} if dispatch == "capacity" \
-            else {}
+        extra = {"dispatch": "capacity", "capacity_factor": 8.0,
+                 "capacity_group_size": group_size} if dispatch == "capacity" else {}
         layers.append(build(input_dim=3, hidden_size=7, noisy_gating=False,
                             **config, **extra))
     results = []
@@ -164,6 +169,44 @@ def test_capacity_overflow_drops_later_tokens():
     out = layer(x).numpy()
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out[capacity:], 0.0)
+
+
+def capacity_gates(dense_gates, group_size, capacity, slot_major):
+    """NumPy GShard capacity. In each group of `group_size` tokens an expert takes at
+    most `capacity` assignments, earlier tokens first; with `slot_major` (top-k routing)
+    every token's first choice comes before any token's second. Dropped assignments get
+    gate 0."""
+    kept = np.zeros_like(dense_gates)
+    for start in range(0, len(dense_gates), group_size):
+        group = dense_gates[start:start + group_size]
+        ranked = np.argsort(-group, axis=1, kind="stable")   # choices, best first
+        order = ([(rank, t) for rank in range(group.shape[1]) for t in range(len(group))]
+                 if slot_major else
+                 [(rank, t) for t in range(len(group)) for rank in range(group.shape[1])])
+        used = np.zeros(group.shape[1], int)
+        for rank, t in order:
+            expert = ranked[t, rank]
+            if group[t, expert] > 0 and used[expert] < capacity:
+                used[expert] += 1
+                kept[start + t, expert] = group[t, expert]
+    return kept
+
+
+@pytest.mark.parametrize("gating", ["top_k", "balanced"])
+def test_capacity_groups_have_their_own_slots(gating):
+    """With capacity_group_size, each group of tokens fills its own slots (the last group
+    padded): outputs and drops as in NumPy, with capacity ceil(f * group * k / E)."""
+    layer = build(num_experts=4, k=2, hidden_size=6, dispatch="capacity",
+                  capacity_factor=1.0, capacity_group_size=4, gating=gating)
+    x = inputs((11, 4))
+    tokens = x.astype(np.float64)
+    gates = layer.gate_values(x).numpy().astype(np.float64)
+    kept = capacity_gates(gates, group_size=4, capacity=2,   # ceil(1.0 * 4 * 2 / 4)
+                          slot_major=gating == "top_k")
+    assert 0 < (kept > 0).sum() < (gates > 0).sum()          # some, not all, dropped
+    np.testing.assert_allclose(layer(x).numpy(),
+                               ref.moe_output(tokens, kept, *expert_weights(layer)),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_rank_2_3_4_inputs_route_every_position_alone():
@@ -352,6 +395,10 @@ CONSTRUCTOR_ERRORS = [
     (dict(num_experts=8, k=2, hidden_size=3, capacity_factor=1.0), "`capacity_factor`"),
     (dict(num_experts=8, k=2, hidden_size=3, dispatch="capacity", capacity_factor=0),
      "`capacity_factor`"),
+    (dict(num_experts=8, k=2, hidden_size=3, capacity_group_size=4),
+     "`capacity_group_size`"),
+    (dict(num_experts=8, k=2, hidden_size=3, dispatch="capacity", capacity_group_size=0),
+     "`capacity_group_size`"),
     (dict(num_experts=8, k=2, hidden_size=3, importance_weight=-1), "`importance_weight`"),
     (dict(num_experts=8, k=2, hidden_size=3, load_weight=-0.1), "`load_weight`"),
     (dict(num_experts=8, k=2, hidden_size=3, noise_epsilon=0.0), "`noise_epsilon`"),
@@ -401,6 +448,9 @@ def test_shard_experts_names_what_it_needs():
         SparselyGatedMoE(4, 2, 8).shard_experts(sharding)
     with pytest.raises(ValueError, match="needs gating='top_k'"):
         SparselyGatedMoE(4, 2, 8, gating="balanced", dispatch="capacity").shard_experts(
+            sharding)
+    with pytest.raises(ValueError, match="capacity_group_size=8"):
+        SparselyGatedMoE(4, 2, 8, dispatch="capacity", capacity_group_size=8).shard_experts(
             sharding)
     with pytest.raises(ValueError, match="no 'model' axis"):
         ExpertSharding(mesh, expert_axis="model")

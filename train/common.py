@@ -43,6 +43,10 @@ def define_common_flags(*, default_data: str) -> None:
     flags.DEFINE_float("capacity_factor", None,
                        "Expert buffer size as a multiple of the even share, with "
                        "--dispatch=capacity (default 2.0; num_experts / k drops nothing).")
+    flags.DEFINE_integer("capacity_group_size", None,
+                         "With --dispatch=capacity, route the tokens in groups of this "
+                         "many, each with its own expert buffers (GShard); default: the "
+                         "batch is one group. Not with --strategy=dtensor.")
     flags.DEFINE_float("dropout", 0.1, "Dropout on every layer's output.")
     flags.DEFINE_integer("vocab_size", 8192, "Subword vocabulary size.")
     flags.DEFINE_integer("max_length", 64, "Subword pieces per sentence kept.")
@@ -78,10 +82,18 @@ def define_common_flags(*, default_data: str) -> None:
                                  message=f"--{name} must be >= 0.")
     flags.register_validator("capacity_factor", lambda v: v is None or v > 0,
                              message="--capacity_factor must be > 0.")
+    flags.register_validator("capacity_group_size", lambda v: v is None or v >= 1,
+                             message="--capacity_group_size must be >= 1.")
+    for name in ("capacity_factor", "capacity_group_size"):
+        flags.register_multi_flags_validator(
+            [name, "dispatch"],
+            lambda v, name=name: v[name] is None or v["dispatch"] == "capacity",
+            message=f"--{name} needs --dispatch=capacity.")
     flags.register_multi_flags_validator(
-        ["capacity_factor", "dispatch"],
-        lambda v: v["capacity_factor"] is None or v["dispatch"] == "capacity",
-        message="--capacity_factor needs --dispatch=capacity.")
+        ["capacity_group_size", "strategy"],
+        lambda v: v["capacity_group_size"] is None or v["strategy"] != "dtensor",
+        message="--capacity_group_size does not work with --strategy=dtensor (DTensor "
+                "routes the batch as one group).")
     flags.register_multi_flags_validator(
         ["strategy", "dispatch", "mesh"],
         lambda v: v["strategy"] != "dtensor" or (v["dispatch"] == "capacity"

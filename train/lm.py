@@ -39,7 +39,8 @@ def model_config() -> LanguageModelConfig:
         hidden_size=FLAGS.hidden_size, noisy_gating=FLAGS.noisy_gating,
         importance_weight=FLAGS.importance_weight, load_weight=FLAGS.load_weight,
         dropout=FLAGS.dropout, dispatch=FLAGS.dispatch,
-        capacity_factor=FLAGS.capacity_factor)
+        capacity_factor=FLAGS.capacity_factor,
+        capacity_group_size=FLAGS.capacity_group_size)
 
 
 def lm_loss(model, batch, training):

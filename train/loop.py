@@ -63,9 +63,12 @@ def check_run_config(model_dir: str, run_config: Dict, *, write: bool = True) ->
     """
     stored = read_run_config(model_dir)
     if stored is not None:
-        differences = {key: (stored.get(key), run_config.get(key))
-                       for key in sorted(set(stored) | set(run_config))
-                       if stored.get(key) != run_config.get(key)}
+        # Flattened, and a setting a run does not record counts as None: a run recorded
+        # before a setting existed (whose default is None) resumes with the default.
+        stored, flat = _flatten(stored), _flatten(run_config)
+        differences = {key: (stored.get(key), flat.get(key))
+                       for key in sorted(set(stored) | set(flat))
+                       if stored.get(key) != flat.get(key)}
         if differences:
             listed = "; ".join(f"--{key}: was {old!r}, now {new!r}"
                                for key, (old, new) in differences.items())
@@ -76,6 +79,17 @@ def check_run_config(model_dir: str, run_config: Dict, *, write: bool = True) ->
     if write:
         tf.io.gfile.makedirs(model_dir)
         write_json_atomically(os.path.join(model_dir, CONFIG_FILE), run_config)
+
+
+def _flatten(run_config: Dict) -> Dict:
+    """{"model": {"k": 4}} -> {"model.k": 4}; other entries as they are."""
+    flat = {}
+    for key, value in run_config.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def moe_layers(model: keras.Model):

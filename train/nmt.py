@@ -84,7 +84,9 @@ def model_config(num_language_tokens: int) -> TranslationConfig:
         hidden_size=FLAGS.hidden_size, gating=gating, noisy_gating=FLAGS.noisy_gating,
         importance_weight=FLAGS.importance_weight, load_weight=FLAGS.load_weight,
         dropout=FLAGS.dropout, dispatch=FLAGS.dispatch,
-        capacity_factor=FLAGS.capacity_factor, dense_lstm_width=FLAGS.dense_lstm_width)
+        capacity_factor=FLAGS.capacity_factor,
+        capacity_group_size=FLAGS.capacity_group_size,
+        dense_lstm_width=FLAGS.dense_lstm_width)
 
 
 def make_optimizer() -> keras.optimizers.Optimizer:
