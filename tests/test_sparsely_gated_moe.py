@@ -235,13 +235,13 @@ def test_mask_skips_positions_everywhere(dispatch):
 
 
 @pytest.mark.parametrize("gating", ["top_k", "balanced"])
-@pytest.mark.parametrize("dispatch, compiled_kernels",
-                         [("sparse", True), ("sparse", False), ("capacity", False)])
-def test_batches_without_tokens_train(gating, dispatch, compiled_kernels):
+@pytest.mark.parametrize("dispatch", [
+    dict(compiled_kernels=True), dict(compiled_kernels=False),
+    dict(dispatch="capacity"), dict(dispatch="capacity", capacity_group_size=3)])
+def test_batches_without_tokens_train(gating, dispatch):
     """An empty batch and a fully masked one give zero outputs, zero gradients for the
     inputs and experts, and a finite loss, on every dispatch and backward path."""
-    layer = SparselyGatedMoE(6, 2, 16, gating=gating, dispatch=dispatch,
-                             compiled_kernels=compiled_kernels)
+    layer = SparselyGatedMoE(6, 2, 16, gating=gating, **dispatch)
     layer.build((None, 16))
     for x, mask in ((tf.zeros([0, 16]), None), (tf.ones([5, 16]), tf.zeros([5], bool))):
         with tf.GradientTape() as tape:
