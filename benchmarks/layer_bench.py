@@ -114,9 +114,7 @@ def training_step(config: Config) -> Callable[[], None]:
     else:
         model = SparselyGatedMoE(config.num_experts, config.k, config.hidden_size,
                                  dispatch=config.dispatch,
-                                 capacity_group_size=(config.capacity_group_size
-                                                      if config.dispatch == "capacity"
-                                                      else None),
+                                 capacity_group_size=config.capacity_group_size,
                                  recompute_activations=config.recompute_activations,
                                  compiled_kernels=config.compiled_kernels,
                                  dtype=policy, seed=0)
@@ -145,8 +143,9 @@ def training_step(config: Config) -> Callable[[], None]:
 
 def measure(config: Config) -> dict:
     """Times `config` (and, for a MoE, the dense baseline alongside); runs in a worker."""
-    if loaded_allocator() != config.allocator:
-        raise RuntimeError(f"the worker runs with the {loaded_allocator()} allocator, "
+    allocator = loaded_allocator()
+    if allocator != config.allocator:
+        raise RuntimeError(f"the worker runs with the {allocator} allocator, "
                            f"not {config.allocator}")
     step = training_step(config)
     for _ in range(config.warmup):
@@ -287,12 +286,13 @@ def main(argv=None) -> None:
     experts = args.experts or ([8, 64] if args.quick else [8, 64, 512])
     base = Config(tokens=args.tokens, steps=args.steps, dtype=args.dtype,
                   recompute_activations=args.recompute_activations,
-                  compiled_kernels=args.compiled_kernels, allocator=args.allocator,
-                  capacity_group_size=args.capacity_group_size)
+                  compiled_kernels=args.compiled_kernels, allocator=args.allocator)
     # --quick leaves out the dense baseline's own process (its row and peak RSS): every
     # MoE process times the dense baseline alongside anyway.
     configs = ([] if args.quick else [base]) + [
-        dataclasses.replace(base, num_experts=e, dispatch=path)
+        dataclasses.replace(base, num_experts=e, dispatch=path,
+                            capacity_group_size=(args.capacity_group_size
+                                                 if path == "capacity" else None))
         for e in experts for path in paths]
     results = []
     for config in configs:

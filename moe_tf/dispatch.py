@@ -117,8 +117,8 @@ def capacity_dispatch(inputs, routing, experts, *, capacity, group_size=None,
     dispatch, combine = routing.capacity_masks(capacity)          # [(G,) S, E, C]
     expert_inputs = tf.einsum(f"{g}sec,{g}sd->e{g}cd", tf.cast(dispatch, inputs.dtype),
                               inputs)
-    buffers = tf.shape(expert_inputs)
     if g:
+        buffers = tf.shape(expert_inputs)                         # [E, G, C, d_in]
         expert_inputs = tf.reshape(expert_inputs, [routing.num_experts, -1, buffers[-1]])
     if expert_sharding is not None:
         expert_inputs = expert_sharding.to_experts(expert_inputs)

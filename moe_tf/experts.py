@@ -346,8 +346,8 @@ class FeedForwardExperts(keras.layers.Layer):
     With `compiled_kernels=True` (the default), grouped training calls run the experts
     with the compiled CPU kernels of `moe_tf.kernels` when they are built, no GPU is
     visible, the weights and inputs are float32 with widths that are multiples of 16,
-    and the experts average at most 2048 rows. Inference calls always use TensorFlow ops, so that
-    exported SavedModels load without this package's op library.
+    and the experts average at most 2048 rows. Inference calls always use TensorFlow
+    ops, so that exported SavedModels load without this package's op library.
     """
 
     def __init__(self, *, num_experts: int, hidden_size: int, output_size: int,

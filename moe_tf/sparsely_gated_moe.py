@@ -312,7 +312,8 @@ class SparselyGatedMoE(keras.layers.Layer):
             group_k=self.group_k, noisy_gating=self.noisy_gating,
             importance_weight=self.importance_weight, load_weight=self.load_weight,
             dispatch=self.dispatch, capacity_factor=self.capacity_factor,
-            capacity_group_size=self.capacity_group_size, gating=self.gating, noise_epsilon=self.noise_epsilon,
+            capacity_group_size=self.capacity_group_size, gating=self.gating,
+            noise_epsilon=self.noise_epsilon,
             threshold_loss_weight=self.threshold_loss_weight,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
@@ -342,18 +343,18 @@ def _check_arguments(*, num_experts, k, hidden_size, output_size, num_groups, gr
     if dispatch not in _DISPATCHES:
         raise ValueError(f"SparselyGatedMoE: `dispatch` must be one of {_DISPATCHES}; "
                          f"got {dispatch!r}.")
+    for name, value in (("capacity_factor", capacity_factor),
+                        ("capacity_group_size", capacity_group_size)):
+        if value is not None and dispatch != "capacity":
+            raise ValueError(f"SparselyGatedMoE: `{name}` only applies to "
+                             "dispatch='capacity'; the sparse dispatch has no slots and "
+                             "drops no token.")
     if capacity_factor is not None:
-        if dispatch != "capacity":
-            raise ValueError("SparselyGatedMoE: `capacity_factor` only applies to "
-                             "dispatch='capacity'; the sparse dispatch drops no token.")
         if not capacity_factor > 0:
             raise ValueError(f"SparselyGatedMoE: `capacity_factor` must be > 0; got "
                              f"{capacity_factor!r}.")
     if capacity_group_size is not None:
         positive_int("capacity_group_size", capacity_group_size)
-        if dispatch != "capacity":
-            raise ValueError("SparselyGatedMoE: `capacity_group_size` only applies to "
-                             "dispatch='capacity'; the sparse dispatch has no slots.")
     for name, value in (("importance_weight", importance_weight),
                         ("load_weight", load_weight)):
         if not value >= 0:

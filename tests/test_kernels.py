@@ -30,6 +30,12 @@ def op_types(concrete_function):
             for op in g.get_operations()}
 
 
+def pretend_a_gpu_is_visible(monkeypatch):
+    """This machine has no GPU; what the layer sees on one is a non-empty device list."""
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
+
+
 def random_problem(group_sizes, d_in, hidden, d_out, padding_rows=3, seed=0):
     rng = np.random.default_rng(seed)
     num_experts, num_rows = len(group_sizes), sum(group_sizes) + padding_rows
@@ -144,9 +150,7 @@ def test_kernels_are_skipped_where_they_do_not_apply(monkeypatch):
     assert not has_kernel_op(experts(), np.ones((4098, 16)))         # 2049
     assert not has_kernel_op(experts(dtype="mixed_bfloat16"), np.ones((20, 16)),
                              tf.bfloat16)
-    # This machine has no GPU; what the layer sees on one is a non-empty device list.
-    monkeypatch.setattr(tf.config, "list_logical_devices",
-                        lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
+    pretend_a_gpu_is_visible(monkeypatch)
     assert not has_kernel_op(experts(), np.ones((20, 16)))
 
 
@@ -291,9 +295,8 @@ def test_sparse_dispatch_sums_train_with_the_kernels(gating, monkeypatch):
     assert sum_ops <= layer_op_types(compiled, x, True)
     assert not sum_ops & layer_op_types(compiled, x, False)
     assert not sum_ops & layer_op_types(plain, x, True)
-    with monkeypatch.context() as patch:  # what the layer sees on a GPU machine
-        patch.setattr(tf.config, "list_logical_devices",
-                      lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
+    with monkeypatch.context() as patch:
+        pretend_a_gpu_is_visible(patch)
         assert not sum_ops & layer_op_types(layer(), x, True)
 
     results = []

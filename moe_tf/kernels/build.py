@@ -1,10 +1,11 @@
 """Compiles the layer's CPU kernels: `python -m moe_tf.kernels.build`.
 
-Builds `_moe_kernels.so` from the `.cc` files next to this file with the compiler and flags of the
-installed TensorFlow. `make install` runs it. Where it cannot be built (no C++ compiler,
+Builds `_moe_kernels.so` from the `.cc` files next to this file with the compiler and
+flags of the installed TensorFlow. `make install` runs it. Where it cannot be built (no C++ compiler,
 no AVX-512) it says so and builds nothing; the layer then runs TensorFlow ops only.
 """
 
+import glob
 import os
 import shutil
 import subprocess
@@ -15,8 +16,9 @@ import tensorflow as tf
 
 from moe_tf.kernels import LIBRARY
 
-SOURCES = [os.path.join(os.path.dirname(__file__), name)
-           for name in ("grouped_feed_forward.cc", "weighted_row_sum.cc")]
+# Every source next to this file, as the Makefile's dependency and setup.py's package data
+# take them.
+SOURCES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.cc")))
 
 
 def cpu_has_avx512() -> bool:
