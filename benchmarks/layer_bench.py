@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 _RESULT_PREFIX = "LAYER_BENCH_RESULT "
 GIB = 2.0 ** 30
@@ -51,7 +51,7 @@ class Config:
     k: int = 4
     dtype: str = "float32"
     recompute_activations: bool = False
-    compiled_kernels: bool = True
+    compiled_kernels: Union[str, bool] = "auto"
     allocator: str = "tensorflow"
     steps: int = 10
     warmup: int = 3
@@ -253,8 +253,9 @@ def _parse_args(argv):
     parser.add_argument("--recompute-activations", action="store_true",
                         help="SparselyGatedMoE(recompute_activations=True)")
     parser.add_argument("--no-compiled-kernels", dest="compiled_kernels",
-                        action="store_false",
-                        help="SparselyGatedMoE(compiled_kernels=False): TensorFlow ops only")
+                        action="store_const", const=False, default="auto",
+                        help="SparselyGatedMoE(compiled_kernels=False): TensorFlow ops only "
+                             "(default: 'auto', the kernels where they apply)")
     parser.add_argument("--capacity-group-size", type=positive_int,
                         help="SparselyGatedMoE(capacity_group_size=...) for the capacity "
                              "path: route the tokens in groups of this many (default: "

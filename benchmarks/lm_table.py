@@ -39,8 +39,9 @@ import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
 from models.lm import LanguageModelConfig, build_language_model, ops_per_timestep
+from models.special_tokens import PAD_ID
+from moe_tf import MoEConfig
 from train import data
-from train.tokenizer import PAD_ID
 from train.trained_model import restore_trained_model
 
 matplotlib.use("Agg")  # files only, no display
@@ -114,10 +115,13 @@ PRESETS = {
 
 
 def _config(spec: ModelSpec, *, model_dim: int, hidden_size: int) -> LanguageModelConfig:
-    return LanguageModelConfig(
-        architecture=spec.architecture, model_dim=model_dim,
-        num_experts=max(spec.num_experts, 1), k=spec.k, num_groups=spec.num_groups or None,
-        hidden_size=hidden_size)
+    """The model `train.lm` builds from `train_flags(spec)` (less the vocabulary)."""
+    settings = dict(k=spec.k, num_groups=spec.num_groups or None, hidden_size=hidden_size,
+                    importance_weight=spec.importance_weight, load_weight=spec.load_weight)
+    if spec.is_moe:  # a baseline leaves --num_experts at its default
+        settings.update(num_experts=spec.num_experts)
+    return LanguageModelConfig(architecture=spec.architecture, model_dim=model_dim,
+                               moe=MoEConfig(**settings))
 
 
 def matched_hidden_size(spec: ModelSpec, *, model_dim: int) -> Tuple[int, int]:

@@ -12,11 +12,12 @@ Every layer's output gets dropout and a residual add, so all widths equal `model
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Dict
 
 import keras
 
-from models.moe_block import moe_from_config
+from models.recorded_config import model_config_from_dict
+from moe_tf import MoEConfig, SparselyGatedMoE
 
 ARCHITECTURES = ("moe", "4xlstm", "moe-1-wide", "moe-1-deep")
 DEEP_LAYERS = 4
@@ -24,22 +25,17 @@ DEEP_LAYERS = 4
 
 @dataclasses.dataclass(frozen=True)
 class LanguageModelConfig:
-    """Sizes of a language model. Defaults are the paper's, scaled by 1/4 for a CPU."""
+    """Sizes of a language model. Defaults are the paper's, scaled by 1/4 for a CPU.
+
+    `moe` holds the MoE layer's settings (expert hidden width 256; paper: 1024); the
+    baselines read `moe.k`, `moe.num_groups` and `moe.hidden_size` for their widths.
+    """
 
     architecture: str = "moe"
     vocab_size: int = 8192
     model_dim: int = 128           # embedding and LSTM width (paper: 512)
-    num_experts: int = 32
-    k: int = 4
-    num_groups: Optional[int] = None
-    hidden_size: int = 256         # expert hidden width (paper: 1024)
-    noisy_gating: bool = True
-    importance_weight: float = 0.1
-    load_weight: float = 0.1
+    moe: MoEConfig = MoEConfig()
     dropout: float = 0.1
-    dispatch: str = "sparse"
-    capacity_factor: Optional[float] = None   # dispatch="capacity" only
-    capacity_group_size: Optional[int] = None  # dispatch="capacity" only
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -47,16 +43,25 @@ class LanguageModelConfig:
                              f"{self.architecture!r}.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
+        if not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"moe must be a moe_tf.MoEConfig; got "
+                             f"{type(self.moe).__name__}.")
+
+    @classmethod
+    def from_dict(cls, values: Dict) -> "LanguageModelConfig":
+        """The config of a recorded `dataclasses.asdict`, also of runs recorded before
+        `moe` (see `models.recorded_config`)."""
+        return model_config_from_dict(cls, values)
 
     @property
     def experts_per_token(self) -> int:
-        """Experts each token is sent to (k, or k * k for a hierarchical 2 + 2 layer)."""
-        return self.k * (self.k if self.num_groups else 1)
+        """Experts each token is sent to (k, or group_k * k when hierarchical)."""
+        return self.moe.assignments_per_token
 
     @property
     def wide_hidden_size(self) -> int:
         """MoE-1-Wide: one expert doing the work of k experts."""
-        return self.experts_per_token * self.hidden_size
+        return self.experts_per_token * self.moe.hidden_size
 
     @property
     def deep_hidden_size(self) -> int:
@@ -79,7 +84,7 @@ def _lstm(x, config: LanguageModelConfig, name: str):
 def _middle_block(x, config: LanguageModelConfig):
     """The layer between the two LSTMs: an MoE, or a dense stand-in for a baseline."""
     if config.architecture == "moe":
-        return moe_from_config(config, num_groups=config.num_groups, name="moe")(x)
+        return SparselyGatedMoE(config=config.moe, name="moe")(x)
     if config.architecture == "moe-1-wide":
         widths, name = [config.wide_hidden_size], "wide_expert"
     else:
@@ -116,21 +121,20 @@ def lstm_ops(input_dim: int, units: int) -> int:
 def ops_per_timestep(config: LanguageModelConfig) -> int:
     """Forward multiply-adds per token, excluding embedding and softmax, as Table 7 counts.
 
-    The gate counts: x W_g over all experts (or over the groups plus the selected groups'
-    secondary gates), and x W_noise as much again with noisy gating, as the paper's
+    The gate counts: x W_g over all experts (or over the groups plus the group_k selected
+    groups' secondary gates), and x W_noise as much again with noisy gating, as the paper's
     8.6M for MoE-256 does.
     """
-    d = config.model_dim
+    d, moe = config.model_dim, config.moe
     if config.architecture == "4xlstm":
         return 4 * lstm_ops(d, d)
     if config.architecture == "moe":
-        if config.num_groups:
-            experts_per_group = config.num_experts // config.num_groups
-            gate = d * config.num_groups + config.k * d * experts_per_group
+        if moe.is_hierarchical:
+            gate = d * moe.num_groups + moe.primary_k * d * moe.experts_per_group
         else:
-            gate = d * config.num_experts
-        gate *= 2 if config.noisy_gating else 1
-        middle = gate + config.experts_per_token * 2 * d * config.hidden_size
+            gate = d * moe.num_experts
+        gate *= 2 if moe.noisy_gating else 1
+        middle = gate + config.experts_per_token * 2 * d * moe.hidden_size
     elif config.architecture == "moe-1-wide":
         middle = 2 * d * config.wide_hidden_size
     else:

@@ -1,9 +1,10 @@
 """moe_tf: the Sparsely-Gated Mixture-of-Experts layer for TensorFlow and Keras 3."""
 
+from moe_tf.config import MoEConfig
 from moe_tf.expert_sharding import ExpertSharding
 from moe_tf.experts import FeedForwardExperts
-from moe_tf.gates import (GateOutput, HierarchicalNoisyTopKGate, NoisyTopKGate,
-                          StrictlyBalancedGate)
+from moe_tf.gates import (GATES, Gate, GateOutput, HierarchicalNoisyTopKGate, NoisyTopKGate,
+                          StrictlyBalancedGate, register_gate)
 from moe_tf.metrics import ExpertLoadFraction
 from moe_tf.sparsely_gated_moe import SparselyGatedMoE
 
@@ -11,9 +12,13 @@ __all__ = [
     "ExpertLoadFraction",
     "ExpertSharding",
     "FeedForwardExperts",
+    "GATES",
+    "Gate",
     "GateOutput",
     "HierarchicalNoisyTopKGate",
+    "MoEConfig",
     "NoisyTopKGate",
     "SparselyGatedMoE",
     "StrictlyBalancedGate",
+    "register_gate",
 ]

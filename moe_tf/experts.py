@@ -2,12 +2,14 @@
 
 Parameters are stacked with a leading `num_experts` dimension, so one variable holds every
 expert's kernel (the layout DTensor shards on the expert axis). Two ways to run them:
-- grouped: tokens sorted by expert, `[rows, d_in]`, with the number of rows of each
-  expert; each expert multiplies only its own rows (the dropless sparse path);
+- in blocks: tokens sorted by expert, `[rows, d_in]`, with the number of rows of each
+  expert (`expert_row_counts`); each expert multiplies only its own block of rows (the
+  dropless sparse path);
 - batched: a fixed-capacity buffer `[experts, capacity, d_in]`, one batched einsum.
 """
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional, Union
 
 import keras
 import tensorflow as tf
@@ -41,7 +43,7 @@ def _write_in_place(buffer: tf.Tensor, index, value: tf.Tensor) -> tf.Tensor:
 
 
 # Below this many rows per expert, small-matmul overheads dominate and the backward pass
-# batches the experts over padded groups (see `_pad_to_batch`).
+# batches the experts over padded blocks (see `_pad_to_batch`).
 _SMALL_BLOCK_ROWS = 128
 
 
@@ -58,21 +60,21 @@ def _times_transposed(rows: tf.Tensor, weight: tf.Tensor) -> tf.Tensor:
     return tf.raw_ops.BatchMatMulV2(x=rows[None], y=weight[None], adj_y=True)[0]
 
 
-def _pad_to_batch(group_sizes: tf.Tensor, num_rows) -> tf.Tensor:
-    """Whether the grouped backward pass over `num_rows` rows should pad the groups and
-    batch the experts.
+def _pad_to_batch(expert_row_counts: tf.Tensor, num_rows) -> tf.Tensor:
+    """Whether the backward pass over `num_rows` sorted rows should pad each expert's block
+    of rows and batch the experts.
 
-    True when every group is smaller than `_SMALL_BLOCK_ROWS` (per-expert matmuls are
+    True when every block is smaller than `_SMALL_BLOCK_ROWS` (per-expert matmuls are
     then dominated by per-call overhead and the copies of kernel gradients into place)
     and padding at most doubles the rows (it costs memory and FLOPs in proportion, and
     a skewed routing, one expert with most rows, must not blow it up).
     Measured crossover on the benchmark shapes: about 128 rows per expert.
     Never without rows (an empty batch): unfilled slots gather row 0.
     """
-    largest = tf.reduce_max(group_sizes)
+    largest = tf.reduce_max(expert_row_counts)
     return tf.logical_and(
         tf.logical_and(num_rows > 0, largest < _SMALL_BLOCK_ROWS),
-        largest * tf.size(group_sizes) <= 2 * tf.reduce_sum(group_sizes))
+        largest * tf.size(expert_row_counts) <= 2 * tf.reduce_sum(expert_row_counts))
 
 
 # What gathering one expert's two kernels for the overflow pass costs, in padded rows of
@@ -81,20 +83,21 @@ def _pad_to_batch(group_sizes: tf.Tensor, num_rows) -> tf.Tensor:
 _OVERFLOW_EXPERT_ROWS = 64
 
 
-def _split_capacity(group_sizes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """How the padded backward pass splits the groups: (capacity, overflow capacity).
+def _split_capacity(expert_row_counts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """How the padded backward pass splits the blocks: (capacity, overflow capacity).
 
-    The first pass pads every group to `capacity` rows, the second pads the rest of each
-    larger group to `overflow capacity` = largest - capacity rows. The capacity (at least
-    1) minimises experts x capacity + overflowing experts x (`_OVERFLOW_EXPERT_ROWS` +
-    overflow capacity): at E = 512 and 32 rows per expert the largest group has about 53
-    rows; a capacity of about 43 leaves about a dozen experts for the second pass.
+    The first pass pads every expert's block to `capacity` rows, the second pads the rest
+    of each larger block to `overflow capacity` = largest - capacity rows. The capacity
+    (at least 1) minimises experts x capacity + overflowing experts x
+    (`_OVERFLOW_EXPERT_ROWS` + overflow capacity): at E = 512 and 32 rows per expert the
+    largest block has about 53 rows; a capacity of about 43 leaves about a dozen experts
+    for the second pass.
     """
-    largest = tf.reduce_max(group_sizes)
+    largest = tf.reduce_max(expert_row_counts)
     capacity = tf.range(1, tf.maximum(largest, 1) + 1)                 # candidates
     overflowing = tf.reduce_sum(
-        tf.cast(group_sizes[None, :] > capacity[:, None], tf.int32), axis=1)
-    cost = (tf.size(group_sizes) * capacity
+        tf.cast(expert_row_counts[None, :] > capacity[:, None], tf.int32), axis=1)
+    cost = (tf.size(expert_row_counts) * capacity
             + overflowing * (_OVERFLOW_EXPERT_ROWS + largest - capacity))
     best = tf.gather(capacity, tf.argmin(cost, output_type=tf.int32))
     return best, tf.maximum(largest - best, 0)
@@ -108,13 +111,17 @@ def _split_capacity(group_sizes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 _COMPILED_KERNEL_ROWS = 2048
 
 
-def _compiled_kernels_for(inputs, kernel_in, kernel_out):
+def _compiled_kernels_for(inputs, kernel_in, kernel_out, *, required: bool):
     """The compiled kernels' ops for these operands (`kernels.op_library_for`, and every
-    width a multiple of 16), or None."""
+    width a multiple of 16), or None; with `required`, a ValueError instead of None."""
     widths = (inputs.shape[-1], kernel_in.shape[-1], kernel_out.shape[-1])
     if any(w is None or w % 16 for w in widths):
+        if required:
+            raise ValueError(f"compiled_kernels=True, but the compiled kernels cannot run "
+                             f"the experts: their widths (input, hidden, output) = "
+                             f"{widths} must be multiples of 16.")
         return None
-    return kernels.op_library_for(inputs, kernel_in, kernel_out)
+    return kernels.op_library_for(inputs, kernel_in, kernel_out, required=required)
 
 
 def _cond(pred, true_fn, false_fn):
@@ -125,199 +132,280 @@ def _cond(pred, true_fn, false_fn):
     return tf.cond(pred, true_fn, false_fn)
 
 
-def _grouped_feed_forward(inputs, group_sizes, kernel_in, bias_in, kernel_out, bias_out,
-                          *, recompute_activations: bool = False,
-                          compiled_kernels: bool = False):
+class _ExpertBlocks(NamedTuple):
+    """The operands of the experts' FFNs on contiguous blocks of rows sorted by expert.
+
+    Attributes:
+        inputs: `[rows, d_in]`; expert e's rows are `offsets[e] .. offsets[e + 1] - 1`,
+            and the last `padding_rows` rows are padding.
+        expert_row_counts: int32 `[experts]`, the rows of each expert.
+        offsets: int32 `[experts + 1]`, the cumulative sum of `expert_row_counts`.
+        padding_rows: int32 scalar, the rows after the last expert's.
+        num_experts: int32 scalar.
+        kernel_in `[experts, d_in, hidden]`, bias_in `[experts, hidden]`,
+        kernel_out `[experts, hidden, d_out]`, bias_out `[experts, d_out]`.
+    """
+
+    inputs: tf.Tensor
+    expert_row_counts: tf.Tensor
+    offsets: tf.Tensor
+    padding_rows: tf.Tensor
+    num_experts: tf.Tensor
+    kernel_in: tf.Tensor
+    bias_in: tf.Tensor
+    kernel_out: tf.Tensor
+    bias_out: tf.Tensor
+
+    @property
+    def weights(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        return self.kernel_in, self.bias_in, self.kernel_out, self.bias_out
+
+    def hidden_of(self, x: tf.Tensor, e) -> tf.Tensor:
+        """Expert e's activations for its rows `x`: relu(x kernel_in[e] + bias_in[e])."""
+        return tf.nn.relu(tf.matmul(x, self.kernel_in[e]) + self.bias_in[e])
+
+
+def _for_each_expert(blocks: _ExpertBlocks, body, row_outputs, expert_outputs):
+    """Runs `body(e, begin, end)` for every expert e, the rows [begin, end) its own.
+
+    `body` returns a block `[end - begin, width]` for each (dtype, width) of
+    `row_outputs` and expert e's slice for each (dtype, shape) of `expert_outputs`.
+    Returns the blocks concatenated, `[rows, width]` (zeros for the padding rows), and
+    the slices stacked, `[experts, ...]`.
+
+    One `tf.while_loop` iteration per expert keeps the graph the same size for 8 or 4096
+    experts. Row blocks go through TensorArrays: a write keeps a reference and the final
+    concat is one parallel copy (writing rows in place is slower: InplaceUpdate copies
+    row by row). The per-expert slices (the kernel gradients) are written in place,
+    so that each stacked gradient (1 GiB per kernel at 512 experts of the paper's
+    size) exists once: TensorArray.stack would hold it twice, and a scatter would copy
+    the whole buffer on every write.
+    """
+    num_experts, offsets = blocks.num_experts, blocks.offsets
+    arrays = [tf.TensorArray(dtype, size=num_experts + 1, infer_shape=False,
+                             element_shape=[None, width])
+              for dtype, width in row_outputs]
+    buffers = [tf.raw_ops.Empty(shape=shape, dtype=dtype)
+               for dtype, shape in expert_outputs]
+
+    def step(e, arrays, buffers):
+        row_blocks, slices = body(e, offsets[e], offsets[e + 1])
+        return (e + 1, [a.write(e, block) for a, block in zip(arrays, row_blocks)],
+                [_write_in_place(b, [e], s[None]) for b, s in zip(buffers, slices)])
+
+    _, arrays, buffers = tf.while_loop(lambda e, *_: e < num_experts, step,
+                                       (0, arrays, buffers))
+    arrays = [a.write(num_experts, tf.zeros([blocks.padding_rows, width], dtype))
+              for a, (dtype, width) in zip(arrays, row_outputs)]
+    return [a.concat() for a in arrays], buffers
+
+
+def _looped_forward(blocks: _ExpertBlocks, keep_hidden: bool):
+    """The forward pass as a loop over the experts (`_for_each_expert`).
+
+    Returns `[rows, d_out]` and the activations for the backward pass, `[rows, hidden]`
+    when `keep_hidden`, else without rows.
+    """
+    dtype, hidden_size = blocks.inputs.dtype, blocks.kernel_in.shape[-1]
+
+    def expert(e, begin, end):
+        act = blocks.hidden_of(blocks.inputs[begin:end], e)
+        out = tf.matmul(act, blocks.kernel_out[e]) + blocks.bias_out[e]
+        return ([out, act] if keep_hidden else [out]), []
+
+    row_outputs = [(dtype, blocks.kernel_out.shape[-1])]
+    if keep_hidden:
+        row_outputs.append((dtype, hidden_size))
+    (outputs, *kept), _ = _for_each_expert(blocks, expert, row_outputs, [])
+    return outputs, (kept[0] if kept else tf.zeros([0, hidden_size], dtype))
+
+
+def _compiled_forward(blocks: _ExpertBlocks, ops, keep_hidden: bool):
+    """The forward pass as the compiled kernel: (`[rows, d_out]`, activations)."""
+    return tuple(ops.moe_grouped_feed_forward(blocks.inputs, blocks.expert_row_counts,
+                                              *blocks.weights, keep_hidden=keep_hidden))
+
+
+def _looped_grad(blocks: _ExpertBlocks, d_outputs, hidden=None):
+    """The backward pass as a loop over the experts (`_for_each_expert`), each on its own
+    rows; the kernel gradients are written into place expert by expert.
+
+    `hidden`: the forward pass's activations `[rows, hidden]`, or None to recompute them.
+    Returns the gradients of the rows and of the four weights.
+    """
+    def expert_grad(e, begin, end):
+        x = blocks.inputs[begin:end]
+        dy = d_outputs[begin:end]
+        act = hidden[begin:end] if hidden is not None else blocks.hidden_of(x, e)
+        d_pre = tf.raw_ops.ReluGrad(
+            gradients=_times_transposed(dy, blocks.kernel_out[e]), features=act)
+        return ([_times_transposed(d_pre, blocks.kernel_in[e])],
+                [tf.matmul(x, d_pre, transpose_a=True),
+                 tf.raw_ops.BiasAddGrad(out_backprop=d_pre),
+                 tf.matmul(act, dy, transpose_a=True),
+                 tf.raw_ops.BiasAddGrad(out_backprop=dy)])
+
+    (d_inputs,), d_weights = _for_each_expert(
+        blocks, expert_grad, [(blocks.inputs.dtype, blocks.inputs.shape[-1])],
+        [(w.dtype, tf.shape(w)) for w in blocks.weights])
+    return (d_inputs, *d_weights)
+
+
+def _slots(first_rows, counts, width):
+    """`[experts, width]` slots of padded blocks: the row of each slot (0 where unfilled)
+    and whether it is filled, for blocks starting at `first_rows` with `counts` rows."""
+    slot = tf.range(width)[None, :]
+    filled = slot < counts[:, None]
+    return tf.where(filled, first_rows[:, None] + slot, 0), filled
+
+
+def _batched_grad(blocks: _ExpertBlocks, d_outputs, hidden, row_of_slot, filled,
+                  k_in, b_in, k_out):
+    """The backward pass of the experts whose rows `row_of_slot` (`[experts, slots]`, of
+    the sorted rows; `filled` marks the real ones) gathers, with those experts' weights
+    `k_in`, `b_in`, `k_out`: batched matmuls.
+
+    `hidden`: the forward pass's activations `[rows, hidden]`, or None to recompute them.
+    Returns d rows `[experts, slots, d_in]` and the experts' weight gradients. Unfilled
+    slots repeat some row and get zero gradients (their `dy` is masked), so they add
+    nothing.
+    """
+    x = tf.gather(blocks.inputs, row_of_slot)                   # [experts, slots, d_in]
+    dy = tf.gather(d_outputs, row_of_slot) * tf.cast(filled, x.dtype)[..., None]
+    if hidden is not None:
+        act = tf.gather(hidden, row_of_slot)
+    else:
+        act = tf.nn.relu(tf.matmul(x, k_in) + b_in[:, None, :])
+    d_pre = tf.raw_ops.ReluGrad(
+        gradients=tf.matmul(dy, k_out, transpose_b=True), features=act)
+    return (tf.matmul(d_pre, k_in, transpose_b=True),
+            tf.matmul(x, d_pre, transpose_a=True), tf.reduce_sum(d_pre, axis=1),
+            tf.matmul(act, dy, transpose_a=True), tf.reduce_sum(dy, axis=1))
+
+
+def _padded_grad(blocks: _ExpertBlocks, d_outputs, hidden=None):
+    """The backward pass as batched matmuls over padded blocks, in two passes.
+
+    With few rows per expert, one batched matmul beats a loop of small ones, and the
+    kernel gradients come out stacked, with no per-expert copy into place. The first
+    pass takes the first `capacity` rows of every expert, the second the rest of the few
+    larger blocks, with those experts' weights gathered; its weight gradients are added
+    in place (`_split_capacity` chooses the split).
+
+    `hidden`: the forward pass's activations `[rows, hidden]`, or None to recompute them.
+    Returns the gradients of the rows and of the four weights.
+    """
+    counts, offsets = blocks.expert_row_counts, blocks.offsets
+    capacity, overflow_capacity = _split_capacity(counts)
+    row_of_slot, filled = _slots(offsets[:-1], counts, capacity)
+    d_x, *d_weights = _batched_grad(blocks, d_outputs, hidden, row_of_slot, filled,
+                                    blocks.kernel_in, blocks.bias_in, blocks.kernel_out)
+
+    overflowing = tf.cast(tf.where(counts > capacity)[:, 0], tf.int32)
+    row_of_slot, filled_over = _slots(tf.gather(offsets, overflowing) + capacity,
+                                      tf.gather(counts, overflowing) - capacity,
+                                      overflow_capacity)
+    d_x_over, *d_weights_over = _batched_grad(
+        blocks, d_outputs, hidden, row_of_slot, filled_over,
+        *(tf.gather(w, overflowing) for w in blocks.weights[:3]))
+    # In place: each gradient is a fresh matmul or sum output read by nothing else.
+    d_weights = [tf.raw_ops.InplaceAdd(x=d, i=overflowing, v=d_over)
+                 for d, d_over in zip(d_weights, d_weights_over)]
+
+    # Back to the sorted rows: every row from its first-pass slot (clipped for the
+    # overflow rows), then the overflow rows written over, in place.
+    expert_of_row = tf.repeat(tf.range(blocks.num_experts), counts)
+    position = tf.range(offsets[-1]) - tf.gather(offsets, expert_of_row)
+    d_rows = tf.gather(tf.reshape(d_x, [-1, blocks.inputs.shape[-1]]),
+                       expert_of_row * capacity + tf.minimum(position, capacity - 1))
+    d_rows = _write_in_place(d_rows, tf.boolean_mask(row_of_slot, filled_over),
+                             tf.boolean_mask(d_x_over, filled_over))
+    return (tf.pad(d_rows, [[0, blocks.padding_rows], [0, 0]]), *d_weights)
+
+
+def _tensorflow_grad(blocks: _ExpertBlocks, d_outputs, hidden=None):
+    """The backward pass in TensorFlow ops: padded and batched when the blocks are small
+    (`_pad_to_batch`), else the loop over the experts. `hidden` as for `_looped_grad`."""
+    return tf.cond(_pad_to_batch(blocks.expert_row_counts, tf.shape(blocks.inputs)[0]),
+                   functools.partial(_padded_grad, blocks, d_outputs, hidden),
+                   functools.partial(_looped_grad, blocks, d_outputs, hidden))
+
+
+def _compiled_grad(blocks: _ExpertBlocks, ops, hidden, d_outputs):
+    """The backward pass as the compiled kernel; `hidden` is the compiled forward pass's
+    (without rows it recomputes the activations)."""
+    return tuple(ops.moe_grouped_feed_forward_grad(
+        blocks.inputs, blocks.expert_row_counts, blocks.kernel_in, blocks.bias_in,
+        blocks.kernel_out, hidden, d_outputs))
+
+
+def _use_compiled_kernels(blocks: _ExpertBlocks, ops, compiled_kernels):
+    """Whether the compiled kernels run both passes: when they suit the operands (`ops`
+    is not None) and, unless they are required (`compiled_kernels=True`), the experts
+    average at most `_COMPILED_KERNEL_ROWS` rows.
+
+    A Python bool when that is known while tracing (the shapes are static), else a
+    boolean tensor: `_cond` then decides at run time.
+    """
+    if ops is None:
+        return False
+    if compiled_kernels is True:
+        return True
+    inputs, kernel_in = blocks.inputs, blocks.kernel_in
+    rows = inputs.shape[0] if inputs.shape[0] is not None else tf.shape(inputs)[0]
+    experts = kernel_in.shape[0] if kernel_in.shape[0] is not None else blocks.num_experts
+    return rows <= _COMPILED_KERNEL_ROWS * experts
+
+
+def _grouped_feed_forward(inputs, expert_row_counts, kernel_in, bias_in, kernel_out,
+                          bias_out, *, recompute_activations: bool = False,
+                          compiled_kernels: Union[str, bool] = False):
     """Each expert's FFN on its own contiguous block of rows.
 
     Args:
-        inputs: `[rows, d_in]`, sorted by expert: the first `group_sizes[0]` rows are
-            expert 0's, and so on; rows after the last group are padding.
-        group_sizes: int32 `[experts]`, rows per expert (sums to at most `rows`).
+        inputs: `[rows, d_in]`, sorted by expert: the first `expert_row_counts[0]` rows
+            are expert 0's, and so on; rows after the last expert's are padding.
+        expert_row_counts: int32 `[experts]`, rows per expert (sums to at most `rows`).
         kernel_in `[experts, d_in, hidden]`, bias_in `[experts, hidden]`,
         kernel_out `[experts, hidden, d_out]`, bias_out `[experts, d_out]`.
         recompute_activations: keep no `[rows, hidden]` activations for the backward
             pass, which recomputes them (one more matmul per expert).
-        compiled_kernels: run the experts with the compiled kernels of `moe_tf.kernels`
-            when they are built and suit the operands, and the experts average at most
-            `_COMPILED_KERNEL_ROWS` rows (with more, oneDNN's large matmuls are faster).
+        compiled_kernels: "auto": run the experts with the compiled kernels of
+            `moe_tf.kernels` when they are built and suit the operands, and the experts
+            average at most `_COMPILED_KERNEL_ROWS` rows (with more, oneDNN's large
+            matmuls are faster); True: always, a ValueError where they cannot run;
+            False: never.
 
     Returns:
         `[rows, d_out]`, zeros for the padding rows (which get zero gradients too).
 
-    One `tf.while_loop` iteration per expert keeps the graph the same size for 8 or 4096
-    experts. The gradient is written by hand: autodiff through a loop that slices the
-    stacked kernels would add a dense `[experts, ...]` gradient on every iteration. It
-    loops over the experts too, unless the groups are small enough to pad to the largest
-    and run as batched matmuls (`_pad_to_batch`).
+    Without the compiled kernels both passes loop over the experts
+    (`_looped_forward`, `_looped_grad`). The gradient is written by hand: autodiff
+    through a loop that slices the stacked kernels would add a dense `[experts, ...]`
+    gradient on every iteration. The backward pass batches the experts instead when
+    their blocks are small enough to pad to the largest (`_padded_grad`).
     """
     num_experts = tf.shape(kernel_in)[0]
-    ops = _compiled_kernels_for(inputs, kernel_in, kernel_out) if compiled_kernels else None
-    offsets = tf.concat([[0], tf.cumsum(group_sizes)], axis=0)
+    ops = (None if compiled_kernels is False else _compiled_kernels_for(
+        inputs, kernel_in, kernel_out, required=compiled_kernels is True))
+    offsets = tf.concat([[0], tf.cumsum(expert_row_counts)], axis=0)
     padding_rows = tf.shape(inputs)[0] - offsets[-1]
-
-    def for_each_expert(body, row_outputs, expert_outputs):
-        """Runs `body(e, begin, end)` for every expert e, the rows [begin, end) its own.
-
-        `body` returns a block `[end - begin, width]` for each (dtype, width) of
-        `row_outputs` and expert e's slice for each (dtype, shape) of `expert_outputs`.
-        Returns the blocks concatenated, `[rows, width]` (zeros for the padding rows), and
-        the slices stacked, `[experts, ...]`.
-
-        Row blocks go through TensorArrays: a write keeps a reference and the final
-        concat is one parallel copy (writing rows in place is slower: InplaceUpdate copies
-        row by row). The per-expert slices (the kernel gradients) are written in place,
-        so that each stacked gradient (1 GiB per kernel at 512 experts of the paper's
-        size) exists once: TensorArray.stack would hold it twice, and a scatter would copy
-        the whole buffer on every write.
-        """
-        arrays = [tf.TensorArray(dtype, size=num_experts + 1, infer_shape=False,
-                                 element_shape=[None, width])
-                  for dtype, width in row_outputs]
-        buffers = [tf.raw_ops.Empty(shape=shape, dtype=dtype)
-                   for dtype, shape in expert_outputs]
-
-        def step(e, arrays, buffers):
-            blocks, slices = body(e, offsets[e], offsets[e + 1])
-            return (e + 1, [a.write(e, block) for a, block in zip(arrays, blocks)],
-                    [_write_in_place(b, [e], s[None]) for b, s in zip(buffers, slices)])
-
-        _, arrays, buffers = tf.while_loop(lambda e, *_: e < num_experts, step,
-                                           (0, arrays, buffers))
-        arrays = [a.write(num_experts, tf.zeros([padding_rows, width], dtype))
-                  for a, (dtype, width) in zip(arrays, row_outputs)]
-        return [a.concat() for a in arrays], buffers
-
-    def hidden_of(x, e):
-        return tf.nn.relu(tf.matmul(x, kernel_in[e]) + bias_in[e])
+    keep_hidden = not recompute_activations
 
     @tf.custom_gradient
     def forward(inputs, kernel_in, bias_in, kernel_out, bias_out):
-        def expert(e, begin, end):
-            act = hidden_of(inputs[begin:end], e)
-            out = tf.matmul(act, kernel_out[e]) + bias_out[e]
-            return ([out] if recompute_activations else [out, act]), []
-
-        dtype = inputs.dtype
-
-        def looped_forward():
-            """`[rows, d_out]` and the kept activations, `[rows, hidden]` (or no rows)."""
-            row_outputs = [(dtype, kernel_out.shape[-1])]
-            if not recompute_activations:
-                row_outputs.append((dtype, kernel_in.shape[-1]))
-            (outputs, *stored), _ = for_each_expert(expert, row_outputs, [])
-            return outputs, (stored[0] if stored else tf.zeros([0, kernel_in.shape[-1]],
-                                                               dtype))
-
-        if ops is None:
-            outputs, hidden = looped_forward()
-        else:
-            # A Python bool when the shapes are static, else decided at run time.
-            rows = inputs.shape[0] if inputs.shape[0] is not None else tf.shape(inputs)[0]
-            experts = kernel_in.shape[0] if kernel_in.shape[0] is not None else num_experts
-            few_rows = rows <= _COMPILED_KERNEL_ROWS * experts
-            outputs, hidden = _cond(
-                few_rows,
-                lambda: tuple(ops.moe_grouped_feed_forward(
-                    inputs, group_sizes, kernel_in, bias_in, kernel_out, bias_out,
-                    keep_hidden=not recompute_activations)),
-                looped_forward)
-        stored = [] if recompute_activations else [hidden]
-
-        def looped_grad(d_outputs):
-            def expert_grad(e, begin, end):
-                x = inputs[begin:end]
-                dy = d_outputs[begin:end]
-                act = stored[0][begin:end] if stored else hidden_of(x, e)
-                d_pre = tf.raw_ops.ReluGrad(gradients=_times_transposed(dy, kernel_out[e]),
-                                            features=act)
-                return ([_times_transposed(d_pre, kernel_in[e])],
-                        [tf.matmul(x, d_pre, transpose_a=True),
-                         tf.raw_ops.BiasAddGrad(out_backprop=d_pre),
-                         tf.matmul(act, dy, transpose_a=True),
-                         tf.raw_ops.BiasAddGrad(out_backprop=dy)])
-
-            weights = (kernel_in, bias_in, kernel_out, bias_out)
-            (d_inputs,), d_weights = for_each_expert(
-                expert_grad, [(dtype, inputs.shape[-1])],
-                [(w.dtype, tf.shape(w)) for w in weights])
-            return (d_inputs, *d_weights)
-
-        def batched_grad(d_outputs, row_of_slot, filled, k_in, b_in, k_out):
-            """The backward pass of the experts whose rows `row_of_slot` (`[experts,
-            slots]`, of the sorted rows; `filled` marks the real ones) gathers, with
-            those experts' weights `k_in`, `b_in`, `k_out`: batched matmuls.
-
-            Returns d rows `[experts, slots, d_in]` and the experts' weight gradients.
-            Unfilled slots repeat some row and get zero gradients (their `dy` is
-            masked), so they add nothing.
-            """
-            x = tf.gather(inputs, row_of_slot)                      # [experts, slots, d_in]
-            dy = tf.gather(d_outputs, row_of_slot) * tf.cast(filled, dtype)[..., None]
-            if stored:
-                act = tf.gather(stored[0], row_of_slot)
-            else:
-                act = tf.nn.relu(tf.matmul(x, k_in) + b_in[:, None, :])
-            d_pre = tf.raw_ops.ReluGrad(
-                gradients=tf.matmul(dy, k_out, transpose_b=True), features=act)
-            return (tf.matmul(d_pre, k_in, transpose_b=True),
-                    tf.matmul(x, d_pre, transpose_a=True), tf.reduce_sum(d_pre, axis=1),
-                    tf.matmul(act, dy, transpose_a=True), tf.reduce_sum(dy, axis=1))
-
-        def padded_grad(d_outputs):
-            """The backward pass as batched matmuls over padded groups, in two passes.
-
-            With few rows per expert, one batched matmul beats a loop of small ones, and
-            the kernel gradients come out stacked, with no per-expert copy into place.
-            The first pass takes the first `capacity` rows of every group, the second the
-            rest of the few larger groups, with those experts' weights gathered; its
-            weight gradients are added in place (`_split_capacity` chooses the split).
-            """
-            def slots(first_rows, counts, width):
-                """`[groups, width]` slots: the row of each (0 where unfilled), filled."""
-                slot = tf.range(width)[None, :]
-                filled = slot < counts[:, None]
-                return tf.where(filled, first_rows[:, None] + slot, 0), filled
-
-            capacity, overflow_capacity = _split_capacity(group_sizes)
-            row_of_slot, filled = slots(offsets[:-1], group_sizes, capacity)
-            d_x, *d_weights = batched_grad(d_outputs, row_of_slot, filled,
-                                           kernel_in, bias_in, kernel_out)
-
-            overflowing = tf.cast(tf.where(group_sizes > capacity)[:, 0], tf.int32)
-            row_of_slot, filled_over = slots(
-                tf.gather(offsets, overflowing) + capacity,
-                tf.gather(group_sizes, overflowing) - capacity, overflow_capacity)
-            d_x_over, *d_weights_over = batched_grad(
-                d_outputs, row_of_slot, filled_over, tf.gather(kernel_in, overflowing),
-                tf.gather(bias_in, overflowing), tf.gather(kernel_out, overflowing))
-            # In place: each gradient is a fresh matmul or sum output read by nothing else.
-            d_weights = [tf.raw_ops.InplaceAdd(x=d, i=overflowing, v=d_over)
-                         for d, d_over in zip(d_weights, d_weights_over)]
-
-            # Back to the sorted rows: every row from its first-pass slot (clipped for
-            # the overflow rows), then the overflow rows written over, in place.
-            expert_of_row = tf.repeat(tf.range(num_experts), group_sizes)
-            position = tf.range(offsets[-1]) - tf.gather(offsets, expert_of_row)
-            d_rows = tf.gather(tf.reshape(d_x, [-1, inputs.shape[-1]]),
-                               expert_of_row * capacity + tf.minimum(position, capacity - 1))
-            d_rows = _write_in_place(d_rows, tf.boolean_mask(row_of_slot, filled_over),
-                                    tf.boolean_mask(d_x_over, filled_over))
-            return (tf.pad(d_rows, [[0, padding_rows], [0, 0]]), *d_weights)
+        blocks = _ExpertBlocks(inputs, expert_row_counts, offsets, padding_rows,
+                               num_experts, kernel_in, bias_in, kernel_out, bias_out)
+        use_kernels = _use_compiled_kernels(blocks, ops, compiled_kernels)
+        outputs, hidden = _cond(
+            use_kernels, functools.partial(_compiled_forward, blocks, ops, keep_hidden),
+            functools.partial(_looped_forward, blocks, keep_hidden))
 
         def grad(d_outputs):
-            def tensorflow_grad():
-                return tf.cond(_pad_to_batch(group_sizes, tf.shape(inputs)[0]),
-                               lambda: padded_grad(d_outputs),
-                               lambda: looped_grad(d_outputs))
-
-            if ops is None:
-                return tensorflow_grad()
-            return _cond(few_rows,
-                         lambda: tuple(ops.moe_grouped_feed_forward_grad(
-                             inputs, group_sizes, kernel_in, bias_in, kernel_out, hidden,
-                             d_outputs)),
-                         tensorflow_grad)
+            return _cond(use_kernels,
+                         functools.partial(_compiled_grad, blocks, ops, hidden, d_outputs),
+                         functools.partial(_tensorflow_grad, blocks, d_outputs,
+                                           hidden if keep_hidden else None))
 
         return outputs, grad
 
@@ -343,16 +431,19 @@ class FeedForwardExperts(keras.layers.Layer):
     `input_dim x hidden_size` matmul per row, and no `[rows, hidden_size]` tensor held
     from the forward to the backward pass.
 
-    With `compiled_kernels=True` (the default), grouped training calls run the experts
-    with the compiled CPU kernels of `moe_tf.kernels` when they are built, no GPU is
-    visible, the weights and inputs are float32 with widths that are multiples of 16,
-    and the experts average at most 2048 rows. Inference calls always use TensorFlow
+    `compiled_kernels` follows Keras's `LSTM(use_cudnn=...)`: with "auto" (the default),
+    training calls on sorted rows run the experts with the compiled CPU kernels of
+    `moe_tf.kernels` when they are built, no GPU is visible, the weights and inputs are
+    float32 with widths that are multiples of 16, and the experts average at most 2048
+    rows; True runs them in every such call and raises a ValueError naming the reason
+    where they cannot run; False never runs them. Inference calls always use TensorFlow
     ops, so that exported SavedModels load without this package's op library.
     """
 
     def __init__(self, *, num_experts: int, hidden_size: int, output_size: int,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
-                 recompute_activations: bool = False, compiled_kernels: bool = True,
+                 recompute_activations: bool = False,
+                 compiled_kernels: Union[str, bool] = "auto",
                  **kwargs):
         super().__init__(**kwargs)
         self.num_experts = num_experts
@@ -379,13 +470,14 @@ class FeedForwardExperts(keras.layers.Layer):
                                         shape=(self.num_experts, self.output_size),
                                         initializer=self.bias_initializer)
 
-    def call(self, inputs, *, group_sizes: Optional[tf.Tensor] = None, training=None):
+    def call(self, inputs, *, expert_row_counts: Optional[tf.Tensor] = None,
+             training=None):
         """Runs the experts.
 
         Args:
-            inputs: `[rows, input_dim]` sorted by expert when `group_sizes` is given
-                (grouped), else `[experts, capacity, input_dim]` (batched).
-            group_sizes: int32 `[experts]`, the rows of each expert in grouped mode; rows
+            inputs: `[rows, input_dim]` sorted by expert when `expert_row_counts` is
+                given (in blocks), else `[experts, capacity, input_dim]` (batched).
+            expert_row_counts: int32 `[experts]`, the rows of each expert's block; rows
                 after the last expert's are padding (zero outputs and gradients).
             training: the compiled kernels run only in training calls (`True`).
 
@@ -394,11 +486,11 @@ class FeedForwardExperts(keras.layers.Layer):
         """
         weights = [tf.convert_to_tensor(w) for w in
                    (self.kernel_in, self.bias_in, self.kernel_out, self.bias_out)]
-        if group_sizes is not None:
+        if expert_row_counts is not None:
             return _grouped_feed_forward(
-                inputs, group_sizes, *weights,
+                inputs, expert_row_counts, *weights,
                 recompute_activations=self.recompute_activations,
-                compiled_kernels=self.compiled_kernels and training is True)
+                compiled_kernels=self.compiled_kernels if training is True else False)
         if self.recompute_activations:
             return tf.recompute_grad(_batched_feed_forward)(inputs, *weights)
         return _batched_feed_forward(inputs, *weights)

@@ -1,4 +1,9 @@
-"""Gating networks as Keras layers: flat noisy top-k, hierarchical, strictly balanced.
+"""The gates as Keras layers: flat noisy top-k, hierarchical, strictly balanced.
+
+`gating.py` holds the paper's gating math as pure functions of tensors; this module holds
+the layers that own the gate weights and apply that math (and `GATES`, the registry from
+the layer's `gating` name to the gate class). "Group" means only the hierarchical layer's
+groups of experts.
 
 Every gate maps float32 tokens `[tokens, input_dim]` (and an optional boolean token mask
 `[tokens]`) to a `GateOutput`: the routing for the dispatcher and the Importance and Load
@@ -6,7 +11,7 @@ vectors `[experts]` from which the layer forms its balancing loss. Gates always 
 float32 (their dtype policy is fixed), whatever the model's mixed-precision policy.
 """
 
-from typing import NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, ClassVar, Dict, Mapping, NamedTuple, Optional, Union
 
 import keras
 import tensorflow as tf
@@ -37,8 +42,51 @@ def _mask_as_float(mask: Optional[tf.Tensor], num_tokens) -> tf.Tensor:
     return tf.cast(mask, tf.float32)
 
 
-class _GateBase(keras.layers.Layer):
-    """Shared plumbing: float32 policy and the seed for the gating noise."""
+if TYPE_CHECKING:
+    from moe_tf.config import MoEConfig
+
+# The layer's `gating` name -> the gate class (see `register_gate`).
+GATES: Dict[str, type] = {}
+
+
+def register_gate(name: str):
+    """Class decorator: makes a `Gate` subclass the layer's `gating=name`."""
+    def register(gate_class):
+        GATES[name] = gate_class
+        return gate_class
+    return register
+
+
+def gate_option_names() -> set:
+    """Every MoEConfig setting that some registered gate declares as its own."""
+    return {name for gate in GATES.values() for name in gate.options}
+
+
+class Gate(keras.layers.Layer):
+    """What a gate is to the layer; subclasses are registered with `register_gate`.
+
+    A gate's contract:
+    - `call(tokens, *, training, token_mask)`: float32 `[tokens, input_dim]` and bool
+      `[tokens]` (or None) -> `GateOutput`: the routing the dispatcher moves tokens by,
+      and Importance and Load `[experts]`, from which the layer adds the balancing loss
+      and records its statistics. Masked tokens get gate 0 and count in neither.
+    - A loss of the gate's own (the balanced gate's threshold loss) goes through
+      `add_loss` inside `call`, while training.
+    - `assignments_per_token`: expert slots per token, which sizes the capacity
+      dispatch's buffers.
+
+    Class attributes describe what it reads of an `MoEConfig`:
+    - `options`: the gate-specific settings it reads, with their defaults (MoEConfig
+      refuses the others' settings for this gate);
+    - `supports_hierarchy`: whether `num_groups` may be set;
+    - `supports_expert_sharding`: whether DTensor can split its batch (see
+      `SparselyGatedMoE.shard_experts`).
+    Gates compute in float32 whatever the policy; `seed` seeds their noise.
+    """
+
+    options: ClassVar[Mapping[str, object]] = {}
+    supports_hierarchy: ClassVar[bool] = False
+    supports_expert_sharding: ClassVar[bool] = False
 
     def __init__(self, *, seed: Optional[int] = None, **kwargs):
         kwargs["dtype"] = "float32"
@@ -49,6 +97,16 @@ class _GateBase(keras.layers.Layer):
         # (DTensor); a runtime placement, not configuration.
         self.batch_sharded = False
 
+    @classmethod
+    def from_moe_config(cls, config: "MoEConfig", *, seed: Optional[int],
+                        name: str) -> "Gate":
+        """The gate of a (validated) `MoEConfig`."""
+        raise NotImplementedError
+
+    @property
+    def assignments_per_token(self) -> int:
+        return self.k
+
     def _gate_weight(self, name: str, shape) -> keras.Variable:
         # Appendix A: zero gate weights give every expert the same start.
         return self.add_weight(name=name, shape=shape, initializer="zeros",
@@ -56,6 +114,14 @@ class _GateBase(keras.layers.Layer):
 
     def _normal(self, shape) -> tf.Tensor:
         return keras.random.normal(shape, seed=self.seed_generator, dtype="float32")
+
+
+class _NoisyTopKBase(Gate):
+    """The settings and the noisy top-k step shared by the flat and hierarchical gates."""
+
+    options = {"noisy_gating": True, "noise_epsilon": gating.DEFAULT_NOISE_EPSILON}
+    supports_hierarchy = True
+    supports_expert_sharding = True
 
     def _noisy_top_k(self, clean_logits: tf.Tensor, raw_noise_logits: Optional[tf.Tensor],
                      k: int) -> gating.TopKGating:
@@ -69,9 +135,13 @@ class _GateBase(keras.layers.Layer):
             batch_sharded=self.batch_sharded)
 
 
+@register_gate("top_k")
 @keras.saving.register_keras_serializable(package="moe_tf")
-class NoisyTopKGate(_GateBase):
+class NoisyTopKGate(_NoisyTopKBase):
     """Noisy top-k gating over `num_experts` experts (Section 2.1).
+
+    Registered as gating="top_k"; with `num_groups` the layer gets the
+    `HierarchicalNoisyTopKGate` instead.
 
     Weights: `w_gate` and `w_noise`, `[input_dim, num_experts]`, zero-initialised.
     """
@@ -84,6 +154,14 @@ class NoisyTopKGate(_GateBase):
         self.k = k
         self.noisy_gating = noisy_gating
         self.noise_epsilon = noise_epsilon
+
+    @classmethod
+    def from_moe_config(cls, config, *, seed, name):
+        if config.is_hierarchical:
+            return HierarchicalNoisyTopKGate.from_moe_config(config, seed=seed, name=name)
+        return cls(num_experts=config.num_experts, k=config.k,
+                   noisy_gating=config.noisy_gating, noise_epsilon=config.noise_epsilon,
+                   seed=seed, name=name)
 
     def build(self, input_shape):
         input_dim = input_shape[-1]
@@ -113,7 +191,7 @@ class NoisyTopKGate(_GateBase):
 
 
 @keras.saving.register_keras_serializable(package="moe_tf")
-class HierarchicalNoisyTopKGate(_GateBase):
+class HierarchicalNoisyTopKGate(_NoisyTopKBase):
     """Two-level noisy top-k gating (Appendix B).
 
     A primary gate picks `group_k` of `num_groups` groups; inside each picked group a
@@ -137,9 +215,19 @@ class HierarchicalNoisyTopKGate(_GateBase):
         self.noisy_gating = noisy_gating
         self.noise_epsilon = noise_epsilon
 
+    @classmethod
+    def from_moe_config(cls, config, *, seed, name):
+        return cls(num_groups=config.num_groups, experts_per_group=config.experts_per_group,
+                   group_k=config.primary_k, k=config.k, noisy_gating=config.noisy_gating,
+                   noise_epsilon=config.noise_epsilon, seed=seed, name=name)
+
     @property
     def num_experts(self) -> int:
         return self.num_groups * self.experts_per_group
+
+    @property
+    def assignments_per_token(self) -> int:
+        return self.group_k * self.k
 
     def build(self, input_shape):
         input_dim = input_shape[-1]
@@ -201,8 +289,9 @@ class HierarchicalNoisyTopKGate(_GateBase):
         return config
 
 
+@register_gate("balanced")
 @keras.saving.register_keras_serializable(package="moe_tf")
-class StrictlyBalancedGate(_GateBase):
+class StrictlyBalancedGate(Gate):
     """Strictly balanced gating (Appendix F).
 
     X = softmax(x W_g) over all experts. While training each expert takes exactly the
@@ -216,12 +305,20 @@ class StrictlyBalancedGate(_GateBase):
     Weights: `w_gate` `[input_dim, num_experts]` (zeros) and `threshold` `[num_experts]`.
     """
 
+    options = {"threshold_loss_weight": 1.0}
+
     def __init__(self, *, num_experts: int, k: int, threshold_loss_weight: float = 1.0,
                  seed: Optional[int] = None, **kwargs):
         super().__init__(seed=seed, **kwargs)
         self.num_experts = num_experts
         self.k = k
         self.threshold_loss_weight = threshold_loss_weight
+
+    @classmethod
+    def from_moe_config(cls, config, *, seed, name):
+        return cls(num_experts=config.num_experts, k=config.k,
+                   threshold_loss_weight=config.threshold_loss_weight, seed=seed,
+                   name=name)
 
     def build(self, input_shape):
         self.w_gate = self._gate_weight("w_gate", (input_shape[-1], self.num_experts))

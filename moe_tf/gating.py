@@ -1,5 +1,9 @@
 """The gating math of the paper, as pure functions of tensors.
 
+This module is the math; `gates.py` holds the Keras layers (the gates) that own the gate
+weights and call it. "Group" in both means only the hierarchical layer's groups of
+experts (Appendix B).
+
 Shapes use `n` for the number of choices (experts, or groups at the primary level of a
 hierarchical layer) and `...` for any leading token dimensions. Everything here runs in
 float32: the layer casts its gating inputs up before calling in (mixed precision).

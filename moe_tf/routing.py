@@ -80,21 +80,21 @@ class SlotRouting(NamedTuple):
 
     def capacity_masks(self, capacity) -> tuple[tf.Tensor, tf.Tensor]:
         """GShard-style dispatch and combine tensors, `[tokens, experts, capacity]` each
-        (`[groups, tokens, experts, capacity]` for a `grouped` routing: every group fills
-        its own buffers).
+        (`[token groups, tokens, experts, capacity]` for an `in_token_groups` routing:
+        every token group fills its own buffers).
 
         Every token's first choice is placed before any token's second choice, so that
         overflow drops the least preferred slots first; within a slot rank, earlier tokens
         come first. Assignments beyond `capacity` are dropped (their one-hot row is empty).
         """
-        g = _group_axis(self.gate)
+        g = _token_group_axis(self.gate)
         active = tf.cast(self.gate > 0, self.gate.dtype)
         one_hot = tf.one_hot(self.expert_index, self.num_experts,
                              dtype=self.gate.dtype) * active[..., None]   # [(G,) T, K, E]
         swap = [*range(len(g)), len(g) + 1, len(g), len(g) + 2]  # T <-> K
         slot_major = tf.transpose(one_hot, swap)                          # [(G,) K, T, E]
-        groups = [tf.shape(slot_major)[0]] if g else []
-        flat = tf.reshape(slot_major, [*groups, -1, self.num_experts])
+        token_groups = [tf.shape(slot_major)[0]] if g else []
+        flat = tf.reshape(slot_major, [*token_groups, -1, self.num_experts])
         position = tf.reshape(tf.cumsum(flat, axis=-2, exclusive=True), tf.shape(slot_major))
         position = tf.reduce_sum(tf.transpose(position, swap) * one_hot, axis=-1)
         position_one_hot = tf.one_hot(tf.cast(position, tf.int32), capacity,
@@ -104,10 +104,12 @@ class SlotRouting(NamedTuple):
                             position_one_hot)
         return dispatch, combine
 
-    def grouped(self, group_size: int) -> "SlotRouting":
-        """The same routing as `[groups, group_size, slots]` (see `split_into_groups`)."""
-        return SlotRouting(split_into_groups(self.expert_index, group_size),
-                           split_into_groups(self.gate, group_size), self.num_experts)
+    def in_token_groups(self, token_group_size: int) -> "SlotRouting":
+        """The same routing as `[token groups, token_group_size, slots]` (see
+        `split_into_token_groups`)."""
+        return SlotRouting(split_into_token_groups(self.expert_index, token_group_size),
+                           split_into_token_groups(self.gate, token_group_size),
+                           self.num_experts)
 
 
 class DenseRouting(NamedTuple):
@@ -149,29 +151,33 @@ class DenseRouting(NamedTuple):
         return self.gate
 
     def capacity_masks(self, capacity) -> tuple[tf.Tensor, tf.Tensor]:
-        """Dispatch and combine `[(groups,) tokens, experts, capacity]`; earlier tokens
-        first."""
+        """Dispatch and combine `[(token groups,) tokens, experts, capacity]`; earlier
+        tokens first."""
         active = tf.cast(self.gate > 0, self.gate.dtype)
         position = tf.cumsum(active, axis=-2, exclusive=True)
         dispatch = tf.one_hot(tf.cast(position, tf.int32), capacity,
                               dtype=self.gate.dtype) * active[..., None]
         return dispatch, dispatch * self.gate[..., None]
 
-    def grouped(self, group_size: int) -> "DenseRouting":
-        """The same routing as `[groups, group_size, experts]` (see `split_into_groups`)."""
-        return DenseRouting(split_into_groups(self.gate, group_size))
+    def in_token_groups(self, token_group_size: int) -> "DenseRouting":
+        """The same routing as `[token groups, token_group_size, experts]` (see
+        `split_into_token_groups`)."""
+        return DenseRouting(split_into_token_groups(self.gate, token_group_size))
 
 
-def split_into_groups(values: tf.Tensor, group_size: int) -> tf.Tensor:
-    """`[tokens, ...]` -> `[groups, group_size, ...]`, zero-padded to whole groups.
+def split_into_token_groups(values: tf.Tensor, token_group_size: int) -> tf.Tensor:
+    """`[tokens, ...]` -> `[token groups, token_group_size, ...]`, zero-padded to whole
+    token groups (GShard's groups of the capacity dispatch).
 
     Padding tokens get gate 0 (and expert 0, or zero inputs): unused, like masked ones.
     """
-    padding = -tf.shape(values)[0] % group_size
+    padding = -tf.shape(values)[0] % token_group_size
     values = tf.pad(values, [[0, padding]] + [[0, 0]] * (values.shape.rank - 1))
-    return tf.reshape(values, tf.concat([[-1, group_size], tf.shape(values)[1:]], axis=0))
+    return tf.reshape(values,
+                      tf.concat([[-1, token_group_size], tf.shape(values)[1:]], axis=0))
 
 
-def _group_axis(gate: tf.Tensor) -> str:
-    """"g" when `gate` has a leading groups axis (a `grouped` routing), else ""."""
+def _token_group_axis(gate: tf.Tensor) -> str:
+    """"g" when `gate` has a leading token groups axis (an `in_token_groups` routing),
+    else ""."""
     return "g" if gate.shape.rank == 3 else ""

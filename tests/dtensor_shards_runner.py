@@ -22,15 +22,15 @@ def main():
     distribution.configure_cpu_devices(4)
     import keras
     import numpy as np
-    from tensorflow.experimental import dtensor
 
     from models.lm import LanguageModelConfig, build_language_model
+    from moe_tf import MoEConfig
 
     placement = distribution.make_placement("dtensor", mesh="batch:2,expert:2")
     keras.utils.set_random_seed(0)
     model = build_language_model(LanguageModelConfig(
-        vocab_size=50, model_dim=8, num_experts=NUM_EXPERTS, k=2, hidden_size=6,
-        dispatch="capacity"))
+        vocab_size=50, model_dim=8,
+        moe=MoEConfig(num_experts=NUM_EXPERTS, k=2, hidden_size=6, dispatch="capacity")))
     optimizer = keras.optimizers.Adam()
     placement.place(model, optimizer)
 
@@ -38,11 +38,11 @@ def main():
     locations = mesh.local_device_locations()        # [{axis: coordinate}] per device
     shards_of, global_shapes = {}, {}
     for variable in model.trainable_variables + optimizer.variables:
-        value = placement.to_host(variable._value.read_value())
+        value = placement.global_value(variable)
         sharded = placement.layout_of(variable).sharding_specs[:1] == ["expert"]
         per_device = value.shape[0] // mesh.dim_size("expert") if sharded else None
         shards = []
-        for location, shard in zip(locations, dtensor.unpack(variable._value.read_value())):
+        for location, shard in zip(locations, placement.shards(variable)):
             shard = shard.numpy()
             if sharded:
                 start = location["expert"] * per_device

@@ -59,16 +59,16 @@ def moe_output(tokens, dense_gates, kernel_in, bias_in, kernel_out, bias_out):
     return out
 
 
-def grouped_ffn_and_gradients(rows, group_sizes, d_outputs, kernel_in, bias_in,
-                              kernel_out, bias_out):
+def sorted_rows_ffn_and_gradients(rows, expert_row_counts, d_outputs, kernel_in, bias_in,
+                                  kernel_out, bias_out):
     """Each expert's FFN on its block of sorted rows, and the gradients of
-    sum(outputs * d_outputs) for the rows and every weight. Rows after the last group
-    are padding: zero outputs and zero gradients."""
+    sum(outputs * d_outputs) for the rows and every weight. Rows after the last
+    expert's are padding: zero outputs and zero gradients."""
     outputs = np.zeros((rows.shape[0], kernel_out.shape[-1]))
     grads = [np.zeros(rows.shape), np.zeros(kernel_in.shape), np.zeros(bias_in.shape),
              np.zeros(kernel_out.shape), np.zeros(bias_out.shape)]
     begin = 0
-    for e, size in enumerate(group_sizes):
+    for e, size in enumerate(expert_row_counts):
         x, dy = rows[begin:begin + size], d_outputs[begin:begin + size]
         pre = x @ kernel_in[e] + bias_in[e]
         act = np.maximum(pre, 0.0)
@@ -79,3 +79,43 @@ def grouped_ffn_and_gradients(rows, group_sizes, d_outputs, kernel_in, bias_in,
         grads[3][e], grads[4][e] = act.T @ dy, dy.sum(axis=0)
         begin += size
     return outputs, grads
+
+
+def capacity_positions(expert_index, gate, num_experts):
+    """GShard's buffer positions of slot routing `expert_index`, `gate` (`[tokens, k]`):
+    every token's first choice is placed before any token's second choice, and within a
+    choice rank earlier tokens come first. -1 for unused slots (gate 0); a position of
+    `capacity` or more means the slot is dropped."""
+    position = np.full(np.shape(gate), -1)
+    filled = np.zeros(num_experts, int)
+    for rank in range(np.shape(gate)[1]):
+        for token in range(np.shape(gate)[0]):
+            if gate[token, rank] > 0:
+                expert = expert_index[token, rank]
+                position[token, rank] = filled[expert]
+                filled[expert] += 1
+    return position
+
+
+def routed_ffn_and_gradients(tokens, token_index, expert_index, gate, d_outputs,
+                             kernel_in, bias_in, kernel_out, bias_out):
+    """y_t = sum over the assignments a of token t of gate[a] * expert_ffn(x_t) of the
+    assignment's expert, and the gradients of sum(y * d_outputs): of the tokens, of each
+    assignment's gate, and of every weight."""
+    outputs = np.zeros((tokens.shape[0], kernel_out.shape[-1]))
+    d_tokens, d_gate = np.zeros(tokens.shape), np.zeros(len(gate))
+    d_weights = [np.zeros(w.shape) for w in (kernel_in, bias_in, kernel_out, bias_out)]
+    for a, (t, e, g) in enumerate(zip(token_index, expert_index, gate)):
+        pre = tokens[t] @ kernel_in[e] + bias_in[e]
+        act = np.maximum(pre, 0.0)
+        out = act @ kernel_out[e] + bias_out[e]
+        outputs[t] += g * out
+        d_gate[a] = d_outputs[t] @ out
+        dy = g * d_outputs[t]
+        d_pre = (kernel_out[e] @ dy) * (pre > 0)
+        d_tokens[t] += kernel_in[e] @ d_pre
+        d_weights[0][e] += np.outer(tokens[t], d_pre)
+        d_weights[1][e] += d_pre
+        d_weights[2][e] += np.outer(act, dy)
+        d_weights[3][e] += dy
+    return outputs, d_tokens, d_gate, d_weights

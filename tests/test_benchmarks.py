@@ -53,9 +53,10 @@ def test_benchmarks_reject_bad_arguments_by_name(main, argv, message, capsys):
 
 
 def test_layer_bench_can_turn_the_compiled_kernels_off():
-    assert layer_bench._parse_args(["--quick"]).compiled_kernels is True
+    # The default is the layer's: "auto", the kernels where they apply.
+    assert layer_bench._parse_args(["--quick"]).compiled_kernels == "auto"
     assert layer_bench._parse_args(["--quick", "--no-compiled-kernels"]).compiled_kernels is False
-    assert layer_bench.Config().compiled_kernels is True
+    assert layer_bench.Config().compiled_kernels == "auto"
 
 
 def test_layer_bench_allocator_flag_sets_the_worker_environment(monkeypatch, capsys):

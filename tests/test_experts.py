@@ -1,5 +1,5 @@
-"""The grouped experts (the sparse path's FFNs) against NumPy, on both backward passes:
-the loop over experts and the batched pass over padded groups."""
+"""The experts on rows sorted by expert (the sparse path's FFNs) against NumPy, on both
+backward passes: the loop over experts and the batched pass over padded blocks."""
 
 import keras
 import numpy as np
@@ -11,19 +11,20 @@ from moe_tf import experts as experts_module
 from tests import numpy_reference as ref
 
 
-@pytest.mark.parametrize("group_sizes, padded", [
-    ([3, 0, 5, 1, 2, 4], True),   # small groups: padding at most doubles the rows
+@pytest.mark.parametrize("expert_row_counts, padded", [
+    ([3, 0, 5, 1, 2, 4], True),   # small blocks: padding at most doubles the rows
     ([14, 0, 1, 0, 0, 0], False),  # skewed: padding to 14 rows would make 84 of 15
-    ([130, 3], False),             # a group of _SMALL_BLOCK_ROWS or more
+    ([130, 3], False),             # a block of _SMALL_BLOCK_ROWS or more
     ([0, 0, 0], True),             # no rows at all (every token masked)
-    # 65 small groups, two of them past the first pass's capacity of 12: an overflow pass
+    # 65 small blocks, two of them past the first pass's capacity of 12: an overflow pass
     ([10] * 60 + [12, 15, 20, 11, 0], True),
 ])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_grouped_outputs_and_gradients_match_numpy(group_sizes, padded, recompute):
+def test_sorted_rows_outputs_and_gradients_match_numpy(expert_row_counts, padded,
+                                                       recompute):
     rng = np.random.default_rng(0)
-    num_experts, d_in, hidden, d_out = len(group_sizes), 5, 7, 4
-    num_rows = sum(group_sizes) + 2  # two padding rows after the last group
+    num_experts, d_in, hidden, d_out = len(expert_row_counts), 5, 7, 4
+    num_rows = sum(expert_row_counts) + 2  # two padding rows after the last expert's
     layer = FeedForwardExperts(num_experts=num_experts, hidden_size=hidden,
                                output_size=d_out, recompute_activations=recompute)
     layer.build((None, d_in))
@@ -31,19 +32,19 @@ def test_grouped_outputs_and_gradients_match_numpy(group_sizes, padded, recomput
         weight.assign(rng.normal(size=weight.shape))
     rows = rng.normal(size=(num_rows, d_in))
     d_outputs = rng.normal(size=(num_rows, d_out))
-    sizes = tf.constant(group_sizes, tf.int32)
+    sizes = tf.constant(expert_row_counts, tf.int32)
     assert bool(experts_module._pad_to_batch(sizes, num_rows)) is padded
     assert not experts_module._pad_to_batch(sizes, 0)  # an empty batch: the loop
 
     x = tf.constant(rows, tf.float32)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = layer(x, group_sizes=sizes)
+        y = layer(x, expert_row_counts=sizes)
         loss = tf.reduce_sum(y * tf.constant(d_outputs, tf.float32))
     grads = tape.gradient(loss, [x] + layer.weights)
 
-    want_y, want_grads = ref.grouped_ffn_and_gradients(
-        rows, group_sizes, d_outputs, *(w.numpy().astype(np.float64)
+    want_y, want_grads = ref.sorted_rows_ffn_and_gradients(
+        rows, expert_row_counts, d_outputs, *(w.numpy().astype(np.float64)
                                        for w in layer.weights))
     np.testing.assert_allclose(y.numpy(), want_y, rtol=1e-5, atol=1e-5)
     for got, want, name in zip(grads, want_grads, ["rows"] + [w.name for w in layer.weights]):
@@ -67,7 +68,7 @@ def test_split_capacity_minimises_the_padded_cost(seed):
     assert cost(capacity) == min(cost(c) for c in range(1, max(largest, 1) + 1))
 
 
-def test_split_capacity_overflow_pass_is_used_when_one_group_sticks_out():
+def test_split_capacity_overflow_pass_is_used_when_one_block_sticks_out():
     sizes = tf.constant([10] * 60 + [12, 15, 20, 11, 0], tf.int32)
     capacity, overflow = experts_module._split_capacity(sizes)
     assert (int(capacity), int(overflow)) == (12, 8)
@@ -77,13 +78,13 @@ def test_split_capacity_overflow_pass_is_used_when_one_group_sticks_out():
 def test_two_pass_padded_backward_in_half_precision_matches_float32(dtype):
     # The overflow pass adds weight gradients in place and writes rows over the first
     # pass's: both must work in the mixed-precision compute dtypes too.
-    group_sizes = [10] * 60 + [12, 15, 20, 11, 0]
+    expert_row_counts = [10] * 60 + [12, 15, 20, 11, 0]
     rng = np.random.default_rng(1)
-    num_rows = sum(group_sizes)
+    num_rows = sum(expert_row_counts)
     weights = None
     results = {}
     for compute in ("float32", dtype):
-        layer = FeedForwardExperts(num_experts=len(group_sizes), hidden_size=6,
+        layer = FeedForwardExperts(num_experts=len(expert_row_counts), hidden_size=6,
                                    output_size=3, dtype=keras.DTypePolicy(f"mixed_{compute}")
                                    if compute != "float32" else "float32")
         layer.build((None, 4))
@@ -98,7 +99,7 @@ def test_two_pass_padded_backward_in_half_precision_matches_float32(dtype):
         x = tf.constant(rows, compute)
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = layer(x, group_sizes=tf.constant(group_sizes, tf.int32))
+            y = layer(x, expert_row_counts=tf.constant(expert_row_counts, tf.int32))
             loss = tf.reduce_sum(tf.cast(y, tf.float32) * d_outputs.astype(np.float32))
         results[compute] = [tf.cast(g, tf.float32).numpy()
                             for g in tape.gradient(loss, [x] + layer.weights)]

@@ -38,12 +38,16 @@ def test_gates_shared_checks(cls, kwargs):
     def gating_weights_are_float32(gate, data):
         assert gate.compute_dtype == "float32"
 
-    # Gates return a GateOutput, not a tensor: no .keras model around them.
+    # Gates return a GateOutput, not a tensor: no .keras or fit model around them.
     data = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
     slots = {"NoisyTopKGate": 2, "HierarchicalNoisyTopKGate": 2,
              "StrictlyBalancedGate": 4}[cls.__name__]
+    weights, losses = {"NoisyTopKGate": (2, 0), "HierarchicalNoisyTopKGate": (4, 0),
+                       "StrictlyBalancedGate": (2, 1)}[cls.__name__]  # its threshold loss
     run_layer_test(cls, init_kwargs=kwargs, input_data=data,
                    expected_output_shape=(5, slots), run_saving_test=False,
+                   run_training_test=False, expected_num_trainable_weights=weights,
+                   expected_num_losses=losses,
                    output_of=lambda output: output.routing.gate,
                    mixed_output_dtype="float32",
                    check_mixed_precision=gating_weights_are_float32)

@@ -1,5 +1,5 @@
 """The compiled kernels (moe_tf/kernels) against NumPy, on their own and as the
-layer's training path: the grouped experts' FFNs and the sparse dispatch's per-token
+layer's training path: the experts' FFNs on sorted rows and the sparse dispatch's per-token
 sums."""
 
 import numpy as np
@@ -36,28 +36,28 @@ def pretend_a_gpu_is_visible(monkeypatch):
                         lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
 
 
-def random_problem(group_sizes, d_in, hidden, d_out, padding_rows=3, seed=0):
+def random_problem(expert_row_counts, d_in, hidden, d_out, padding_rows=3, seed=0):
     rng = np.random.default_rng(seed)
-    num_experts, num_rows = len(group_sizes), sum(group_sizes) + padding_rows
+    num_experts, num_rows = len(expert_row_counts), sum(expert_row_counts) + padding_rows
     weights = [rng.normal(size=shape) for shape in (
         (num_experts, d_in, hidden), (num_experts, hidden),
         (num_experts, hidden, d_out), (num_experts, d_out))]
     return rng.normal(size=(num_rows, d_in)), rng.normal(size=(num_rows, d_out)), weights
 
 
-# Widths cover every column tail of the 64-wide panels (16, 32, 48); the group sizes every
-# row tail of the 6-row blocks, an empty group, and groups whose transposition (16 x 16
-# blocks, then single rows) has whole blocks and a tail; the last group's weight gradients
-# sum two chunks of rows (kChunkRows = 512).
+# Widths cover every column tail of the 64-wide panels (16, 32, 48); the expert row counts
+# every row tail of the 6-row blocks, an expert without rows, and experts whose rows'
+# transposition (16 x 16 blocks, then single rows) has whole blocks and a tail; the last
+# expert's weight gradients sum two chunks of rows (kChunkRows = 512).
 @pytest.mark.parametrize("d_in, hidden, d_out",
                          [(16, 48, 80), (32, 64, 16), (48, 112, 96), (64, 32, 64)])
 @pytest.mark.parametrize("keep_hidden", [True, False])
 def test_ops_match_numpy(d_in, hidden, d_out, keep_hidden):
-    group_sizes = [1, 2, 3, 4, 5, 0, 6, 7, 13, 16, 37, 600]
-    rows, d_outputs, weights = random_problem(group_sizes, d_in, hidden, d_out)
+    expert_row_counts = [1, 2, 3, 4, 5, 0, 6, 7, 13, 16, 37, 600]
+    rows, d_outputs, weights = random_problem(expert_row_counts, d_in, hidden, d_out)
     x, dy = tf.constant(rows, tf.float32), tf.constant(d_outputs, tf.float32)
     w = [tf.constant(v, tf.float32) for v in weights]
-    sizes = tf.constant(group_sizes, tf.int32)
+    sizes = tf.constant(expert_row_counts, tf.int32)
 
     outputs, act = ops().moe_grouped_feed_forward(x, sizes, *w, keep_hidden=keep_hidden)
     assert act.shape == ((x.shape[0], hidden) if keep_hidden else (0, hidden))
@@ -70,13 +70,13 @@ def test_ops_match_numpy(d_in, hidden, d_out, keep_hidden):
 
     grads = gradients(2 * dy)
 
-    want_y, want_grads = ref.grouped_ffn_and_gradients(rows, group_sizes, d_outputs,
-                                                       *weights)
+    want_y, want_grads = ref.sorted_rows_ffn_and_gradients(rows, expert_row_counts,
+                                                           d_outputs, *weights)
     np.testing.assert_allclose(outputs.numpy(), want_y, rtol=1e-4, atol=1e-4)
     if keep_hidden:
-        begin = np.cumsum([0] + group_sizes)
+        begin = np.cumsum([0] + expert_row_counts)
         want_act = np.zeros((x.shape[0], hidden))
-        for e in range(len(group_sizes)):
+        for e in range(len(expert_row_counts)):
             block = slice(begin[e], begin[e + 1])
             want_act[block] = np.maximum(rows[block] @ weights[0][e] + weights[1][e], 0)
         np.testing.assert_allclose(act.numpy(), want_act, rtol=1e-4, atol=1e-4)
@@ -88,25 +88,25 @@ def test_ops_match_numpy(d_in, hidden, d_out, keep_hidden):
 
 
 @pytest.mark.parametrize("recompute", [False, True])
-def test_grouped_experts_train_with_the_kernels(recompute):
+def test_experts_on_sorted_rows_train_with_the_kernels(recompute):
     """FeedForwardExperts takes the compiled path in training calls only, and its
     outputs and gradients match NumPy's."""
-    group_sizes = [5, 0, 9, 2]
-    rows, d_outputs, _ = random_problem(group_sizes, 16, 32, 16, seed=1)
+    expert_row_counts = [5, 0, 9, 2]
+    rows, d_outputs, _ = random_problem(expert_row_counts, 16, 32, 16, seed=1)
     layer = FeedForwardExperts(num_experts=4, hidden_size=32, output_size=16,
                                recompute_activations=recompute)
     layer.build((None, 16))
     rng = np.random.default_rng(2)
     for weight in layer.weights:
         weight.assign(rng.normal(size=weight.shape))
-    sizes = tf.constant(group_sizes, tf.int32)
+    sizes = tf.constant(expert_row_counts, tf.int32)
     x = tf.constant(rows, tf.float32)
 
     @tf.function
     def step(x, training):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = layer(x, group_sizes=sizes, training=training)
+            y = layer(x, expert_row_counts=sizes, training=training)
             loss = tf.reduce_sum(y * tf.constant(d_outputs, tf.float32))
         return y, tape.gradient(loss, [x] + layer.weights)
 
@@ -114,8 +114,9 @@ def test_grouped_experts_train_with_the_kernels(recompute):
         step.get_concrete_function(x, True))
     assert not any(t.startswith("Moe") for t in op_types(step.get_concrete_function(x, False)))
 
-    want_y, want_grads = ref.grouped_ffn_and_gradients(
-        rows, group_sizes, d_outputs, *(w.numpy().astype(np.float64) for w in layer.weights))
+    want_y, want_grads = ref.sorted_rows_ffn_and_gradients(
+        rows, expert_row_counts, d_outputs,
+        *(w.numpy().astype(np.float64) for w in layer.weights))
     for training in (True, False):
         y, grads = step(x, training)
         np.testing.assert_allclose(y.numpy(), want_y, rtol=1e-4, atol=1e-4)
@@ -134,7 +135,7 @@ def test_kernels_are_skipped_where_they_do_not_apply(monkeypatch):
         def step(x):
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                loss = tf.reduce_sum(layer(x, group_sizes=sizes, training=True))
+                loss = tf.reduce_sum(layer(x, expert_row_counts=sizes, training=True))
             return tape.gradient(loss, [x] + layer.weights)
 
         graph = step.get_concrete_function(tf.cast(rows, dtype)).graph
@@ -155,15 +156,16 @@ def test_kernels_are_skipped_where_they_do_not_apply(monkeypatch):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(group_sizes=[4, 5]), "group_sizes sum to 9, more than the 8 rows"),
-    (dict(group_sizes=[-1, 2]), r"group_sizes\[0\] = -1 is negative"),
+    # The op's messages name its input as the C++ op does: group_sizes.
+    (dict(expert_row_counts=[4, 5]), "group_sizes sum to 9, more than the 8 rows"),
+    (dict(expert_row_counts=[-1, 2]), r"group_sizes\[0\] = -1 is negative"),
     (dict(d_in=12), "multiples of 16"),
     (dict(kernel_in_experts=3), r"kernel_in must be \[experts, d, h\]"),
 ])
 def test_bad_operands_are_named(change, message):
     d_in = change.get("d_in", 16)
     x = tf.ones([8, d_in])
-    sizes = tf.constant(change.get("group_sizes", [3, 4]), tf.int32)
+    sizes = tf.constant(change.get("expert_row_counts", [3, 4]), tf.int32)
     kernel_in = tf.ones([change.get("kernel_in_experts", 2), d_in, 32])
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         ops().moe_grouped_feed_forward(x, sizes, kernel_in, tf.ones([2, 32]),
@@ -186,19 +188,21 @@ def test_unknown_row_count_chooses_the_path_at_run_time(recompute):
     def step(x, sizes, dy):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            loss = tf.reduce_sum(layer(x, group_sizes=sizes, training=True) * dy)
+            loss = tf.reduce_sum(layer(x, expert_row_counts=sizes, training=True) * dy)
         return loss, tape.gradient(loss, [x] + layer.weights)
 
     types = op_types(step.get_concrete_function())
     assert {"MoeGroupedFeedForward", "If"} <= types or {"MoeGroupedFeedForward",
                                                        "StatelessIf"} <= types
 
-    for group_sizes in ([3, 4], [2100, 2000]):  # kernels, then past 2048 rows per expert
-        rows, d_outputs = (rng.normal(size=(sum(group_sizes), w)) for w in (16, 16))
-        _, grads = step(tf.constant(rows, tf.float32), tf.constant(group_sizes),
+    # The kernels, then past 2048 rows per expert.
+    for expert_row_counts in ([3, 4], [2100, 2000]):
+        rows, d_outputs = (rng.normal(size=(sum(expert_row_counts), w)) for w in (16, 16))
+        _, grads = step(tf.constant(rows, tf.float32), tf.constant(expert_row_counts),
                         tf.constant(d_outputs, tf.float32))
-        _, want = ref.grouped_ffn_and_gradients(
-            rows, group_sizes, d_outputs, *(w.numpy().astype(np.float64) for w in layer.weights))
+        _, want = ref.sorted_rows_ffn_and_gradients(
+            rows, expert_row_counts, d_outputs,
+            *(w.numpy().astype(np.float64) for w in layer.weights))
         for got, expected in zip(grads, want):
             np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4,
                                        atol=1e-5 * max(10.0, np.abs(expected).max()))

@@ -141,17 +141,22 @@ def test_incompatible_model_dir_is_refused_untouched(tmp_path):
 
 
 @pytest.mark.parametrize("flag,message", [
-    ("--k=0", "--k must be >= 1"),
-    ("--num_experts=4 --k=5", "--k must be <= --num_experts"),
+    ("--k=0", "--k must be a positive integer; got 0"),
+    ("--num_experts=4 --k=5", "--k (5) must be <= num_experts (4)"),
     ("--num_experts=6 --num_groups=4", "divisible by"),
     ("--dropout=1.5", "--dropout must be in [0, 1)"),
     ("--learning_rate=-1", "--learning_rate must be > 0"),
     ("--model=gpt", "--model"),
+    ("--optimizer=sgd", "--optimizer"),
     ("--data=hub:lm1b", "--data='hub:lm1b'"),
     ("--data=builtin:fr", "--data=builtin:fr"),
     ("--data=text:/nonexistent/file.txt", "data file not found: /nonexistent/file.txt"),
-    ("--capacity_group_size=64", "--capacity_group_size needs --dispatch=capacity"),
-    ("--dispatch=capacity --capacity_group_size=0", "--capacity_group_size must be >= 1"),
+    ("--capacity_group_size=64",
+     "--capacity_group_size only applies to dispatch='capacity'"),
+    ("--dispatch=capacity --capacity_group_size=0",
+     "--capacity_group_size must be a positive integer"),
+    ("--gating=balanced --noisy_gating",
+     "--noisy_gating does not apply to gating='balanced' (it applies to gating='top_k')"),
 ])
 def test_invalid_flags_are_rejected_by_name(flag, message, tmp_path):
     result = run(lm_command(tmp_path / "run", *flag.split()))
@@ -244,3 +249,123 @@ def test_run_config_check_names_the_setting_and_accepts_later_settings(tmp_path)
                                           "data": "builtin:en"})
     with pytest.raises(ValueError, match=r"--data: was 'builtin:en', now 'builtin:es'"):
         loop.check_run_config(model_dir, {"model": {"k": 2}, "data": "builtin:es"})
+    # Nested settings are compared one by one, named by their path.
+    nested = str(tmp_path / "nested")
+    loop.check_run_config(nested, {"model": {"moe": {"k": 2, "gating": "top_k"}}})
+    with pytest.raises(ValueError, match=r"another configuration \(--model\.moe\.k: "
+                                         r"was 2, now 4\)"):
+        loop.check_run_config(nested, {"model": {"moe": {"k": 4, "gating": "top_k"}}})
+
+
+def moe_flags(*argv):
+    """Fresh MoE flags (as train.lm defines them), parsed from `argv`."""
+    from absl import flags
+    from train import common
+
+    flag_values = flags.FlagValues()
+    common.define_moe_flags(flag_values)
+    flag_values(["train.lm", *argv])
+    return flag_values
+
+
+def test_moe_flags_build_one_moe_config_with_its_defaults():
+    import dataclasses
+    from moe_tf import MoEConfig
+    from train.common import moe_config_from_flags
+
+    defaults = moe_flags()
+    for field in dataclasses.fields(MoEConfig):
+        default = defaults[field.name].default
+        assert default == (field.default if field.name != "compiled_kernels" else "auto")
+    assert moe_config_from_flags(defaults) == MoEConfig()
+    # Gate-specific flags are unset unless given: the chosen gate's defaults fill them.
+    balanced = moe_config_from_flags(moe_flags("--gating=balanced"))
+    assert balanced == MoEConfig(gating="balanced") and balanced.noisy_gating is None
+    assert moe_config_from_flags(moe_flags("--num_groups=0")) == MoEConfig()
+    assert moe_config_from_flags(moe_flags(
+        "--num_experts=16", "--num_groups=4", "--k=2", "--group_k=3", "--nonoisy_gating",
+        "--noise_epsilon=0.5", "--importance_weight=0", "--load_weight=0.2",
+        "--dispatch=capacity", "--capacity_factor=1.5", "--capacity_group_size=64",
+        "--recompute_activations", "--compiled_kernels=false")) == MoEConfig(
+        num_experts=16, num_groups=4, k=2, group_k=3, noisy_gating=False,
+        noise_epsilon=0.5, importance_weight=0.0, load_weight=0.2, dispatch="capacity",
+        capacity_factor=1.5, capacity_group_size=64, recompute_activations=True,
+        compiled_kernels=False)
+    # The binary's own settings win (train.nmt's gating by language pairs).
+    assert moe_config_from_flags(defaults, gating="balanced", load_weight=0.01) == \
+        MoEConfig(gating="balanced", load_weight=0.01)
+    # MoEConfig's refusals, named by flag.
+    for argv, message in ((["--gating=balanced", "--noisy_gating"],
+                           "--noisy_gating does not apply to gating='balanced'"),
+                          (["--threshold_loss_weight=2"],
+                           "--threshold_loss_weight does not apply to gating='top_k'"),
+                          (["--capacity_factor=2"],
+                           "--capacity_factor only applies to dispatch='capacity'"),
+                          (["--num_experts=4", "--k=5"],
+                           r"--k \(5\) must be <= num_experts \(4\)")):
+        with pytest.raises(ValueError, match="^" + message):
+            moe_config_from_flags(moe_flags(*argv))
+
+
+# What train.lm --preset=tiny recorded before the MoE settings were one MoEConfig (and
+# before --optimizer).
+LEGACY_RUN_CONFIG = {
+    "model": {"architecture": "moe", "vocab_size": 512, "model_dim": 32, "num_experts": 4,
+              "k": 2, "num_groups": None, "hidden_size": 32, "noisy_gating": True,
+              "importance_weight": 0.1, "load_weight": 0.1, "dropout": 0.1,
+              "dispatch": "sparse", "capacity_factor": None, "capacity_group_size": None},
+    "data": "builtin:en", "valid_data": None, "test_data": None, "max_length": 24,
+    "seed": 0}
+
+
+def test_upgrade_run_config_reads_a_legacy_record_in_todays_layout():
+    import dataclasses
+    from models.lm import LanguageModelConfig
+    from moe_tf import MoEConfig
+    from train.common import upgrade_run_config
+
+    upgraded = upgrade_run_config(LanguageModelConfig, LEGACY_RUN_CONFIG)
+    config = LanguageModelConfig(vocab_size=512, model_dim=32,
+                                 moe=MoEConfig(num_experts=4, k=2, hidden_size=32))
+    assert upgraded == dict(LEGACY_RUN_CONFIG, model=dataclasses.asdict(config),
+                            optimizer="adam")
+    assert upgrade_run_config(LanguageModelConfig, upgraded) == upgraded
+    # A record of another model stays as it is: the comparison lists the differences.
+    other = dict(LEGACY_RUN_CONFIG, model={"attention_dim": 8}, optimizer="factored_adam")
+    assert upgrade_run_config(LanguageModelConfig, other) == other
+
+
+def test_run_recorded_before_moe_config_resumes_and_restores(tmp_path):
+    from train.trained_model import restore_trained_model
+    from models.lm import LanguageModelConfig, build_language_model
+
+    (tmp_path / "run_config.json").write_text(json.dumps(LEGACY_RUN_CONFIG))
+    flags = ("--train_steps=2", "--export_dir=")
+    run_ok(lm_command(tmp_path, *flags))
+    check_metrics(metrics(tmp_path), 2)
+    # The record is kept as it was written, and still restores the model.
+    assert json.loads((tmp_path / "run_config.json").read_text()) == LEGACY_RUN_CONFIG
+    model, _, _ = restore_trained_model(str(tmp_path), LanguageModelConfig,
+                                        build_language_model)
+    assert model.get_layer("moe").k == 2
+    result = run(lm_command(tmp_path, *flags, "--k=1"))
+    assert result.returncode != 0
+    assert "--model.moe.k: was 2, now 1" in result.stderr, result.stderr[-1500:]
+
+
+def test_factored_adam_trains_and_the_optimizer_is_part_of_the_run(tmp_path):
+    flags = ("--train_steps=4", "--export_dir=", "--optimizer=factored_adam",
+             "--gating=balanced")
+    run_ok(lm_command(tmp_path, *flags))
+    check_metrics(metrics(tmp_path), 4)
+    recorded = json.loads((tmp_path / "run_config.json").read_text())
+    assert recorded["optimizer"] == "factored_adam"
+    assert recorded["model"]["moe"]["gating"] == "balanced"
+    assert recorded["model"]["moe"]["noisy_gating"] is None
+    assert recorded["model"]["moe"]["threshold_loss_weight"] == 1.0
+    assert "num_experts" not in recorded["model"]
+    result = run(lm_command(tmp_path, "--train_steps=4", "--export_dir=",
+                            "--gating=balanced"))
+    assert result.returncode != 0
+    assert "--optimizer: was 'factored_adam', now 'adam'" in result.stderr, \
+        result.stderr[-1500:]

@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
 
 from benchmarks import lm_table
 from models.lm import lstm_ops
+from train import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,6 +47,22 @@ def test_train_flags_of_an_ablation_run():
                  "--hidden_size=244", "--importance_weight=0.2", "--load_weight=0.0",
                  "--train_steps=7", "--model_dim=128", "--model_dir=/x", "--export_dir="):
         assert flag in flags
+
+
+def test_train_flags_give_train_lm_the_moe_settings_the_table_counts():
+    """The MoE settings `train.lm` reads from each model's flags are those whose ops the
+    hidden size was matched for (4xLSTM has no MoE)."""
+    preset = lm_table.PRESETS["full"]
+    for spec in lm_table.FAMILY[1:] + (lm_table.FAMILY[6].with_weights(0.2, 0.0),):
+        flag_values = flags.FlagValues()
+        common.define_moe_flags(flag_values)
+        argv = [flag for flag in lm_table.train_flags(spec, preset=preset, train_steps=7,
+                                                      model_dir="/x")
+                if flag[2:].split("=")[0] in common.MOE_FLAGS]
+        flag_values(["train.lm", *argv])
+        hidden, _ = lm_table.matched_hidden_size(spec, model_dim=preset["model_dim"])
+        config = lm_table._config(spec, model_dim=preset["model_dim"], hidden_size=hidden)
+        assert common.moe_config_from_flags(flag_values) == config.moe, spec.name
 
 
 @pytest.mark.parametrize("document,expected", [

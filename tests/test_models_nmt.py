@@ -1,4 +1,6 @@
-"""models/nmt.py: the attention, the encoder-decoder wiring, ops accounting, beam search."""
+"""The translation model: the attention (models/attention.py), the encoder-decoder wiring
+(models/translator.py), the config and its ops accounting (models/translation_config.py),
+beam search (models/beam_search.py)."""
 
 import dataclasses
 import itertools
@@ -8,15 +10,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models.nmt import (ProjectedLSTM, TanhProductAttention, TranslationConfig, Translator,
-                        beam_search, build_translator, ops_per_timestep,
-                        params_excluding_embedding_softmax)
-from moe_tf import SparselyGatedMoE
+from models.attention import TanhProductAttention
+from models.beam_search import beam_search
+from models.projected_lstm import ProjectedLSTM
+from models.special_tokens import BOS_ID, EOS_ID, PAD_ID
+from models.translation_config import TRANSLATION_MOE, TranslationConfig, ops_per_timestep
+from models.translator import (Translator, build_translator,
+                               params_excluding_embedding_softmax)
+from moe_tf import MoEConfig, SparselyGatedMoE
 from tests.layer_test_helper import run_layer_test
-from train.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
-TINY = dict(vocab_size=12, model_dim=8, attention_dim=6, num_experts=4, k=2,
-            hidden_size=8, dropout=0.0)
+TINY_MOE = TRANSLATION_MOE.replace(num_experts=4, k=2, hidden_size=8)
+TINY = dict(vocab_size=12, model_dim=8, attention_dim=6, moe=TINY_MOE, dropout=0.0)
 
 
 def tiny_model(seed=0, softmax_scale=1.0, eos_bias=0.0, **kwargs):
@@ -171,7 +176,8 @@ def test_every_lstm_and_moe_is_a_residual_branch(architecture):
 
 
 def test_dense_model_has_no_moe_and_wider_lstms():
-    config = TranslationConfig(architecture="dense", **{**TINY, "hidden_size": 64})
+    config = TranslationConfig(architecture="dense",
+                               **{**TINY, "moe": TINY_MOE.replace(hidden_size=64)})
     model = build_translator(config)
     assert not any(isinstance(layer, SparselyGatedMoE) for layer in model._flatten_layers())
     assert model.encoder_moe is None and model.decoder_moe is None
@@ -207,9 +213,55 @@ def test_config_round_trip_and_errors():
     with pytest.raises(ValueError, match="architecture"):
         TranslationConfig(architecture="transformer")
     with pytest.raises(ValueError, match="gating"):
-        TranslationConfig(gating="random")
+        TranslationConfig(moe=MoEConfig(gating="random"))
     with pytest.raises(ValueError, match="model_dim must be even"):
         TranslationConfig(model_dim=7)
+
+
+def test_moe_settings_default_to_the_papers_and_reach_both_layers():
+    assert TranslationConfig().moe == MoEConfig(gating="balanced", importance_weight=0.01,
+                                                load_weight=0.01)
+    moe = TINY_MOE.replace(gating="top_k", noisy_gating=False, importance_weight=0.3,
+                           dispatch="capacity", capacity_factor=1.5)
+    model = tiny_model(moe=moe)
+    for layer in (model.encoder_moe, model.decoder_moe):
+        assert layer.config == moe and layer.output_size == TINY["model_dim"]
+    with pytest.raises(ValueError, match="MoE layers are flat"):
+        TranslationConfig(moe=MoEConfig(num_experts=4, k=2, num_groups=2))
+
+
+# What train.nmt recorded for --preset=tiny before the MoE settings were one MoEConfig:
+# the balanced gating listed noisy_gating (unread) as well.
+LEGACY_TINY = {"architecture": "moe", "vocab_size": 512, "num_language_tokens": 0,
+               "model_dim": 32, "attention_dim": 32, "num_experts": 4, "k": 2,
+               "hidden_size": 32, "gating": "balanced", "noisy_gating": True,
+               "importance_weight": 0.01, "load_weight": 0.01, "dropout": 0.1,
+               "dispatch": "sparse", "dense_lstm_width": 0, "capacity_factor": None,
+               "capacity_group_size": None}
+
+
+def test_from_dict_reads_both_layouts():
+    config = TranslationConfig(vocab_size=512, model_dim=32, attention_dim=32,
+                               moe=TRANSLATION_MOE.replace(num_experts=4, k=2,
+                                                           hidden_size=32))
+    assert TranslationConfig.from_dict(LEGACY_TINY) == config
+    assert config.moe.noisy_gating is None and config.moe.threshold_loss_weight == 1.0
+    assert TranslationConfig.from_dict(dataclasses.asdict(config)) == config
+    # Unread gate settings were recorded whatever their value; the translation defaults
+    # (not MoEConfig's) fill what an old record lacks.
+    legacy = {name: value for name, value in LEGACY_TINY.items()
+              if name not in ("gating", "importance_weight", "load_weight")}
+    assert TranslationConfig.from_dict(dict(legacy, noisy_gating=False)) == config
+    multilingual = dict(LEGACY_TINY, gating="top_k", noisy_gating=False,
+                        num_language_tokens=2)
+    assert TranslationConfig.from_dict(multilingual) == dataclasses.replace(
+        config, num_language_tokens=2, moe=config.moe.replace(gating="top_k",
+                                                              noisy_gating=False))
+    # Translator configs (get_config) of both layouts revive.
+    for recorded in (LEGACY_TINY, dataclasses.asdict(config)):
+        revived = Translator.from_config({"name": "nmt_moe", "trainable": True,
+                                          "config": recorded})
+        assert revived.config == config
 
 
 # ------------------------------------------------------------------------ ops accounting
@@ -226,18 +278,19 @@ def ops_from_weights(model):
         if name in ("kernel", "recurrent_kernel", "U", "W", "V", "w_gate", "w_noise"):
             total += int(np.prod(weight.shape))
         elif name in ("kernel_in", "kernel_out"):
-            total += int(np.prod(weight.shape)) * config.k // config.num_experts
+            total += int(np.prod(weight.shape)) * config.moe.k // config.moe.num_experts
     return total
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(architecture="moe", gating="balanced"),
-    dict(architecture="moe", gating="top_k"),
-    dict(architecture="moe", gating="top_k", noisy_gating=False),
-    dict(architecture="dense"),
+@pytest.mark.parametrize("architecture,moe", [
+    ("moe", dict(gating="balanced")),
+    ("moe", dict(gating="top_k")),
+    ("moe", dict(gating="top_k", noisy_gating=False)),
+    ("dense", {}),
 ])
-def test_ops_per_timestep_counts_every_matrix(kwargs):
-    config = TranslationConfig(**{**TINY, "hidden_size": 64, **kwargs})
+def test_ops_per_timestep_counts_every_matrix(architecture, moe):
+    config = TranslationConfig(**{**TINY, "architecture": architecture,
+                                  "moe": TINY_MOE.replace(hidden_size=64, **moe)})
     assert ops_per_timestep(config) == ops_from_weights(build_translator(config))
 
 
@@ -254,7 +307,7 @@ def test_ops_per_timestep_by_hand():
 def test_dense_model_matches_the_moe_models_ops():
     for hidden_size in (64, 256):
         moe = TranslationConfig(**{**TINY, "model_dim": 64, "attention_dim": 64,
-                                   "hidden_size": hidden_size})
+                                   "moe": TINY_MOE.replace(hidden_size=hidden_size)})
         dense = dataclasses.replace(moe, architecture="dense")
         assert ops_per_timestep(dense) == pytest.approx(ops_per_timestep(moe), rel=0.02)
         # ... with far fewer parameters.

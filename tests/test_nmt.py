@@ -15,10 +15,13 @@ import pytest
 import sacrebleu
 import tensorflow as tf
 
-from models.nmt import TranslationConfig, beam_search, build_translator
+from models.beam_search import beam_search
+from models.special_tokens import BOS_ID, EOS_ID, PAD_ID
+from models.translation_config import TRANSLATION_MOE, TranslationConfig
+from models.translator import build_translator
 from train import common, data, nmt_data
 from train.nmt_serving import TranslationServer
-from train.tokenizer import BOS_ID, EOS_ID, PAD_ID, SubwordTokenizer
+from train.tokenizer import SubwordTokenizer
 from train.trained_model import restore_trained_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,6 +100,17 @@ def bible_lines(language, split, count):
 
 CORRUPT_PAIRS = [b"", b"no tab here", b"caf\xe9\tlatin-1 source", b"fine\t\xff\xfe broken",
                  b"\tempty source", b"empty target\t  "]
+# What train.nmt --preset=tiny recorded before the MoE settings were one MoEConfig (and
+# before --optimizer): the balanced gating listed noisy_gating (unread) as well.
+LEGACY_RUN_CONFIG = {
+    "model": {"architecture": "moe", "vocab_size": 512, "num_language_tokens": 0,
+              "model_dim": 32, "attention_dim": 32, "num_experts": 4, "k": 2,
+              "hidden_size": 32, "gating": "balanced", "noisy_gating": True,
+              "importance_weight": 0.01, "load_weight": 0.01, "dropout": 0.1,
+              "dispatch": "sparse", "dense_lstm_width": 0, "capacity_factor": None,
+              "capacity_group_size": None},
+    "data": "builtin:en-es", "valid_data": None, "test_data": None, "max_length": 24,
+    "seed": 0}
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +121,8 @@ def runs(tmp_path_factory):
     write_lines(base / "train.tsv", pairs[:600] + CORRUPT_PAIRS + pairs[600:1100])
     write_lines(base / "valid.tsv", pairs[1100:1200])
     write_lines(base / "test.tsv", pairs[1200:])
+    (base / "legacy").mkdir()
+    (base / "legacy" / "run_config.json").write_text(json.dumps(LEGACY_RUN_CONFIG))
     commands = {
         "en-es": nmt_command(base / "en-es", "--train_steps=6"),
         # Also data parallel over two CPU devices, to show the strategies serve here.
@@ -120,6 +136,9 @@ def runs(tmp_path_factory):
                            f"--valid_data={base / 'valid.tsv'}",
                            f"--test_data={base / 'test.tsv'}", "--train_steps=3",
                            "--export_dir=", "--bleu_sentences=0"),
+        # A run dir recorded before MoEConfig, resumed with the flags that recorded it.
+        "legacy": nmt_command(base / "legacy", "--train_steps=3", "--export_dir=",
+                              "--bleu_sentences=0"),
         "tfds": [sys.executable, TFDS_MOCK_RUNNER, "train.nmt", "--preset=tiny",
                  "--data=tfds:wmt14_translate/fr-en", f"--model_dir={base / 'tfds'}",
                  "--train_steps=3", "--export_dir=", "--bleu_sentences=0"],
@@ -171,9 +190,14 @@ def test_builtin_es_en_dense_baseline_mirrored(runs):
 
 
 def test_builtin_multi_scores_both_directions(runs):
-    _, metrics = finished_run(runs, "multi")
+    model_dir, metrics = finished_run(runs, "multi")
     check_metrics(metrics, 6, ["en-es", "es-en"])
     assert metrics["gating"] == "top_k"
+    with open(model_dir / "run_config.json") as f:
+        moe = json.load(f)["model"]["moe"]
+    assert (moe["gating"], moe["noisy_gating"], moe["threshold_loss_weight"]) == (
+        "top_k", True, None)
+    assert (moe["importance_weight"], moe["load_weight"]) == (0.01, 0.01)
     assert metrics["bleu"] == pytest.approx(
         (metrics["bleu_en-es"] + metrics["bleu_es-en"]) / 2)
 
@@ -183,6 +207,19 @@ def test_tsv_source_skips_and_counts_bad_pairs(runs):
     check_metrics(metrics, 3, ["source-target"], bleu=False)
     assert metrics["skipped_lines"] == {
         "source-target": {"train": len(CORRUPT_PAIRS), "valid": 0, "test": 0}}
+
+
+def test_run_recorded_before_moe_config_resumes_and_restores(runs):
+    model_dir, metrics = finished_run(runs, "legacy")
+    check_metrics(metrics, 3, ["en-es"], bleu=False)
+    assert metrics["gating"] == "balanced"
+    # The record is kept as it was written, and still restores the model.
+    with open(model_dir / "run_config.json") as f:
+        assert json.load(f) == LEGACY_RUN_CONFIG
+    model, _, _ = restore_trained_model(str(model_dir), TranslationConfig,
+                                        build_translator)
+    assert model.config.moe == TRANSLATION_MOE.replace(num_experts=4, k=2, hidden_size=32)
+    assert model.encoder_moe.gating == "balanced"
 
 
 def test_tfds_wmt14_source_with_mock_data(runs):
@@ -273,7 +310,8 @@ def random_multilingual_server():
     tokenizer = SubwordTokenizer.train(english + spanish, vocab_size=60)
     model = build_translator(TranslationConfig(
         vocab_size=tokenizer.vocab_size, num_language_tokens=2, model_dim=16,
-        attention_dim=8, num_experts=4, k=2, hidden_size=16, gating="top_k", dropout=0.0))
+        attention_dim=8, moe=TRANSLATION_MOE.replace(num_experts=4, k=2, hidden_size=16,
+                                                     gating="top_k"), dropout=0.0))
     rng = np.random.default_rng(0)
     for weight in model.trainable_weights:
         weight.assign(rng.normal(0.0, 1.0, weight.shape).astype(np.float32))
@@ -365,6 +403,8 @@ INVALID_FLAGS = [
     ("--num_groups=4", "--num_groups: the translation model's MoE layers are flat"),
     ("--length_penalty=-1", "--length_penalty must be >= 0"),
     ("--gating=random", "--gating"),
+    ("--noisy_gating", "--noisy_gating does not apply to gating='balanced' (it applies to "
+                       "gating='top_k')"),
 ]
 
 

@@ -55,15 +55,21 @@ def test_shared_layer_checks(name):
         assert layer.gate.compute_dtype == "float32"
         assert layer.gate_values(data).dtype == tf.float32
 
+    gate_weights = {"hierarchical": 4, "balanced": 2}.get(name, 2)  # w_gate, w_noise...
     run_layer_test(SparselyGatedMoE, init_kwargs=config, input_data=x,
                    expected_output_shape=(2, 3, config.get("output_size", 4)),
-                   check_mixed_precision=gating_is_float32)
+                   expected_num_trainable_weights=gate_weights + 4,  # + the experts' 4
+                   expected_num_non_trainable_weights=0,
+                   # The balancing loss, and the balanced gate's threshold loss.
+                   expected_num_losses=2 if name == "balanced" else 1,
+                   float32_sublayers={"gate"}, check_mixed_precision=gating_is_float32)
 
 
 def test_experts_shared_layer_checks():
     run_layer_test(FeedForwardExperts,
                    init_kwargs=dict(num_experts=3, hidden_size=5, output_size=2),
-                   input_data=inputs((3, 4, 6)), expected_output_shape=(3, 4, 2))
+                   input_data=inputs((3, 4, 6)), expected_output_shape=(3, 4, 2),
+                   expected_num_trainable_weights=4, expected_num_losses=0)
 
 
 def test_experts_are_initialised_independently_at_dense_scale():
@@ -142,8 +148,9 @@ def test_sparse_and_capacity_dispatch_agree_with_gradients(config, group_size):
     for dispatch in ("sparse", "capacity"):
         extra = {"dispatch": "capacity", "capacity_factor": 8.0,
                  "capacity_group_size": group_size} if dispatch == "capacity" else {}
-        layers.append(build(input_dim=3, hidden_size=7, noisy_gating=False,
-                            **config, **extra))
+        # noisy_gating is top_k's setting (the balanced gate refuses it).
+        noise = {} if config.get("gating") == "balanced" else {"noisy_gating": False}
+        layers.append(build(input_dim=3, hidden_size=7, **noise, **config, **extra))
     results = []
     for layer in layers:
         with tf.GradientTape() as tape:
@@ -236,7 +243,7 @@ def test_mask_skips_positions_everywhere(dispatch):
 
 @pytest.mark.parametrize("gating", ["top_k", "balanced"])
 @pytest.mark.parametrize("dispatch", [
-    dict(compiled_kernels=True), dict(compiled_kernels=False),
+    dict(compiled_kernels="auto"), dict(compiled_kernels=False),
     dict(dispatch="capacity"), dict(dispatch="capacity", capacity_group_size=3)])
 def test_batches_without_tokens_train(gating, dispatch):
     """An empty batch and a fully masked one give zero outputs, zero gradients for the

@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import functools
 import os
 from typing import Dict
 
@@ -9,12 +10,16 @@ import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
+from moe_tf import GATES, MoEConfig
+from moe_tf.config import DEFAULT_CAPACITY_FACTOR, DISPATCHES
+from moe_tf.optimizers import FactoredAdam
 from train import distribution
 from train import loop
 from train.schedules import WarmupInverseSqrt
 from train.tokenizer import load_or_train
 
 FLAGS = flags.FLAGS
+OPTIMIZERS = ("adam", "factored_adam")
 
 
 def define_common_flags(*, default_data: str) -> None:
@@ -30,23 +35,10 @@ def define_common_flags(*, default_data: str) -> None:
     flags.DEFINE_enum("preset", None, ["tiny"],
                       "A very small model and run for tests and smoke runs; explicit "
                       "flags still win.")
-    flags.DEFINE_integer("num_experts", 32, "Experts in each MoE layer.")
-    flags.DEFINE_integer("k", 4, "Experts per token (per group when hierarchical).")
-    flags.DEFINE_integer("num_groups", 0, "Groups of a hierarchical MoE; 0 for flat.")
-    flags.DEFINE_integer("hidden_size", 256, "Hidden width of each expert.")
-    flags.DEFINE_boolean("noisy_gating", True, "Trained gating noise (Eq. 4).")
-    flags.DEFINE_float("importance_weight", 0.1, "w_importance.")
-    flags.DEFINE_float("load_weight", 0.1, "w_load.")
-    flags.DEFINE_enum("dispatch", "sparse", ["sparse", "capacity"],
-                      "MoE dispatch: sparse (dropless) or capacity (fixed-size expert "
-                      "buffers; needed by --strategy=dtensor).")
-    flags.DEFINE_float("capacity_factor", None,
-                       "Expert buffer size as a multiple of the even share, with "
-                       "--dispatch=capacity (default 2.0; num_experts / k drops nothing).")
-    flags.DEFINE_integer("capacity_group_size", None,
-                         "With --dispatch=capacity, route the tokens in groups of this "
-                         "many, each with its own expert buffers (GShard); default: the "
-                         "batch is one group. Not with --strategy=dtensor.")
+    define_moe_flags()
+    flags.DEFINE_enum("optimizer", "adam", list(OPTIMIZERS),
+                      "adam, or factored_adam: Adam without first moment and with a "
+                      "factored second moment (Appendix D; moe_tf.optimizers).")
     flags.DEFINE_float("dropout", 0.1, "Dropout on every layer's output.")
     flags.DEFINE_integer("vocab_size", 8192, "Subword vocabulary size.")
     flags.DEFINE_integer("max_length", 64, "Subword pieces per sentence kept.")
@@ -72,23 +64,13 @@ def define_common_flags(*, default_data: str) -> None:
                          "Split the CPU into this many logical devices (to try the "
                          "strategies on one machine).")
 
-    for name in ("num_experts", "k", "hidden_size", "vocab_size", "max_length",
-                 "batch_tokens", "train_steps", "log_every", "checkpoint_every",
-                 "shuffle_buffer", "num_cpu_devices"):
+    for name in ("vocab_size", "max_length", "batch_tokens", "train_steps", "log_every",
+                 "checkpoint_every", "shuffle_buffer", "num_cpu_devices"):
         flags.register_validator(name, lambda v: v is not None and v >= 1,
                                  message=f"--{name} must be >= 1.")
-    for name in ("num_groups", "warmup_steps", "eval_every", "max_eval_batches"):
+    for name in ("warmup_steps", "eval_every", "max_eval_batches", "clip_norm"):
         flags.register_validator(name, lambda v: v is not None and v >= 0,
                                  message=f"--{name} must be >= 0.")
-    flags.register_validator("capacity_factor", lambda v: v is None or v > 0,
-                             message="--capacity_factor must be > 0.")
-    flags.register_validator("capacity_group_size", lambda v: v is None or v >= 1,
-                             message="--capacity_group_size must be >= 1.")
-    for name in ("capacity_factor", "capacity_group_size"):
-        flags.register_multi_flags_validator(
-            [name, "dispatch"],
-            lambda v, name=name: v[name] is None or v["dispatch"] == "capacity",
-            message=f"--{name} needs --dispatch=capacity.")
     flags.register_multi_flags_validator(
         ["capacity_group_size", "strategy"],
         lambda v: v["capacity_group_size"] is None or v["strategy"] != "dtensor",
@@ -101,27 +83,96 @@ def define_common_flags(*, default_data: str) -> None:
         message="--strategy=dtensor needs --mesh (e.g. batch:2,expert:2) and "
                 "--dispatch=capacity (the experts run on fixed-size buffers that DTensor "
                 "moves between devices).")
-    for name in ("importance_weight", "load_weight", "clip_norm"):
-        flags.register_validator(name, lambda v: v is not None and v >= 0,
-                                 message=f"--{name} must be >= 0.")
     flags.register_validator("learning_rate", lambda v: v is not None and v > 0,
                              message="--learning_rate must be > 0.")
     flags.register_validator("dropout", lambda v: v is not None and 0 <= v < 1,
                              message="--dropout must be in [0, 1).")
-    flags.register_multi_flags_validator(
-        ["num_experts", "k", "num_groups"], _check_moe_shape,
-        message="--k must be <= --num_experts (and <= --num_experts / --num_groups and "
-                "<= --num_groups when hierarchical); --num_experts must be divisible by "
-                "--num_groups.")
 
 
-def _check_moe_shape(values: Dict) -> bool:
-    experts, k, groups = values["num_experts"], values["k"], values["num_groups"]
-    if None in (experts, k, groups):
-        return True  # the single-flag validators report these
-    if not groups:
-        return k <= experts
-    return experts % groups == 0 and k <= experts // groups and k <= groups
+# One flag per MoEConfig setting, of the same name; its default is MoEConfig's (None for
+# the settings a gate or the dispatch fills in). MoEConfig checks the values.
+_MOE_DEFAULTS = {field.name: field.default for field in dataclasses.fields(MoEConfig)}
+MOE_FLAGS = tuple(_MOE_DEFAULTS)
+_COMPILED_KERNELS = {"auto": "auto", "true": True, "false": False}
+
+
+def define_moe_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """The MoE flags (`moe_config_from_flags` reads them) in `flag_values`."""
+    default, where = _MOE_DEFAULTS, dict(flag_values=flag_values)
+    top_k, balanced = GATES["top_k"].options, GATES["balanced"].options
+    flags.DEFINE_integer("num_experts", default["num_experts"], "Experts in each MoE layer.",
+                         **where)
+    flags.DEFINE_integer("k", default["k"],
+                         "Experts per token (per selected group when hierarchical).",
+                         **where)
+    flags.DEFINE_integer("hidden_size", default["hidden_size"],
+                         "Hidden width of each expert.", **where)
+    flags.DEFINE_integer("num_groups", default["num_groups"],
+                         "Groups of a hierarchical MoE (Appendix B); unset or 0: flat.",
+                         **where)
+    flags.DEFINE_integer("group_k", default["group_k"],
+                         "Groups per token of a hierarchical MoE; default: --k.", **where)
+    flags.DEFINE_enum("gating", default["gating"], list(GATES),
+                      "MoE gating: top_k (noisy top-k, Eq. 3-5) or balanced (strictly "
+                      "balanced, Appendix F).", **where)
+    flags.DEFINE_boolean("noisy_gating", default["noisy_gating"],
+                         "--gating=top_k: trained gating noise (Eq. 4); default "
+                         f"{top_k['noisy_gating']}.", **where)
+    flags.DEFINE_float("noise_epsilon", default["noise_epsilon"],
+                       "--gating=top_k: floor of the noise scale; default "
+                       f"{top_k['noise_epsilon']}.", **where)
+    flags.DEFINE_float("threshold_loss_weight", default["threshold_loss_weight"],
+                       "--gating=balanced: weight of the threshold loss; default "
+                       f"{balanced['threshold_loss_weight']}.", **where)
+    flags.DEFINE_float("importance_weight", default["importance_weight"], "w_importance.",
+                       **where)
+    flags.DEFINE_float("load_weight", default["load_weight"], "w_load.", **where)
+    flags.DEFINE_enum("dispatch", default["dispatch"], list(DISPATCHES),
+                      "MoE dispatch: sparse (dropless) or capacity (fixed-size expert "
+                      "buffers; needed by --strategy=dtensor).", **where)
+    flags.DEFINE_float("capacity_factor", default["capacity_factor"],
+                       "--dispatch=capacity: expert buffer size as a multiple of the even "
+                       f"share (default {DEFAULT_CAPACITY_FACTOR}; num_experts / k drops "
+                       "nothing).", **where)
+    flags.DEFINE_integer("capacity_group_size", default["capacity_group_size"],
+                         "--dispatch=capacity: route the tokens in groups of this many, "
+                         "each with its own expert buffers (GShard); default: the batch is "
+                         "one group. Not with --strategy=dtensor.", **where)
+    flags.DEFINE_boolean("recompute_activations", default["recompute_activations"],
+                         "Recompute the experts' hidden activations on the backward pass "
+                         "instead of keeping them (Appendix D).", **where)
+    flags.DEFINE_enum("compiled_kernels", str(default["compiled_kernels"]).lower(),
+                      list(_COMPILED_KERNELS),
+                      "The compiled CPU kernels of moe_tf.kernels in training: auto (where "
+                      "they apply), true (required), false (never).", **where)
+
+
+def moe_config_from_flags(flag_values: flags.FlagValues = FLAGS,
+                          **overrides) -> MoEConfig:
+    """The MoEConfig of the MoE flags, with `overrides` (MoEConfig settings) in place.
+
+    A flag left at None takes MoEConfig's default; `--num_groups=0` is a flat layer.
+
+    Raises:
+        ValueError: MoEConfig's refusal, in terms of the flags ("--k must be ...").
+    """
+    values = {name: flag_values[name].value for name in MOE_FLAGS}
+    values["num_groups"] = values["num_groups"] or None
+    values["compiled_kernels"] = _COMPILED_KERNELS[values["compiled_kernels"]]
+    values.update(overrides)
+    try:
+        return MoEConfig(**{name: value for name, value in values.items()
+                            if value is not None})
+    except ValueError as error:
+        raise ValueError(_in_flag_terms(str(error))) from None
+
+
+def _in_flag_terms(message: str) -> str:
+    """"MoEConfig: `k` must be ..." -> "--k must be ..."."""
+    message = message.removeprefix("MoEConfig: ")
+    for name in MOE_FLAGS:
+        message = message.replace(f"`{name}`", f"--{name}")
+    return message
 
 
 @contextlib.contextmanager
@@ -151,11 +202,29 @@ def set_up_placement(tiny_preset: Dict) -> distribution.Placement:
 
 
 def check_run_config(model_config, *, is_chief: bool) -> None:
-    """`train.loop.check_run_config` for the model's config and the data flags."""
+    """`train.loop.check_run_config` for the model's config, the data flags and the
+    optimizer; a run recorded by an earlier version is read as `upgrade_run_config`
+    reads it."""
     loop.check_run_config(FLAGS.model_dir, {
         "model": dataclasses.asdict(model_config), "data": FLAGS.data,
         "valid_data": FLAGS.valid_data, "test_data": FLAGS.test_data,
-        "max_length": FLAGS.max_length, "seed": FLAGS.seed}, write=is_chief)
+        "max_length": FLAGS.max_length, "seed": FLAGS.seed,
+        "optimizer": FLAGS.optimizer}, write=is_chief,
+        upgrade=functools.partial(upgrade_run_config, type(model_config)))
+
+
+def upgrade_run_config(config_class: type, run_config: Dict) -> Dict:
+    """A recorded run config in today's layout: its "model" as `config_class.from_dict`
+    reads it (MoE settings nested in "moe", also for runs recorded before), and adam as
+    the optimizer of runs recorded before --optimizer."""
+    run_config = dict(run_config)
+    try:
+        run_config["model"] = dataclasses.asdict(config_class.from_dict(run_config["model"]))
+    except (KeyError, TypeError, ValueError):
+        pass  # not a config of this model: the comparison lists how it differs
+    if run_config.get("optimizer") is None:
+        run_config["optimizer"] = "adam"
+    return run_config
 
 
 def load_or_train_tokenizer(model_config, vocabulary_lines, *, is_chief: bool):
@@ -176,11 +245,14 @@ def set_up_determinism(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def make_optimizer() -> keras.optimizers.Optimizer:
-    """Adam with the paper's warm-up then 1/sqrt(step) decay."""
-    schedule = WarmupInverseSqrt(FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps)
-    return keras.optimizers.Adam(learning_rate=schedule,
-                                 global_clipnorm=FLAGS.clip_norm or None)
+def make_optimizer(constant_steps: int = 0) -> keras.optimizers.Optimizer:
+    """The --optimizer with the paper's schedule: linear warm-up, `constant_steps` at the
+    peak, then 1/sqrt(step) decay; gradients clipped to --clip_norm."""
+    schedule = WarmupInverseSqrt(FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
+                                 constant_steps=constant_steps)
+    optimizer = {"adam": keras.optimizers.Adam, "factored_adam": FactoredAdam}
+    return optimizer[FLAGS.optimizer](learning_rate=schedule,
+                                      global_clipnorm=FLAGS.clip_norm or None)
 
 
 def make_trainer(**trainer_arguments):

@@ -7,14 +7,13 @@
 Restarting with the same flags resumes from the latest checkpoint in --model_dir.
 """
 
-import os
-
 import tensorflow as tf
 from absl import app, flags, logging
 
 from models.lm import (ARCHITECTURES, LanguageModelConfig, build_language_model,
                        ops_per_timestep, params_excluding_embedding_softmax)
 from train import common, data
+from train.losses import masked_nll_sums
 from train.lm_serving import LanguageModelServer
 
 FLAGS = flags.FLAGS
@@ -35,23 +34,12 @@ VOCAB_LINES = 200_000
 def model_config() -> LanguageModelConfig:
     return LanguageModelConfig(
         architecture=FLAGS.model, vocab_size=FLAGS.vocab_size, model_dim=FLAGS.model_dim,
-        num_experts=FLAGS.num_experts, k=FLAGS.k, num_groups=FLAGS.num_groups or None,
-        hidden_size=FLAGS.hidden_size, noisy_gating=FLAGS.noisy_gating,
-        importance_weight=FLAGS.importance_weight, load_weight=FLAGS.load_weight,
-        dropout=FLAGS.dropout, dispatch=FLAGS.dispatch,
-        capacity_factor=FLAGS.capacity_factor,
-        capacity_group_size=FLAGS.capacity_group_size)
+        moe=common.moe_config_from_flags(), dropout=FLAGS.dropout)
 
 
 def lm_loss(model, batch, training):
     """Mean next-token NLL over real (non-padding) targets, with its sum and count."""
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(inputs, training=training)
-    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
-    real = tf.cast(targets != 0, nll.dtype)
-    nll_sum = tf.reduce_sum(nll * real)
-    num_tokens = tf.reduce_sum(real)
-    return nll_sum / tf.maximum(num_tokens, 1.0), nll_sum, num_tokens
+    return masked_nll_sums(model(batch[:, :-1], training=training), batch[:, 1:])
 
 
 def make_datasets(splits: data.TextSplits, tokenizer):

@@ -13,8 +13,9 @@ Loading needs `import tensorflow_text` (its ops tokenize) and nothing of this pr
 import keras
 import tensorflow as tf
 
+from models.special_tokens import BOS_ID, EOS_ID
 from train.data import sentence_sequences
-from train.tokenizer import BOS_ID, EOS_ID, SubwordTokenizer
+from train.tokenizer import SubwordTokenizer
 
 
 class LanguageModelServer(tf.Module):

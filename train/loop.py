@@ -3,8 +3,9 @@
 tf.function steps, `tf.train.CheckpointManager` checkpoints (model, optimizer, data
 iterator), TensorBoard summaries, a progress line, held-out evaluation and `metrics.json`.
 A task supplies the model, the data and `loss_fn(model, batch, training)` returning
-`(mean_loss, nll_sum, num_tokens)`; the layers' auxiliary losses (`model.losses`) are
-added here, once, to the loss that is differentiated.
+`(mean_loss, nll_sum, num_tokens)`; the placement's training step adds the layers'
+auxiliary losses (`model.losses`), once, to the loss that is differentiated
+(`train.distribution.differentiated_loss`, the same under every placement).
 """
 
 import dataclasses
@@ -55,14 +56,19 @@ def read_run_config(model_dir: str) -> Optional[Dict]:
         return json.load(f)
 
 
-def check_run_config(model_dir: str, run_config: Dict, *, write: bool = True) -> None:
+def check_run_config(model_dir: str, run_config: Dict, *, write: bool = True,
+                     upgrade: Optional[Callable[[Dict], Dict]] = None) -> None:
     """Refuses a model_dir trained with another configuration; records it for a new one
     (if `write`: processes other than the chief only check).
 
+    `upgrade`, if given, turns the recorded configuration into today's layout before the
+    comparison (runs recorded by an earlier version); the file is left as it is.
     Called before anything is written to the directory, so a refused run changes nothing.
     """
     stored = read_run_config(model_dir)
     if stored is not None:
+        if upgrade is not None:
+            stored = upgrade(stored)
         # Flattened, and a setting a run does not record counts as None: a run recorded
         # before a setting existed (whose default is None) resumes with the default.
         stored, flat = _flatten(stored), _flatten(run_config)
@@ -81,14 +87,14 @@ def check_run_config(model_dir: str, run_config: Dict, *, write: bool = True) ->
         write_json_atomically(os.path.join(model_dir, CONFIG_FILE), run_config)
 
 
-def _flatten(run_config: Dict) -> Dict:
-    """{"model": {"k": 4}} -> {"model.k": 4}; other entries as they are."""
+def _flatten(run_config: Dict, prefix: str = "") -> Dict:
+    """{"model": {"moe": {"k": 4}}, "seed": 0} -> {"model.moe.k": 4, "seed": 0}."""
     flat = {}
     for key, value in run_config.items():
         if isinstance(value, dict):
-            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+            flat.update(_flatten(value, f"{prefix}{key}."))
         else:
-            flat[key] = value
+            flat[f"{prefix}{key}"] = value
     return flat
 
 

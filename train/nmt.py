@@ -11,16 +11,16 @@ Restarting with the same flags resumes from the latest checkpoint in --model_dir
 import os
 import statistics
 
-import keras
 import sacrebleu
 import tensorflow as tf
 from absl import app, flags, logging
 
-from models.nmt import (ARCHITECTURES, GATINGS, TranslationConfig, build_translator,
-                        ops_per_timestep, params_excluding_embedding_softmax)
+from models.translation_config import (ARCHITECTURES, TRANSLATION_MOE, TranslationConfig,
+                                       ops_per_timestep)
+from models.translator import build_translator, params_excluding_embedding_softmax
 from train import common, data, nmt_data
+from train.losses import masked_nll_sums
 from train.nmt_serving import TranslationServer
-from train.schedules import WarmupInverseSqrt
 
 FLAGS = flags.FLAGS
 common.define_common_flags(default_data="builtin:en-es")
@@ -32,9 +32,6 @@ flags.DEFINE_integer("attention_dim", 128, "Width of the attention's tanh projec
 flags.DEFINE_integer("dense_lstm_width", 0,
                      "--model=dense: units of every LSTM; 0: as many as match the moe "
                      "model's ops/timestep.")
-flags.DEFINE_enum("gating", None, list(GATINGS),
-                  "MoE gating. Default: balanced (Appendix F) for one language pair, "
-                  "top_k for builtin:multi.")
 flags.DEFINE_integer("constant_steps", 240,
                      "Steps at the peak learning rate after warm-up, before the "
                      "1/sqrt(step) decay.")
@@ -54,15 +51,19 @@ for _name in ("attention_dim", "beam_width", "vocab_pairs"):
 for _name in ("constant_steps", "bleu_sentences", "length_penalty"):
     flags.register_validator(_name, lambda v: v is not None and v >= 0,
                              message=f"--{_name} must be >= 0.")
-flags.register_validator("num_groups", lambda v: v == 0,
+flags.register_validator("num_groups", lambda v: not v,
                          message="--num_groups: the translation model's MoE layers are "
                                  "flat (0).")
 # The paper's translation settings (Appendix E), scaled to a budget of 600 steps (about
-# 10 minutes on 2 CPU cores): balancing weights 0.01 / 0.01; 2000 warm-up and 8000
-# constant steps become 60 and 240. Dropout stays at 0.1 instead of 0.4: three epochs of
-# a small corpus barely overfit.
-FLAGS.set_default("importance_weight", 0.01)
-FLAGS.set_default("load_weight", 0.01)
+# 10 minutes on 2 CPU cores): the MoE settings of TranslationConfig (balancing weights
+# 0.01 / 0.01; the gating by language pairs, below); 2000 warm-up and 8000 constant steps
+# become 60 and 240. Dropout stays at 0.1 instead of 0.4: three epochs of a small corpus
+# barely overfit.
+FLAGS.set_default("importance_weight", TRANSLATION_MOE.importance_weight)
+FLAGS.set_default("load_weight", TRANSLATION_MOE.load_weight)
+FLAGS.set_default("gating", None)
+FLAGS["gating"].help = (f"MoE gating. Default: {TRANSLATION_MOE.gating} (Appendix F) for "
+                        "one language pair, top_k for builtin:multi.")
 FLAGS.set_default("train_steps", 600)
 FLAGS.set_default("warmup_steps", 60)
 
@@ -76,37 +77,19 @@ BLEU_BATCH = 32
 
 
 def model_config(num_language_tokens: int) -> TranslationConfig:
-    gating = FLAGS.gating or ("top_k" if num_language_tokens else "balanced")
+    gating = FLAGS.gating or ("top_k" if num_language_tokens else TRANSLATION_MOE.gating)
     return TranslationConfig(
         architecture=FLAGS.model, vocab_size=FLAGS.vocab_size,
         num_language_tokens=num_language_tokens, model_dim=FLAGS.model_dim,
-        attention_dim=FLAGS.attention_dim, num_experts=FLAGS.num_experts, k=FLAGS.k,
-        hidden_size=FLAGS.hidden_size, gating=gating, noisy_gating=FLAGS.noisy_gating,
-        importance_weight=FLAGS.importance_weight, load_weight=FLAGS.load_weight,
-        dropout=FLAGS.dropout, dispatch=FLAGS.dispatch,
-        capacity_factor=FLAGS.capacity_factor,
-        capacity_group_size=FLAGS.capacity_group_size,
-        dense_lstm_width=FLAGS.dense_lstm_width)
-
-
-def make_optimizer() -> keras.optimizers.Optimizer:
-    """Adam; linear warm-up, `--constant_steps` at the peak, then 1/sqrt(step) decay."""
-    schedule = WarmupInverseSqrt(FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
-                                 constant_steps=FLAGS.constant_steps)
-    return keras.optimizers.Adam(learning_rate=schedule,
-                                 global_clipnorm=FLAGS.clip_norm or None)
+        attention_dim=FLAGS.attention_dim, moe=common.moe_config_from_flags(gating=gating),
+        dropout=FLAGS.dropout, dense_lstm_width=FLAGS.dense_lstm_width)
 
 
 def translation_loss(model, batch, training):
     """Mean NLL of the real (non-padding) target tokens, with its sum and count."""
     source, target = batch
-    logits = model((source, target[:, :-1]), training=training)
-    labels = target[:, 1:]
-    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
-    real = tf.cast(labels != 0, nll.dtype)
-    nll_sum = tf.reduce_sum(nll * real)
-    num_tokens = tf.reduce_sum(real)
-    return nll_sum / tf.maximum(num_tokens, 1.0), nll_sum, num_tokens
+    return masked_nll_sums(model((source, target[:, :-1]), training=training),
+                           target[:, 1:])
 
 
 def translate_all(server: TranslationServer, sources, target_language):
@@ -184,7 +167,7 @@ def main(argv):
 
     with placement.scope():
         model = build_translator(config)
-        optimizer = make_optimizer()
+        optimizer = common.make_optimizer(constant_steps=FLAGS.constant_steps)
     params = params_excluding_embedding_softmax(model)
     ops = ops_per_timestep(config)
     logging.info("%s: LSTMs %d wide, %d params excluding embedding and softmax, "
@@ -203,7 +186,7 @@ def main(argv):
         final_evaluation=((lambda: bleu_scores(server, corpora, multilingual, is_chief))
                           if FLAGS.bleu_sentences else None))
     metrics = trainer.train(extra_metrics={
-        "model": FLAGS.model, "gating": config.gating if config.has_moe else None,
+        "model": FLAGS.model, "gating": config.moe.gating if config.has_moe else None,
         "lstm_width": config.lstm_width,
         "params_excluding_embedding_softmax": params, "ops_per_timestep": ops,
         "vocab_size": tokenizer.vocab_size, "directions": [c.direction for c in corpora],

@@ -15,9 +15,11 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from models.nmt import Translator, beam_search
+from models.beam_search import beam_search
+from models.special_tokens import EOS_ID, PAD_ID
+from models.translator import Translator
 from train.nmt_data import source_sequences
-from train.tokenizer import EOS_ID, PAD_ID, SubwordTokenizer
+from train.tokenizer import SubwordTokenizer
 
 TEXT = tf.TensorSpec([None], tf.string, name="text")
 TARGET_LANGUAGE = tf.TensorSpec([None], tf.string, name="target_language")

@@ -13,10 +13,8 @@ from typing import Iterable
 import tensorflow as tf
 import tensorflow_text as tf_text
 
-PAD_ID = 0
-UNK_ID = 1
-BOS_ID = 2
-EOS_ID = 3
+from models.special_tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # noqa: F401 (re-exported)
+
 TOKENIZER_FILE = "subword.model"
 
 

@@ -25,7 +25,8 @@ def restore_trained_model(model_dir: str, config_class: type,
         model_dir: a training run's `--model_dir` (run_config.json, the tokenizer and
             checkpoints/).
         config_class: the model's config dataclass (`LanguageModelConfig`,
-            `TranslationConfig`), built from run_config.json's "model" entry.
+            `TranslationConfig`), built by its `from_dict` from run_config.json's
+            "model" entry (of this version or an earlier one).
         build_model: builds the model from that config.
 
     Returns:
@@ -39,7 +40,7 @@ def restore_trained_model(model_dir: str, config_class: type,
     if latest is None:
         raise FileNotFoundError(f"{model_dir} has no checkpoint in {loop.CHECKPOINT_DIR}/.")
     tokenizer = SubwordTokenizer.load(os.path.join(model_dir, TOKENIZER_FILE))
-    config = dataclasses.replace(config_class(**run_config["model"]),
+    config = dataclasses.replace(config_class.from_dict(run_config["model"]),
                                  vocab_size=tokenizer.vocab_size)
     model = build_model(config)
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()

@@ -25,12 +25,30 @@ def op_library():
                           "`python -m moe_tf.kernels.build`") from error
 
 
-def op_library_for(*tensors):
+def op_library_for(*tensors, required: bool = False):
     """The op library when it suits these operands, else None: it must be built, the
     operands float32 (the ops are float32 only), and no GPU visible (the ops are
-    CPU-only; on a GPU machine they would pull the layer's work back to the host)."""
+    CPU-only; on a GPU machine they would pull the layer's work back to the host).
+
+    With `required` (compiled_kernels=True), a ValueError naming the reason instead of
+    None.
+    """
+    reason = unsuitable_reason(*tensors)
+    if reason is not None and required:
+        raise ValueError(f"compiled_kernels=True, but the compiled kernels cannot run: "
+                         f"{reason}. Pass compiled_kernels='auto' to use them only where "
+                         f"they apply.")
+    return None if reason is not None else op_library()
+
+
+def unsuitable_reason(*tensors):
+    """Why the compiled kernels cannot run on these operands, or None if they can."""
     if tf.config.list_logical_devices("GPU"):
-        return None
-    if any(t.dtype != tf.float32 for t in tensors):
-        return None
-    return op_library()
+        return "a GPU is visible (the kernels are CPU-only)"
+    for tensor in tensors:
+        if tensor.dtype != tf.float32:
+            return f"an operand is {tensor.dtype.name} (the kernels are float32 only)"
+    if op_library() is None:
+        return ("they are not built (they need AVX-512; build them with "
+                "`python -m moe_tf.kernels.build`)")
+    return None

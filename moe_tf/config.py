@@ -1,0 +1,234 @@
+"""`MoEConfig`: every setting of an MoE layer in one frozen, self-validating value.
+
+The layer (`SparselyGatedMoE(config=...)` or its keyword arguments), the model configs
+(`LanguageModelConfig.moe`, `TranslationConfig.moe`) and the training binaries' flags all
+hold this one object; its field defaults are the project's defaults, written once here.
+
+Gate-specific settings (`noisy_gating`, `noise_epsilon`, `threshold_loss_weight`) are
+None until a config is built: then the chosen gate's defaults fill them in, and a setting
+that the gate does not read is refused, naming both. A built config therefore always
+holds resolved values, and `MoEConfig(**dataclasses.asdict(config)) == config`.
+"""
+
+import dataclasses
+from typing import Optional, Union
+
+from moe_tf.gates import GATES, gate_option_names
+
+DISPATCHES = ("sparse", "capacity")
+COMPILED_KERNELS = ("auto", True, False)
+# GShard's training capacity factor; the capacity dispatch's default.
+DEFAULT_CAPACITY_FACTOR = 2.0
+# Settings only the capacity dispatch reads (the sparse dispatch has no slots).
+_CAPACITY_OPTIONS = ("capacity_factor", "capacity_group_size")
+# What gate-specific settings defaulted to before gates declared them: a config written
+# then lists them whatever the gate (see `from_dict`).
+_LEGACY_GATE_DEFAULTS = {"noisy_gating": True, "noise_epsilon": 1e-2,
+                         "threshold_loss_weight": 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """The settings of one Sparsely-Gated MoE layer.
+
+    Attributes:
+        num_experts: n, the number of experts.
+        k: experts per token (per selected group when hierarchical).
+        hidden_size: the hidden width of every expert.
+        num_groups: a, for a hierarchical MoE of `num_groups` groups of
+            `num_experts / num_groups` experts (Appendix B); None for a flat MoE.
+        group_k: groups per token at the primary level of a hierarchical MoE; defaults to
+            `k`.
+        gating: the gate, a name of `moe_tf.gates.GATES`: "top_k" (noisy top-k, flat or
+            hierarchical) or "balanced" (the strictly balanced gating of Appendix F).
+        noisy_gating: top_k only: add the trained Gaussian noise of Eq. 4 while training
+            (default True).
+        noise_epsilon: top_k only: the floor added to the noise scale softplus(x W_noise)
+            (default 1e-2).
+        threshold_loss_weight: balanced only: the weight of the threshold loss
+            (default 1.0).
+        importance_weight: w_importance, the weight of CV(Importance)^2.
+        load_weight: w_load, the weight of CV(Load)^2.
+        dispatch: "sparse" (dropless, sort-based) or "capacity" (fixed-size expert
+            buffers, static shapes).
+        capacity_factor: capacity only: slots per expert as a multiple of the even share,
+            ceil(capacity_factor * tokens * assignments_per_token / experts)
+            (default 2.0).
+        capacity_group_size: capacity only: route the tokens in GShard token groups of
+            this many, each with its own slots; None: the batch is one group.
+        recompute_activations: recompute the experts' hidden activations on the backward
+            pass instead of keeping them (Appendix D).
+        compiled_kernels: the compiled CPU kernels of `moe_tf.kernels` in training calls of
+            the sparse dispatch, as Keras's `LSTM(use_cudnn=...)`: "auto" uses them where
+            they apply, True requires them (a clear error where they cannot run), False
+            never uses them.
+    """
+
+    num_experts: int = 32
+    k: int = 4
+    hidden_size: int = 256
+    num_groups: Optional[int] = None
+    group_k: Optional[int] = None
+    gating: str = "top_k"
+    noisy_gating: Optional[bool] = None
+    noise_epsilon: Optional[float] = None
+    threshold_loss_weight: Optional[float] = None
+    importance_weight: float = 0.1
+    load_weight: float = 0.1
+    dispatch: str = "sparse"
+    capacity_factor: Optional[float] = None
+    capacity_group_size: Optional[int] = None
+    recompute_activations: bool = False
+    compiled_kernels: Union[str, bool] = "auto"
+
+    def __post_init__(self):
+        _check_gating(self)
+        _check_sizes(self)
+        _check_dispatch(self)
+        for name in ("importance_weight", "load_weight"):
+            if not getattr(self, name) >= 0:
+                _refuse(f"`{name}` must be >= 0; got {getattr(self, name)!r}.")
+        if not isinstance(self.recompute_activations, bool):
+            _refuse(f"`recompute_activations` must be a bool; got "
+                    f"{self.recompute_activations!r}.")
+        if not any(self.compiled_kernels is value or self.compiled_kernels == value
+                   and isinstance(value, str) for value in COMPILED_KERNELS):
+            _refuse(f"`compiled_kernels` must be 'auto', True or False; got "
+                    f"{self.compiled_kernels!r}.")
+        self._fill_defaults()
+
+    def _fill_defaults(self):
+        defaults = dict(GATES[self.gating].options)
+        if self.dispatch == "capacity":
+            defaults["capacity_factor"] = DEFAULT_CAPACITY_FACTOR
+        for name, default in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+
+    @property
+    def is_hierarchical(self) -> bool:
+        return self.num_groups is not None
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.num_experts // (self.num_groups or 1)
+
+    @property
+    def primary_k(self) -> int:
+        """Groups each token goes to at the primary level (1 for a flat layer)."""
+        if not self.is_hierarchical:
+            return 1
+        return self.k if self.group_k is None else self.group_k
+
+    @property
+    def assignments_per_token(self) -> int:
+        """Experts each token is sent to: k, or group_k * k when hierarchical (the
+        balanced gate sends k per token on average)."""
+        return self.primary_k * self.k
+
+    def replace(self, **changes) -> "MoEConfig":
+        """A copy with `changes`; gate- and dispatch-specific settings are re-derived
+        when `gating` or `dispatch` changes (unless given)."""
+        values = dataclasses.asdict(self)
+        if "gating" in changes:
+            for name in gate_option_names():
+                values[name] = None
+        if "dispatch" in changes:
+            for name in _CAPACITY_OPTIONS:
+                values[name] = None
+        values.update(changes)
+        return MoEConfig(**values)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MoEConfig":
+        """A config from `dataclasses.asdict` output (other keys are ignored), including
+        configs written before MoEConfig: those list every gate setting at its old
+        default whatever the gate (the ones that do not apply are dropped), and their
+        `compiled_kernels=True` meant what "auto" means now."""
+        values = {name: value for name, value in values.items()
+                  if name in {f.name for f in dataclasses.fields(cls)}}
+        gate = GATES.get(values.get("gating", cls.gating))
+        legacy = [name for name, old_default in _LEGACY_GATE_DEFAULTS.items()
+                  if gate is not None and name not in gate.options
+                  and values.get(name) == old_default]
+        for name in legacy:
+            values[name] = None
+        if legacy and values.get("compiled_kernels") is True:
+            values["compiled_kernels"] = "auto"
+        return cls(**values)
+
+
+def _refuse(message: str):
+    raise ValueError(f"MoEConfig: {message}")
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _refuse(f"`{name}` must be a positive integer; got {value!r}.")
+
+
+def _check_sizes(config: MoEConfig) -> None:
+    """The expert counts, k and the hierarchy's shape."""
+    _positive_int("num_experts", config.num_experts)
+    _positive_int("k", config.k)
+    _positive_int("hidden_size", config.hidden_size)
+    if config.num_groups is None:
+        if config.group_k is not None:
+            _refuse("`group_k` needs `num_groups` (a hierarchical layer).")
+        if config.k > config.num_experts:
+            _refuse(f"`k` ({config.k}) must be <= num_experts ({config.num_experts}).")
+        return
+    _positive_int("num_groups", config.num_groups)
+    if config.num_experts % config.num_groups:
+        _refuse(f"`num_experts` ({config.num_experts}) must be divisible by "
+                f"`num_groups` ({config.num_groups}).")
+    if config.k > config.experts_per_group:
+        _refuse(f"`k` ({config.k}) must be <= the experts per group (num_experts / "
+                f"num_groups = {config.experts_per_group}).")
+    if config.group_k is not None:
+        _positive_int("group_k", config.group_k)
+        if config.group_k > config.num_groups:
+            _refuse(f"`group_k` ({config.group_k}) must be <= `num_groups` "
+                    f"({config.num_groups}).")
+    elif config.k > config.num_groups:
+        _refuse(f"`group_k` defaults to k ({config.k}), which must be <= `num_groups` "
+                f"({config.num_groups}); pass `group_k`.")
+
+
+def _check_gating(config: MoEConfig) -> None:
+    """The gate exists, supports the hierarchy if asked, and reads every gate setting
+    that was given."""
+    if config.gating not in GATES:
+        _refuse(f"`gating` must be one of {tuple(GATES)}; got {config.gating!r}.")
+    gate = GATES[config.gating]
+    if config.is_hierarchical and not gate.supports_hierarchy:
+        _refuse(f"gating={config.gating!r} is flat; it takes no `num_groups`.")
+    for name in gate_option_names():
+        if getattr(config, name) is not None and name not in gate.options:
+            _refuse(f"`{name}` does not apply to gating={config.gating!r} (it applies to "
+                    f"{_gates_reading(name)}).")
+    if config.noise_epsilon is not None and not config.noise_epsilon > 0:
+        _refuse(f"`noise_epsilon` must be > 0 (it keeps the load estimator finite); got "
+                f"{config.noise_epsilon!r}.")
+    if config.threshold_loss_weight is not None and not config.threshold_loss_weight >= 0:
+        _refuse(f"`threshold_loss_weight` must be >= 0; got "
+                f"{config.threshold_loss_weight!r}.")
+
+
+def _gates_reading(option: str) -> str:
+    return ", ".join(f"gating={name!r}" for name, gate in GATES.items()
+                     if option in gate.options)
+
+
+def _check_dispatch(config: MoEConfig) -> None:
+    if config.dispatch not in DISPATCHES:
+        _refuse(f"`dispatch` must be one of {DISPATCHES}; got {config.dispatch!r}.")
+    if config.dispatch != "capacity":
+        for name in _CAPACITY_OPTIONS:
+            if getattr(config, name) is not None:
+                _refuse(f"`{name}` only applies to dispatch='capacity'; the sparse "
+                        "dispatch has no slots and drops no token.")
+    if config.capacity_factor is not None and not config.capacity_factor > 0:
+        _refuse(f"`capacity_factor` must be > 0; got {config.capacity_factor!r}.")
+    if config.capacity_group_size is not None:
+        _positive_int("capacity_group_size", config.capacity_group_size)

@@ -1,0 +1,154 @@
+"""Every placement differentiates the same loss (`train.distribution.differentiated_loss`).
+
+The MoE layer adds the balancing loss of the GLOBAL batch on every tf.distribute replica,
+so a data-parallel step must take 1 / replicas of it, while a DTensor step (one program
+over the global batch) takes all of it. Here one training step of plain SGD (learning rate
+1, so a weight moves by exactly minus its gradient) is run under each placement on the
+same model and batch, and the gate weights' gradient is compared with one device's: the
+gradient of the auxiliary losses alone, and of the whole loss.
+
+The placements need the CPU split into 2 logical devices before TensorFlow starts, so the
+gradients are computed in a child process running this file, which prints them as JSON:
+    python tests/test_placement.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+
+# name -> (--strategy, --mesh); all on 2 logical CPU devices.
+PLACEMENTS = {
+    "one_device": ("default", None),
+    "mirrored": ("mirrored", None),
+    "dtensor_batch2": ("dtensor", "batch:2,expert:1"),
+    "dtensor_expert2": ("dtensor", "batch:1,expert:2"),
+}
+PARTS = ("auxiliary", "whole")
+VOCAB, DIM, ROWS, TIME = 11, 8, 4, 8
+
+
+def _batch():
+    """Token ids and targets `[ROWS, TIME]`, with padding (id 0) at some row ends."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(1, VOCAB, size=(ROWS, TIME)).astype(np.int32)
+    targets = rng.integers(1, VOCAB, size=(ROWS, TIME)).astype(np.int32)
+    for row, length in enumerate((8, 5, 8, 3)):
+        tokens[row, length:] = targets[row, length:] = 0
+    return tokens, targets
+
+
+def _loss_fn(part):
+    """The task's `loss_fn`; for "auxiliary" its NLL is multiplied by 0, so the step's
+    gradient is that of the layers' auxiliary losses alone."""
+    import tensorflow as tf
+
+    def loss_fn(model, batch, training):
+        tokens, targets = batch
+        logits = model(tokens, training=training)
+        nll = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
+        real = tf.cast(targets != 0, nll.dtype)
+        nll_sum = tf.reduce_sum(nll * real)
+        if part == "auxiliary":
+            nll_sum *= 0.0
+        num_tokens = tf.reduce_sum(real)
+        return nll_sum / tf.maximum(num_tokens, 1.0), nll_sum, num_tokens
+
+    return loss_fn
+
+
+def _build_model():
+    """Embedding -> deterministic MoE (capacity dispatch dropping no token) -> logits,
+    every weight random (the same under every placement)."""
+    import keras
+
+    from moe_tf import SparselyGatedMoE
+
+    tokens = keras.Input((None,), dtype="int32")
+    x = keras.layers.Embedding(VOCAB, DIM, mask_zero=True)(tokens)
+    x = SparselyGatedMoE(4, 2, 8, noisy_gating=False, dispatch="capacity",
+                         capacity_factor=2.0, name="moe")(x)
+    model = keras.Model(tokens, keras.layers.Dense(VOCAB)(x))
+    rng = np.random.default_rng(0)
+    for weight in model.weights:
+        weight.assign(rng.normal(0.0, 0.5, weight.shape).astype(np.float32))
+    return model
+
+
+def _gate_gradient(strategy, mesh, part):
+    """The gradient of the placement's differentiated loss w.r.t. the MoE gate weights."""
+    import keras
+    import tensorflow as tf
+
+    from train import distribution
+
+    placement = distribution.make_placement(strategy, mesh=mesh)
+    with placement.scope():
+        model = _build_model()
+        optimizer = keras.optimizers.SGD(learning_rate=1.0)
+    w_gate = model.get_layer("moe").w_gate
+    before = np.array(w_gate.numpy())
+    placement.place(model, optimizer)
+    step = placement.train_step(model, optimizer, _loss_fn(part))
+    data = placement.input(tf.data.Dataset.from_tensors(_batch()))
+    _, num_tokens = step(next(iter(data)))
+    assert float(np.asarray(num_tokens)) == 24.0  # padding masked, nothing dropped
+    placement.unplace(model)
+    return (before - w_gate.numpy()).tolist()
+
+
+def main():
+    from train import distribution
+    distribution.configure_cpu_devices(2)
+    gradients = {name: {part: _gate_gradient(strategy, mesh, part) for part in PARTS}
+                 for name, (strategy, mesh) in PLACEMENTS.items()}
+    print(json.dumps(gradients))
+    sys.stdout.flush()
+    # DTensor processes can hang at exit.
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def gradients():
+    result = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("part", PARTS)
+@pytest.mark.parametrize("name", [name for name in PLACEMENTS if name != "one_device"])
+def test_gate_gradient_matches_one_device(gradients, name, part):
+    reference = np.array(gradients["one_device"][part])
+    assert np.abs(reference).max() > 1e-3  # the comparison is not of zeros
+    np.testing.assert_allclose(np.array(gradients[name][part]), reference, rtol=0,
+                               atol=1e-5, err_msg=f"{name}, {part} loss")
+
+
+def test_differentiated_loss_on_one_device_is_mean_nll_plus_auxiliary_losses():
+    import keras
+    import tensorflow as tf
+
+    from train.distribution import differentiated_loss
+
+    class AddsLoss(keras.layers.Layer):
+        def call(self, inputs):
+            self.add_loss(tf.reduce_sum(inputs))
+            return inputs
+
+    model = keras.Sequential([AddsLoss(), AddsLoss()])
+    model(tf.constant([1.5]))
+    assert float(differentiated_loss(tf.constant(6.0), tf.constant(4.0), model)) == 4.5
+    assert float(differentiated_loss(tf.constant(6.0), tf.constant(0.0),
+                                     keras.Sequential([]))) == 6.0
+
+
+if __name__ == "__main__":
+    main()
