@@ -45,6 +45,8 @@ class Config:
     num_experts: Optional[int] = None
     dispatch: str = "sparse"
     capacity_group_size: Optional[int] = None  # the capacity path's token groups
+    capacity_factor: Optional[float] = None  # the capacity path's slots (layer default)
+    jit_compile: bool = False  # both the layer's and the dense baseline's step under XLA
     tokens: int = 4096
     model_dim: int = 512
     hidden_size: int = 1024
@@ -115,6 +117,7 @@ def training_step(config: Config) -> Callable[[], None]:
         model = SparselyGatedMoE(config.num_experts, config.k, config.hidden_size,
                                  dispatch=config.dispatch,
                                  capacity_group_size=config.capacity_group_size,
+                                 capacity_factor=config.capacity_factor,
                                  recompute_activations=config.recompute_activations,
                                  compiled_kernels=config.compiled_kernels,
                                  dtype=policy, seed=0)
@@ -123,7 +126,7 @@ def training_step(config: Config) -> Callable[[], None]:
     inputs = tf.random.stateless_normal([config.tokens, config.model_dim], seed=[1, 0])
     d_outputs = tf.random.stateless_normal([config.tokens, config.model_dim], seed=[2, 0])
 
-    @tf.function
+    @tf.function(jit_compile=config.jit_compile)
     def step(inputs, d_outputs):
         with tf.GradientTape() as tape:
             tape.watch(inputs)
@@ -138,6 +141,9 @@ def training_step(config: Config) -> Callable[[], None]:
         loss, _ = step(inputs, d_outputs)  # the gradients are dropped before the next step
         loss.numpy()
 
+    # The capacity path's experts compute this many times a dense FFN's FLOPs at best.
+    run.capacity_factor = (model.capacity_factor if config.num_experts is not None
+                           and config.dispatch == "capacity" else None)
     return run
 
 
@@ -150,7 +156,8 @@ def measure(config: Config) -> dict:
     step = training_step(config)
     for _ in range(config.warmup):
         step()
-    result = {"config": dataclasses.asdict(config), "peak_rss": peak_rss_bytes()}
+    result = {"config": dataclasses.asdict(config), "peak_rss": peak_rss_bytes(),
+              "capacity_factor": step.capacity_factor}
     steps = {"layer": step}
     if config.num_experts is not None:
         steps["dense"] = training_step(dataclasses.replace(config, num_experts=None))
@@ -216,17 +223,31 @@ def format_table(results: list[dict]) -> str:
 
 def ratio_line(results: list[dict], dispatch: str) -> str:
     """`ratio_vs_dense E8=<r> ...` for the configurations of one dispatch path."""
-    ratios = [f"E{r['config']['num_experts']}="
-              f"{statistics.median(r['times']) / statistics.median(r['dense_times']):.2f}"
-              for r in results if r["config"]["num_experts"] is not None
+    chosen = [r for r in results if r["config"]["num_experts"] is not None
               and r["config"]["dispatch"] == dispatch]
-    return "ratio_vs_dense " + " ".join(ratios)
+    ratios = {r["config"]["num_experts"]: statistics.median(r["times"])
+              / statistics.median(r["dense_times"]) for r in chosen}
+    line = "ratio_vs_dense " + " ".join(f"E{e}={ratio:.2f}" for e, ratio in ratios.items())
+    factors = {r["config"]["num_experts"]: r.get("capacity_factor") for r in chosen}
+    if dispatch == "capacity" and all(factors.values()):
+        # The capacity path's floor is capacity_factor x the dense FFN.
+        line += "  per_capacity_factor " + " ".join(
+            f"E{e}={ratio / factors[e]:.2f}" for e, ratio in ratios.items())
+    return line
 
 
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1 (argparse turns the ValueError into a usage error)."""
     value = int(text)
     if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    value = float(text)
+    if not value > 0:
         raise ValueError(text)
     return value
 
@@ -260,6 +281,13 @@ def _parse_args(argv):
                         help="SparselyGatedMoE(capacity_group_size=...) for the capacity "
                              "path: route the tokens in groups of this many (default: "
                              "the whole batch as one group)")
+    parser.add_argument("--capacity-factor", type=positive_float,
+                        help="SparselyGatedMoE(capacity_factor=...) for the capacity path "
+                             "(default: the layer's, 2.0); its experts compute "
+                             "capacity_factor times a dense FFN's FLOPs at best")
+    parser.add_argument("--jit-compile", action="store_true",
+                        help="compile every step (the MoE layer's and the dense "
+                             "baseline's) with XLA; the sparse path cannot compile")
     parser.add_argument("--allocator", choices=("tensorflow", "tcmalloc"),
                         default="tensorflow",
                         help="CPU memory allocator of the worker processes: TensorFlow's "
@@ -270,6 +298,11 @@ def _parse_args(argv):
     if args.experts and min(args.experts) < Config.k:
         parser.error(f"--experts: every layer needs at least k = {Config.k} experts; "
                      f"got {min(args.experts)}")
+    if args.jit_compile and (args.dispatch or "sparse") != "capacity":
+        parser.error("--jit-compile needs --dispatch capacity (the sparse dispatch has "
+                     "dynamic shapes and a while loop, which XLA cannot compile)")
+    if args.capacity_factor and args.dispatch == "sparse":
+        parser.error("--capacity-factor applies to --dispatch capacity only")
     try:
         allocator_environment(args.allocator)
     except ValueError as error:
@@ -287,13 +320,15 @@ def main(argv=None) -> None:
     experts = args.experts or ([8, 64] if args.quick else [8, 64, 512])
     base = Config(tokens=args.tokens, steps=args.steps, dtype=args.dtype,
                   recompute_activations=args.recompute_activations,
-                  compiled_kernels=args.compiled_kernels, allocator=args.allocator)
+                  compiled_kernels=args.compiled_kernels, allocator=args.allocator,
+                  jit_compile=args.jit_compile)
     # --quick leaves out the dense baseline's own process (its row and peak RSS): every
     # MoE process times the dense baseline alongside anyway.
     configs = ([] if args.quick else [base]) + [
         dataclasses.replace(base, num_experts=e, dispatch=path,
-                            capacity_group_size=(args.capacity_group_size
-                                                 if path == "capacity" else None))
+                            **(dict(capacity_group_size=args.capacity_group_size,
+                                    capacity_factor=args.capacity_factor)
+                               if path == "capacity" else {}))
         for e in experts for path in paths]
     results = []
     for config in configs:
@@ -304,6 +339,7 @@ def main(argv=None) -> None:
           f"dtype={args.dtype} recompute_activations={args.recompute_activations} "
           f"compiled_kernels={args.compiled_kernels} allocator={args.allocator} "
           f"capacity_group_size={args.capacity_group_size} "
+          f"capacity_factor={args.capacity_factor} jit_compile={args.jit_compile} "
           f"steps={args.steps} (after {base.warmup} warm-up)")
     print(format_table(results))
     for path in paths[1:]:

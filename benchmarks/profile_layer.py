@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile_layer --experts 512        # the sparse MoE, E = 512
     python -m benchmarks.profile_layer                      # the dense baseline
+    python -m benchmarks.profile_layer --experts 512 --dispatch capacity --capacity-factor 1
 
 Builds the step of `benchmarks.layer_bench` (same layer, same loss), warms it up, records
 `--steps` steps with `tf.profiler.experimental` and prints the time per step of every op
@@ -56,6 +57,8 @@ def main(argv=None) -> None:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--experts", type=int, help="number of experts; default: dense")
     parser.add_argument("--dispatch", choices=("sparse", "capacity"), default="sparse")
+    parser.add_argument("--capacity-factor", type=float,
+                        help="the capacity path's capacity_factor (default: the layer's)")
     parser.add_argument("--tokens", type=int, default=Config.tokens)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--recompute-activations", action="store_true")
@@ -66,7 +69,8 @@ def main(argv=None) -> None:
     import tensorflow as tf
 
     config = Config(num_experts=args.experts, dispatch=args.dispatch, tokens=args.tokens,
-                    dtype=args.dtype, recompute_activations=args.recompute_activations)
+                    dtype=args.dtype, recompute_activations=args.recompute_activations,
+                    capacity_factor=args.capacity_factor)
     step = training_step(config)
     for _ in range(config.warmup):
         step()

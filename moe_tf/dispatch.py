@@ -9,6 +9,7 @@ import math
 from typing import NamedTuple, Optional, Union
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 from moe_tf import kernels
 from moe_tf.routing import split_into_token_groups
@@ -129,42 +130,86 @@ def expert_capacity(num_tokens, assignments_per_token: int, num_experts: int,
     return tf.maximum(1, tf.minimum(num_tokens, wanted))
 
 
-def capacity_dispatch(inputs, routing, experts, *, capacity, token_group_size=None,
-                      expert_sharding=None):
-    """GShard-style fixed-capacity dispatch with one-hot einsums.
+def _runs_blockwise() -> bool:
+    """Whether the capacity path's experts run as the sparse path's blocks of rows (on a
+    CPU, outside XLA) rather than as batched matmuls (XLA, GPUs, DTensor).
 
-    Each expert gets a buffer of `capacity` rows, `[experts, capacity, d_in]`; assignments
-    that do not fit are dropped (those tokens get no contribution from that expert).
-    All shapes are static when the token count is, as XLA and DTensor want.
+    On a CPU the sparse path's experts (per-expert matmuls forward, a backward pass
+    chosen by block size, the compiled kernels) beat TensorFlow's batched matmuls over
+    many small buffers; XLA compiles batched matmuls well and cannot compile the
+    blocks' loop and in-place writes.
+    """
+    # TensorFlow has no public way to ask whether a graph is being compiled by XLA.
+    in_xla = control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    return not in_xla and not tf.config.list_logical_devices("GPU")
+
+
+def _run_experts_on_buffers(experts, buffers, *, blockwise: bool):
+    """`[experts, rows, d_in]` -> `[experts, rows, d_out]`, each expert on its rows;
+    `blockwise`: as equal blocks of sorted rows (see `_runs_blockwise`)."""
+    if not blockwise:
+        return experts(buffers)
+    num_experts, rows = tf.shape(buffers)[0], tf.shape(buffers)[1]
+    outputs = experts(tf.reshape(buffers, [-1, buffers.shape[-1]]),
+                      expert_row_counts=tf.fill([num_experts], rows))
+    return tf.reshape(outputs, [num_experts, rows, outputs.shape[-1]])
+
+
+class CapacityDispatch(NamedTuple):
+    """The capacity dispatch's result.
+
+    Attributes:
+        outputs: `[tokens, d_out]`, sum_i G(x)_i E_i(x) over the kept assignments.
+        dropped_fraction: float32 scalar, the share of the used assignments that found
+            no slot (0 when there were none).
+    """
+
+    outputs: tf.Tensor
+    dropped_fraction: tf.Tensor
+
+
+def capacity_dispatch(inputs, routing, experts, *, capacity, token_group_size=None,
+                      expert_sharding=None) -> CapacityDispatch:
+    """GShard-style fixed-capacity dispatch by index arithmetic, with static shapes.
+
+    Each expert gets a buffer of `capacity` rows per token group; assignments that do not
+    fit are dropped (those tokens get no contribution from that expert), by the priority
+    rule of `routing.capacity_slots`. The rows move with gathers and the results come back
+    with a segment sum, by the token index of each slot (`CapacitySlots`): nothing of size
+    tokens x experts x capacity, and the experts run as batched matmuls on
+    `[experts, token groups x capacity, d_in]`. All shapes are static when the token
+    count is, as XLA and DTensor want.
 
     With `token_group_size`, the tokens are routed in token groups of that many (the last
     one padded with unused tokens), as GShard does: each token group has `capacity` slots
-    per expert, the experts see `[experts, token groups x capacity, d_in]`, and the
-    one-hot einsums cost tokens x token_group_size instead of tokens^2. Without it the
-    whole batch is one token group.
+    per expert. Without it the whole batch is one token group.
     `expert_sharding` (an `ExpertSharding`, DTensor) moves the expert buffers onto the
     devices holding their experts and the results back.
     """
     num_tokens = tf.shape(inputs)[0]
-    g = ""
-    if token_group_size is not None:
-        g = "g"
-        routing = routing.in_token_groups(token_group_size)
-        inputs = split_into_token_groups(inputs, token_group_size)  # [G, S, d_in]
-    dispatch, combine = routing.capacity_masks(capacity)          # [(G,) S, E, C]
-    expert_inputs = tf.einsum(f"{g}sec,{g}sd->e{g}cd", tf.cast(dispatch, inputs.dtype),
-                              inputs)
-    if g:
-        buffers = tf.shape(expert_inputs)                         # [E, G, C, d_in]
-        expert_inputs = tf.reshape(expert_inputs, [routing.num_experts, -1, buffers[-1]])
+    slots = routing.in_token_groups(token_group_size).capacity_slots(capacity)
+    inputs = split_into_token_groups(inputs, token_group_size)          # [G, S, d_in]
+    groups, group_size = tf.shape(inputs)[0], tf.shape(inputs)[1]
+    # Row g (S + 1) + t of the flat padded tokens is token t of group g; the last row of
+    # each group is the zero row that the empty slots read.
+    padded = tf.reshape(tf.pad(inputs, [[0, 0], [0, 1], [0, 0]]), [-1, inputs.shape[-1]])
+    slot_rows = tf.reshape(tf.transpose(
+        slots.token_index + (group_size + 1) * tf.range(groups)[:, None, None],
+        [1, 0, 2]), [routing.num_experts, -1])                          # [E, G x C]
+    expert_inputs = tf.gather(padded, slot_rows)
     if expert_sharding is not None:
         expert_inputs = expert_sharding.to_experts(expert_inputs)
-    outputs = experts(expert_inputs)                              # [E, (G x) C, d_out]
+    outputs = _run_experts_on_buffers(experts, expert_inputs,
+                                      blockwise=expert_sharding is None
+                                      and _runs_blockwise())     # [E, G x C, d_out]
     if expert_sharding is not None:
         outputs = expert_sharding.from_experts(outputs)
-    if g:
-        outputs = tf.reshape(outputs, tf.concat([buffers[:-1], tf.shape(outputs)[-1:]], 0))
-    outputs = tf.einsum(f"{g}sec,e{g}co->{g}so", tf.cast(combine, outputs.dtype), outputs)
-    if g:
-        outputs = tf.reshape(outputs, [-1, tf.shape(outputs)[-1]])[:num_tokens]
-    return outputs
+    slot_gates = tf.reshape(tf.transpose(slots.gate, [1, 0, 2]), [routing.num_experts, -1])
+    combined = tf.math.unsorted_segment_sum(
+        outputs * tf.cast(slot_gates, outputs.dtype)[..., None], slot_rows,
+        groups * (group_size + 1))                                       # [G (S + 1), d]
+    width = tf.shape(outputs)[-1]
+    combined = tf.reshape(combined, [groups, group_size + 1, width])[:, :-1]
+    combined = tf.reshape(combined, [-1, width])[:num_tokens]
+    dropped = tf.math.divide_no_nan(slots.num_used - slots.num_kept, slots.num_used)
+    return CapacityDispatch(outputs=combined, dropped_fraction=dropped)

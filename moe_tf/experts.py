@@ -413,9 +413,14 @@ def _grouped_feed_forward(inputs, expert_row_counts, kernel_in, bias_in, kernel_
 
 
 def _batched_feed_forward(inputs, kernel_in, bias_in, kernel_out, bias_out):
-    """Every expert on its own buffer: `[experts, capacity, d_in]` -> `[..., d_out]`."""
-    hidden = tf.nn.relu(tf.einsum("ecd,edh->ech", inputs, kernel_in) + bias_in[:, None, :])
-    return tf.einsum("ech,eho->eco", hidden, kernel_out) + bias_out[:, None, :]
+    """Every expert on its own buffer: `[experts, capacity, d_in]` -> `[..., d_out]`.
+
+    Batched matmuls rather than einsums: TensorFlow's CPU Einsum transposes operands
+    that BatchMatMulV2 reads in place (E = 512 buffers of 32 rows, d 512, h 1024: 14.8
+    against 10.9 s per forward and backward step here).
+    """
+    hidden = tf.nn.relu(tf.matmul(inputs, kernel_in) + bias_in[:, None, :])
+    return tf.matmul(hidden, kernel_out) + bias_out[:, None, :]
 
 
 @keras.saving.register_keras_serializable(package="moe_tf")

@@ -5,11 +5,11 @@ value) assignments. Top-k gates give every token the same number of slots (`Slot
 the strictly balanced gate lets an expert pick any number of a token's slots, so it gives a
 dense matrix (`DenseRouting`). Both offer what the two dispatchers need:
 `assignments()`, `sum_per_token()` and `token_offsets()` for the dropless sparse path and
-`capacity_masks()` for the fixed-capacity einsum path. A gate value of exactly 0 marks an
+`capacity_slots()` for the fixed-capacity path. A gate value of exactly 0 marks an
 unused slot (padding, masked tokens).
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import tensorflow as tf
 
@@ -24,6 +24,26 @@ class Assignments(NamedTuple):
     token_index: tf.Tensor
     expert_index: tf.Tensor
     gate: tf.Tensor
+
+
+class CapacitySlots(NamedTuple):
+    """What fills each slot of the experts' fixed-size buffers, in every token group.
+
+    Attributes:
+        token_index: int32 `[token groups, experts, capacity]`, the token (its index in
+            its group) in each slot; `token_group_size` for an empty slot, one past the
+            last token: the dispatcher gathers a zero row there.
+        gate: float32 `[token groups, experts, capacity]`, each slot's gate value; 0 for
+            an empty slot.
+        num_used: float32 scalar, the used assignments.
+        num_kept: float32 scalar, the used assignments that found a slot (the rest are
+            dropped).
+    """
+
+    token_index: tf.Tensor
+    gate: tf.Tensor
+    num_used: tf.Tensor
+    num_kept: tf.Tensor
 
 
 class SlotRouting(NamedTuple):
@@ -78,33 +98,30 @@ class SlotRouting(NamedTuple):
         one_hot = tf.one_hot(self.expert_index, self.num_experts, dtype=self.gate.dtype)
         return tf.einsum("tk,tke->te", self.gate, one_hot)
 
-    def capacity_masks(self, capacity) -> tuple[tf.Tensor, tf.Tensor]:
-        """GShard-style dispatch and combine tensors, `[tokens, experts, capacity]` each
-        (`[token groups, tokens, experts, capacity]` for an `in_token_groups` routing:
-        every token group fills its own buffers).
+    def capacity_slots(self, capacity) -> CapacitySlots:
+        """The slots of `capacity` rows per expert that this `in_token_groups` routing
+        (`[token groups, token_group_size, slots]`) fills, each token group its own.
 
         Every token's first choice is placed before any token's second choice, so that
-        overflow drops the least preferred slots first; within a slot rank, earlier tokens
-        come first. Assignments beyond `capacity` are dropped (their one-hot row is empty).
+        overflow drops the least preferred assignments first; within a choice rank,
+        earlier tokens come first. The assignments are sorted by expert in that priority
+        order, so that each expert's slots are a contiguous run of the sorted order: no
+        tensor of size tokens x experts x capacity, work O(tokens k log(tokens k)).
         """
-        g = _token_group_axis(self.gate)
-        active = tf.cast(self.gate > 0, self.gate.dtype)
-        one_hot = tf.one_hot(self.expert_index, self.num_experts,
-                             dtype=self.gate.dtype) * active[..., None]   # [(G,) T, K, E]
-        swap = [*range(len(g)), len(g) + 1, len(g), len(g) + 2]  # T <-> K
-        slot_major = tf.transpose(one_hot, swap)                          # [(G,) K, T, E]
-        token_groups = [tf.shape(slot_major)[0]] if g else []
-        flat = tf.reshape(slot_major, [*token_groups, -1, self.num_experts])
-        position = tf.reshape(tf.cumsum(flat, axis=-2, exclusive=True), tf.shape(slot_major))
-        position = tf.reduce_sum(tf.transpose(position, swap) * one_hot, axis=-1)
-        position_one_hot = tf.one_hot(tf.cast(position, tf.int32), capacity,
-                                      dtype=self.gate.dtype)              # [(G,) T, K, C]
-        dispatch = tf.einsum(f"{g}tke,{g}tkc->{g}tec", one_hot, position_one_hot)
-        combine = tf.einsum(f"{g}tke,{g}tkc->{g}tec", one_hot * self.gate[..., None],
-                            position_one_hot)
-        return dispatch, combine
+        groups, group_size = tf.shape(self.gate)[0], tf.shape(self.gate)[1]
+        used = self.gate > 0
 
-    def in_token_groups(self, token_group_size: int) -> "SlotRouting":
+        def rank_major(values):  # [G, S, K] -> [G, K S]: first choices first
+            return tf.reshape(tf.transpose(values, [0, 2, 1]), [groups, -1])
+
+        tokens = tf.broadcast_to(tf.range(group_size)[None, :, None], tf.shape(self.gate))
+        slots = _slots_in_priority_order(
+            expert=rank_major(tf.where(used, self.expert_index, self.num_experts)),
+            token=rank_major(tokens), gate=rank_major(self.gate),
+            num_experts=self.num_experts, capacity=capacity, group_size=group_size)
+        return slots._replace(num_used=tf.reduce_sum(tf.cast(used, tf.float32)))
+
+    def in_token_groups(self, token_group_size: Optional[int]) -> "SlotRouting":
         """The same routing as `[token groups, token_group_size, slots]` (see
         `split_into_token_groups`)."""
         return SlotRouting(split_into_token_groups(self.expert_index, token_group_size),
@@ -150,34 +167,79 @@ class DenseRouting(NamedTuple):
     def dense_gates(self) -> tf.Tensor:
         return self.gate
 
-    def capacity_masks(self, capacity) -> tuple[tf.Tensor, tf.Tensor]:
-        """Dispatch and combine `[(token groups,) tokens, experts, capacity]`; earlier
-        tokens first."""
-        active = tf.cast(self.gate > 0, self.gate.dtype)
-        position = tf.cumsum(active, axis=-2, exclusive=True)
-        dispatch = tf.one_hot(tf.cast(position, tf.int32), capacity,
-                              dtype=self.gate.dtype) * active[..., None]
-        return dispatch, dispatch * self.gate[..., None]
+    def capacity_slots(self, capacity) -> CapacitySlots:
+        """The slots of `capacity` rows per expert that this `in_token_groups` routing
+        (`[token groups, token_group_size, experts]`) fills: each expert takes its used
+        tokens in token order until its slots are full (a top-`capacity` over its
+        tokens, the size of the gate matrix)."""
+        group_size = tf.shape(self.gate)[1]
+        used = self.gate > 0
+        # Earlier used tokens score higher; unused ones and the empty tokens (appended so
+        # that there are at least `capacity` candidates) score 0.
+        empty = [[0, 0], [0, 0], [0, tf.maximum(capacity - group_size, 1)]]
+        score = tf.where(used, (group_size - tf.range(group_size))[None, :, None], 0)
+        score = tf.pad(tf.transpose(score, [0, 2, 1]), empty)
+        best, token = tf.math.top_k(score, k=capacity)                  # [G, E, C]
+        filled = best > 0
+        token = tf.where(filled, token, group_size)
+        gate = tf.pad(tf.transpose(self.gate, [0, 2, 1]), empty)
+        return CapacitySlots(token_index=token,
+                             gate=tf.gather(gate, token, batch_dims=2),
+                             num_used=tf.reduce_sum(tf.cast(used, tf.float32)),
+                             num_kept=tf.reduce_sum(tf.cast(filled, tf.float32)))
 
-    def in_token_groups(self, token_group_size: int) -> "DenseRouting":
+    def in_token_groups(self, token_group_size: Optional[int]) -> "DenseRouting":
         """The same routing as `[token groups, token_group_size, experts]` (see
         `split_into_token_groups`)."""
         return DenseRouting(split_into_token_groups(self.gate, token_group_size))
 
 
-def split_into_token_groups(values: tf.Tensor, token_group_size: int) -> tf.Tensor:
+def _slots_in_priority_order(*, expert, token, gate, num_experts: int, capacity,
+                             group_size) -> CapacitySlots:
+    """Fills each expert's `capacity` slots with its first assignments in the given order.
+
+    Args:
+        expert, token, gate: `[token groups, assignments]` in priority order; an unused
+            assignment has expert `num_experts`.
+    Returns:
+        The slots; `num_used` is left to the caller.
+    """
+    groups = tf.shape(expert)[0]
+
+    def with_sentinel(values, value):
+        # One unused assignment (no expert, the empty token, gate 0) after the others:
+        # an empty slot reads it, and a group without assignments still has one.
+        return tf.concat([values, tf.fill([groups, 1], tf.cast(value, values.dtype))], 1)
+
+    expert = with_sentinel(expert, num_experts)
+    order = tf.argsort(expert, axis=-1, stable=True)  # the sentinel stays last
+    sorted_expert = tf.gather(expert, order, batch_dims=1)
+    experts = tf.broadcast_to(tf.range(num_experts), [groups, num_experts])
+    first = tf.searchsorted(sorted_expert, experts, side="left")          # [G, E]
+    end = tf.searchsorted(sorted_expert, experts, side="right")
+    position = first[..., None] + tf.range(capacity)                    # [G, E, C]
+    filled = position < end[..., None]
+    position = tf.where(filled, position, tf.shape(expert)[1] - 1)      # the sentinel
+    assignment = tf.gather(order, tf.reshape(position, [groups, -1]), batch_dims=1)
+    shape = tf.shape(position)
+    return CapacitySlots(
+        token_index=tf.reshape(tf.gather(with_sentinel(token, group_size), assignment,
+                                         batch_dims=1), shape),
+        gate=tf.reshape(tf.gather(with_sentinel(gate, 0.0), assignment, batch_dims=1),
+                        shape),
+        num_used=None, num_kept=tf.reduce_sum(tf.cast(filled, tf.float32)))
+
+
+def split_into_token_groups(values: tf.Tensor,
+                            token_group_size: Optional[int]) -> tf.Tensor:
     """`[tokens, ...]` -> `[token groups, token_group_size, ...]`, zero-padded to whole
-    token groups (GShard's groups of the capacity dispatch).
+    token groups (GShard's groups of the capacity dispatch); None: one group of all.
 
     Padding tokens get gate 0 (and expert 0, or zero inputs): unused, like masked ones.
     """
+    if token_group_size is None:
+        return values[None]
     padding = -tf.shape(values)[0] % token_group_size
     values = tf.pad(values, [[0, padding]] + [[0, 0]] * (values.shape.rank - 1))
     return tf.reshape(values,
                       tf.concat([[-1, token_group_size], tf.shape(values)[1:]], axis=0))
-
-
-def _token_group_axis(gate: tf.Tensor) -> str:
-    """"g" when `gate` has a leading token groups axis (an `in_token_groups` routing),
-    else ""."""
-    return "g" if gate.shape.rank == 3 else ""

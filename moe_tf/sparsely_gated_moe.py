@@ -111,6 +111,8 @@ class SparselyGatedMoE(keras.layers.Layer):
         self.cv_importance_metric = keras.metrics.Mean(name=f"{self.name}_cv_importance")
         self.cv_load_metric = keras.metrics.Mean(name=f"{self.name}_cv_load")
         self.max_mean_load_metric = keras.metrics.Mean(name=f"{self.name}_max_mean_load")
+        self.dropped_fraction_metric = keras.metrics.Mean(
+            name=f"{self.name}_dropped_fraction")
         self.load_fraction_metric = ExpertLoadFraction(
             self.config.num_experts, name=f"{self.name}_load_fraction")
 
@@ -158,18 +160,21 @@ class SparselyGatedMoE(keras.layers.Layer):
         tokens, token_mask = self._flatten(inputs, mask)
         gate_output = self.gate(tf.cast(tokens, tf.float32), training=training,
                                 token_mask=token_mask)
-        outputs = self._dispatch(tokens, gate_output.routing, training=training)
+        outputs, dropped_fraction = self._dispatch(tokens, gate_output.routing,
+                                                   training=training)
         if training:
-            self._record_balance(gate_output)
+            self._record_balance(gate_output, dropped_fraction)
         output_shape = tf.concat([tf.shape(inputs)[:-1], [self.experts.output_size]], 0)
         return tf.reshape(outputs, output_shape)
 
     def _dispatch(self, tokens, routing, *, training):
-        """`[tokens, d_in]` -> `[tokens, d_out]` by the configured dispatch."""
+        """`[tokens, d_in]` -> `[tokens, d_out]` by the configured dispatch, and the
+        fraction of the assignments it dropped."""
         if self.dispatch == "sparse":
             return sparse_dispatch(
                 tokens, routing, self.experts,
-                compiled_kernels=self.compiled_kernels if training is True else False)
+                compiled_kernels=self.compiled_kernels if training is True else False
+            ), tf.zeros([])
         token_group_size = self.capacity_group_size or (
             tokens.shape[0] if tokens.shape[0] is not None else tf.shape(tokens)[0])
         capacity = expert_capacity(token_group_size, self.assignments_per_token,
@@ -232,16 +237,19 @@ class SparselyGatedMoE(keras.layers.Layer):
 
         Keys: `cv_importance`, `cv_load` (CV of the Load vector the loss uses: the smooth
         estimator with noisy gating, else token counts), `max_mean_load` (max over mean
-        of the tokens each expert actually received) and `load_fraction` `[experts]`.
+        of the tokens each expert was routed, before any drop), `dropped_fraction` (the
+        share of the assignments the capacity dispatch dropped; 0 for the sparse
+        dispatch) and `load_fraction` `[experts]`.
         """
         return {
             "cv_importance": self.cv_importance_metric.result(),
             "cv_load": self.cv_load_metric.result(),
             "max_mean_load": self.max_mean_load_metric.result(),
+            "dropped_fraction": self.dropped_fraction_metric.result(),
             "load_fraction": self.load_fraction_metric.result(),
         }
 
-    def _record_balance(self, gate_output):
+    def _record_balance(self, gate_output, dropped_fraction):
         """Adds the balancing loss and updates the balance metrics (training only).
 
         Under a tf.distribute strategy Importance, Load and the counts are summed over the
@@ -263,6 +271,7 @@ class SparselyGatedMoE(keras.layers.Layer):
         self.max_mean_load_metric.update_state(
             tf.math.divide_no_nan(tf.reduce_max(counts), tf.reduce_mean(counts)))
         self.load_fraction_metric.update_state(counts)
+        self.dropped_fraction_metric.update_state(dropped_fraction)
 
     def _flatten(self, inputs, mask):
         """`[..., d]` inputs and `[...]` mask -> `[tokens, d]` and `[tokens]` (or None)."""

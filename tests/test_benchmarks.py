@@ -24,6 +24,23 @@ def test_ratio_line_divides_the_medians_per_dispatch_path():
     assert layer_bench.ratio_line(results, "capacity") == "ratio_vs_dense E8=5.00"
 
 
+def test_capacity_ratio_line_also_divides_by_the_capacity_factor():
+    capacity = result(8, [5.0, 5.0, 5.0], [2.0, 2.0, 2.0], dispatch="capacity")
+    capacity["capacity_factor"] = 1.25
+    assert layer_bench.ratio_line([capacity], "capacity") == (
+        "ratio_vs_dense E8=2.50  per_capacity_factor E8=2.00")
+
+
+def test_a_tiny_capacity_worker_runs_under_xla():
+    """A real worker step (the layer and the dense baseline compiled with XLA)."""
+    config = layer_bench.Config(num_experts=4, dispatch="capacity", capacity_factor=1.25,
+                                jit_compile=True, tokens=64, model_dim=16, hidden_size=16,
+                                k=2, steps=2, warmup=1)
+    measured = layer_bench.measure(config)
+    assert measured["capacity_factor"] == 1.25
+    assert len(measured["times"]) == len(measured["dense_times"]) == 2
+
+
 def test_table_row_reports_throughput_memory_and_both_ratios():
     row = layer_bench._row(result(64, [0.5, 0.4, 0.6], [0.25, 0.16, 0.3]))
     config = layer_bench.Config(num_experts=64)
@@ -39,6 +56,10 @@ def test_table_row_reports_throughput_memory_and_both_ratios():
     (layer_bench.main, ["--quick", "--steps", "-1"], "invalid positive_int value"),
     (layer_bench.main, ["--quick", "--dispatch", "dense"], "invalid choice"),
     (layer_bench.main, ["--quick", "--capacity-group-size", "0"], "invalid positive_int value"),
+    (layer_bench.main, ["--quick", "--capacity-factor", "0"], "invalid positive_float value"),
+    (layer_bench.main, ["--quick", "--jit-compile"], "needs --dispatch capacity"),
+    (layer_bench.main, ["--dispatch", "sparse", "--capacity-factor", "1"],
+     "applies to --dispatch capacity only"),
     (memory_bench.main, ["--experts", "100"], "must be a multiple of --groups (64)"),
     (memory_bench.main, ["--experts", "64"], "at least k = 2 experts per group"),
     (memory_bench.main, ["--groups", "1"], "at least group_k = 2"),

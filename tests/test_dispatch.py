@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from moe_tf import FeedForwardExperts
-from moe_tf.dispatch import capacity_dispatch, expert_capacity, sparse_dispatch
+from moe_tf.dispatch import (CapacityDispatch, capacity_dispatch, expert_capacity,
+                             sparse_dispatch)
 from moe_tf.routing import DenseRouting, SlotRouting
 from tests import numpy_reference as ref
 
@@ -56,6 +57,8 @@ def run(dispatcher, experts, tokens, make_routing, gate, d_outputs, graph=False,
         with tf.GradientTape() as tape:
             tape.watch([x, g])
             y = dispatcher(x, make_routing(g), experts, **kwargs)
+            if isinstance(y, CapacityDispatch):
+                y = y.outputs
             loss = tf.reduce_sum(y * tf.constant(d_outputs, tf.float32))
         return [y, *tape.gradient(loss, [x, g, *experts.weights])]
 
@@ -116,6 +119,16 @@ def test_capacity_dispatch_drops_second_choices_first_and_matches_numpy():
     got = run(capacity_dispatch, experts, tokens, slot_routing_of(expert_index), gate,
               d_outputs, capacity=capacity)
     assert_close(got, *numpy_routed(experts, tokens, expert_index, gate, d_outputs, keep))
+    assert_dropped_fraction(experts, tokens, slot_routing_of(expert_index)(tf.constant(gate, tf.float32)),
+                            gate > 0,
+                            keep, capacity=capacity)
+
+
+def assert_dropped_fraction(experts, tokens, routing, used, keep, **kwargs):
+    """The dispatch reports the share of the used assignments it did not keep."""
+    result = capacity_dispatch(tf.constant(tokens, tf.float32), routing, experts, **kwargs)
+    np.testing.assert_allclose(result.dropped_fraction,
+                               np.sum(used & ~keep) / np.sum(used), rtol=1e-6)
 
 
 def test_dense_capacity_dispatch_takes_earlier_tokens_first():
@@ -130,6 +143,8 @@ def test_dense_capacity_dispatch_takes_earlier_tokens_first():
                                                   d_outputs, keep)
     got = run(capacity_dispatch, experts, tokens, DenseRouting, dense, d_outputs,
               capacity=capacity)
+    assert_dropped_fraction(experts, tokens, DenseRouting(tf.constant(dense, tf.float32)),
+                            dense > 0, keep_dense, capacity=capacity)
     # Dropped and unused pairs: the combine has no slot for them, so no gate gradient.
     assert_close(got, y, d_tokens, to_dense(expert_index, d_gate), d_weights)
 
@@ -149,6 +164,9 @@ def test_capacity_dispatch_in_token_groups_matches_numpy(token_group_size):
     got = run(capacity_dispatch, experts, tokens, slot_routing_of(expert_index), gate,
               d_outputs, capacity=capacity, token_group_size=token_group_size)
     assert_close(got, *numpy_routed(experts, tokens, expert_index, gate, d_outputs, keep))
+    assert_dropped_fraction(experts, tokens, slot_routing_of(expert_index)(tf.constant(gate, tf.float32)),
+                            gate > 0,
+                            keep, capacity=capacity, token_group_size=token_group_size)
 
 
 @pytest.mark.parametrize("dispatch", ["sparse", "capacity", "capacity in token groups"])

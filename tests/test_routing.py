@@ -77,6 +77,30 @@ def test_balance_statistics_and_dense_gates(routing):
     np.testing.assert_allclose(routing.importance(), DENSE_GATE.sum(axis=0))
 
 
+def capacity_masks(routing, capacity, token_group_size=None):
+    """The one-hot dispatch and combine tensors `[(groups,) tokens, experts, capacity]`
+    that `routing.capacity_slots` describes: dispatch[t, e, c] = 1 where slot (e, c) holds
+    token t, combine = dispatch * the slot's gate. Also checks the empty slots."""
+    grouped = routing.in_token_groups(token_group_size)
+    slots = grouped.capacity_slots(capacity)
+    token_index, gate = slots.token_index.numpy(), slots.gate.numpy()
+    groups, size = grouped.gate.shape[0], grouped.gate.shape[1]
+    dispatch = np.zeros((groups, size, routing.num_experts, capacity), np.float32)
+    g, e, c = np.nonzero(token_index < size)
+    dispatch[g, token_index[g, e, c], e, c] = 1
+    empty = token_index == size
+    np.testing.assert_array_equal(gate[empty], 0.0)
+    assert np.all(token_index <= size)
+    used = float(np.sum(grouped.gate.numpy() > 0))
+    assert slots.num_used.numpy() == used
+    assert slots.num_kept.numpy() == np.sum(~empty)
+    combine = dispatch.copy()
+    combine[g, token_index[g, e, c], e, c] = gate[g, e, c]
+    if token_group_size is None:
+        return dispatch[0], combine[0]
+    return dispatch, combine
+
+
 def numpy_capacity_masks(expert_index, gate, num_experts, capacity):
     """Dispatch and combine `[tokens, experts, capacity]` from `ref.capacity_positions`."""
     position = ref.capacity_positions(expert_index, gate, num_experts)
@@ -94,10 +118,10 @@ def test_slot_capacity_masks_place_every_first_choice_before_any_second_choice()
     # t3's second choices fill expert 1 after t1's first, t2's is dropped.
     expert_index = np.array([[0, 1], [1, 0], [0, 1], [0, 2]], np.int32)
     gate = np.array([[.5, .5], [.75, .25], [.625, .375], [.875, .125]], np.float32)
-    dispatch, combine = slot_routing(expert_index, gate, 3).capacity_masks(2)
-    placed = {(t, e, c) for t, e, c in zip(*np.nonzero(dispatch.numpy()))}
+    dispatch, combine = capacity_masks(slot_routing(expert_index, gate, 3), 2)
+    placed = {(t, e, c) for t, e, c in zip(*np.nonzero(dispatch))}
     assert placed == {(0, 0, 0), (1, 1, 0), (2, 0, 1), (0, 1, 1), (3, 2, 0)}
-    np.testing.assert_array_equal(combine, dispatch.numpy() * dense_of(
+    np.testing.assert_array_equal(combine, dispatch * dense_of(
         expert_index, gate, 3)[..., None])
 
 
@@ -107,7 +131,8 @@ def test_slot_capacity_masks_match_numpy(capacity):
     expert_index = np.stack([rng.permutation(5)[:3] for _ in range(9)]).astype(np.int32)
     gate = rng.uniform(0.1, 1.0, size=(9, 3)).astype(np.float32)
     gate[2, 0] = gate[6] = 0                    # an unused first choice, a masked token
-    dispatch, combine = slot_routing(expert_index, gate, 5).capacity_masks(capacity)
+    dispatch, combine = capacity_masks(
+        slot_routing(expert_index, gate, 5), capacity)
     want_dispatch, want_combine = numpy_capacity_masks(expert_index, gate, 5, capacity)
     np.testing.assert_array_equal(dispatch, want_dispatch)
     np.testing.assert_allclose(combine, want_combine, rtol=1e-6)
@@ -125,7 +150,8 @@ def numpy_dense_capacity_masks(dense_gate, capacity):
 
 @pytest.mark.parametrize("capacity", [1, 2, 4])
 def test_dense_capacity_masks_take_earlier_tokens_first(capacity):
-    dispatch, combine = DenseRouting(tf.constant(DENSE_GATE)).capacity_masks(capacity)
+    dispatch, combine = capacity_masks(DenseRouting(tf.constant(DENSE_GATE)),
+                                       capacity)
     want_dispatch, want_combine = numpy_dense_capacity_masks(DENSE_GATE, capacity)
     np.testing.assert_array_equal(dispatch, want_dispatch)
     np.testing.assert_array_equal(combine, want_combine)
@@ -161,8 +187,8 @@ def test_token_groups_fill_their_own_buffers(size, padding, capacity):
     padded_gate = np.concatenate([SLOT_GATE, np.zeros((padding, 2), np.float32)])
     padded_dense = np.concatenate([DENSE_GATE,
                                    np.zeros((padding, NUM_EXPERTS), np.float32)])
-    slot_masks = grouped_slot.capacity_masks(capacity)
-    dense_masks = grouped_dense.capacity_masks(capacity)
+    slot_masks = capacity_masks(slot, capacity, size)
+    dense_masks = capacity_masks(dense, capacity, size)
     for g in range(groups):
         part = slice(g * size, (g + 1) * size)
         want_slot = numpy_capacity_masks(padded_index[part], padded_gate[part],
@@ -180,4 +206,8 @@ def test_no_tokens():
         np.testing.assert_array_equal(routing.token_offsets(), [0])
         np.testing.assert_array_equal(routing.expert_counts(), np.zeros(NUM_EXPERTS))
         assert routing.sum_per_token(tf.zeros([0, 3])).shape == (0, 3)
-        assert all(m.shape == (0, NUM_EXPERTS, 2) for m in routing.capacity_masks(2))
+        assert all(m.shape == (0, NUM_EXPERTS, 2) for m in capacity_masks(routing, 2))
+        slots = routing.in_token_groups(None).capacity_slots(2)
+        # One group of no tokens: every slot empty (the empty token, index 0).
+        np.testing.assert_array_equal(slots.token_index, np.zeros((1, NUM_EXPERTS, 2)))
+        assert slots.num_used.numpy() == slots.num_kept.numpy() == 0

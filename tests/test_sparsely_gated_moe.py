@@ -1,5 +1,7 @@
 """The SparselyGatedMoE layer: shared layer checks, numerics against NumPy, API contract."""
 
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -214,6 +216,73 @@ def test_capacity_groups_have_their_own_slots(gating):
     np.testing.assert_allclose(layer(x).numpy(),
                                ref.moe_output(tokens, kept, *expert_weights(layer)),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gating", ["top_k", "balanced"])
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_capacity_dispatch_under_xla_matches_numpy_with_drops(gating, group_size):
+    """dispatch="capacity" compiles with XLA: outputs equal the NumPy capacity reference
+    (with drops) and the gradients equal the uncompiled layer's; the dropped fraction is
+    the reference's."""
+    layer = build(num_experts=4, k=2, hidden_size=6, dispatch="capacity",
+                  capacity_factor=1.0, capacity_group_size=group_size, gating=gating,
+                  **({} if gating == "balanced" else {"noisy_gating": False}))
+    x = tf.constant(inputs((11, 4)))
+    gates = layer.gate_values(x).numpy().astype(np.float64)
+    size = group_size or 11
+    kept = capacity_gates(gates, group_size=size,
+                          capacity=math.ceil(1.0 * size * 2 / 4),
+                          slot_major=gating == "top_k")
+    assert 0 < (kept > 0).sum() < (gates > 0).sum()          # some, not all, dropped
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * y)
+        return y, tape.gradient(loss, [x] + layer.experts.trainable_weights)
+
+    compiled = tf.function(step, jit_compile=True)
+    y, grads = compiled(x)
+    assert layer.supports_jit
+    # XLA compiles the whole step (its HLO exists; an op without an XLA kernel raises).
+    assert "HloModule" in compiled.experimental_get_compiler_ir(x)(stage="hlo")
+    if gating == "top_k":   # the balanced gate trains on the batchwise mask, not X > T
+        np.testing.assert_allclose(
+            y.numpy(), ref.moe_output(x.numpy().astype(np.float64), kept,
+                                      *expert_weights(layer)), rtol=1e-4, atol=1e-5)
+    layer.dropped_fraction_metric.reset_state()
+    want_y, want_grads = step(x)
+    np.testing.assert_allclose(y.numpy(), want_y.numpy(), rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+    if gating == "top_k":
+        want_dropped = 1 - (kept > 0).sum() / (gates > 0).sum()
+        np.testing.assert_allclose(layer.balance_statistics()["dropped_fraction"],
+                                   want_dropped, rtol=1e-6)
+
+
+def test_capacity_layer_trains_in_model_fit_under_xla():
+    tokens = keras.Input(shape=(6, 4))
+    moe = SparselyGatedMoE(4, 2, 8, dispatch="capacity", capacity_factor=1.0, name="moe")
+    model = keras.Model(tokens, moe(tokens))
+    model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    x = inputs((16, 6, 4))
+    history = model.fit(x, x, epochs=2, batch_size=8, verbose=0)
+    assert model.jit_compile  # Keras keeps XLA on: every layer supports it
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert 0 <= history.history["moe_dropped_fraction"][-1] < 1
+    # The sparse dispatch has dynamic shapes: Keras turns XLA off for it.
+    sparse = keras.Model(tokens, SparselyGatedMoE(4, 2, 8)(tokens))
+    sparse.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    sparse.fit(x, x, epochs=1, batch_size=8, verbose=0)
+    assert not sparse.jit_compile
+
+
+def test_sparse_dispatch_drops_nothing():
+    layer = build(num_experts=4, k=2, hidden_size=6)
+    layer(inputs((10, 4)), training=True)
+    assert layer.balance_statistics()["dropped_fraction"].numpy() == 0.0
 
 
 def test_rank_2_3_4_inputs_route_every_position_alone():
