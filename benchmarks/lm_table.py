@@ -41,8 +41,8 @@ from tensorflow.core.util import event_pb2
 from models.lm import LanguageModelConfig, build_language_model, ops_per_timestep
 from models.special_tokens import PAD_ID
 from moe_tf import MoEConfig
-from train import data
-from train.trained_model import restore_trained_model
+from train.data import text as text_data
+from train.serving.trained_model import restore_trained_model
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -280,9 +280,9 @@ def expert_specialisation(model_dir: str, *, num_sentences: int = 1000,
     # The MoE reads the first LSTM's residual output (models.lm's wiring).
     moe_inputs = keras.Model(model.inputs, model.get_layer("lstm_1_residual").output)
 
-    lines = data.clean_lines(data.load_text_splits(run_config["data"]).valid)
-    ids = data.sentence_ids(lines.take(num_sentences), tokenizer,
-                            max_length=run_config["max_length"])
+    lines = text_data.clean_lines(text_data.load_text_splits(run_config["data"]).valid)
+    ids = text_data.sentence_ids(lines.take(num_sentences), tokenizer,
+                                 max_length=run_config["max_length"])
     batches = ids.padded_batch(64, padded_shapes=[None])
     tokens, gates = [], []  # per real position: its piece id, its gates [experts]
     contexts = []           # per real position: (sentence ids, position)

@@ -40,43 +40,22 @@ def beam_search(model, source, *, beam_width: int, length_penalty_alpha: float,
     """
     batch = tf.shape(source)[0]
     beams = beam_width
-
-    def tile(x):                                   # [B, ...] -> [B * beams, ...]
-        return tf.repeat(x, beams, axis=0)
-
-    encoded = tf.nest.map_structure(tile, model.encode(source, training=False))
-    max_lengths = tf.cast(max_lengths, tf.int32)
     vocab = model.config.vocab_size
-    ids = tf.range(vocab)
-    never = tf.logical_or(tf.equal(ids, PAD_ID), tf.equal(ids, BOS_ID))
-    # Of a finished slot the only continuation is padding, at no cost.
-    finished_row = tf.where(tf.equal(ids, PAD_ID), 0.0, -float("inf"))
-    # At the start only the first slot is live, so the first step fills distinct slots.
-    log_probs = tf.tile(tf.concat([[0.0], tf.fill([beams - 1], -float("inf"))], 0)[None],
-                        [batch, 1])                                          # [B, K]
-    initial = (tf.zeros([batch, beams, 0], tf.int32),                        # tokens
-               log_probs,
-               tf.zeros([batch, beams], tf.int32),                           # lengths
-               tf.zeros([batch, beams], tf.bool),                            # finished
-               tf.fill([batch * beams], BOS_ID),                             # last tokens
-               model.initial_decoder_state(batch * beams))
+    encoded = tf.nest.map_structure(lambda x: tf.repeat(x, beams, axis=0),  # [B * K, ...]
+                                    model.encode(source, training=False))
+    max_lengths = tf.cast(max_lengths, tf.int32)
+    next_log_probs = _next_token_log_probs(model, encoded, batch=batch, beams=beams)
+    initial = _initial_hypotheses(model, batch=batch, beams=beams)
 
     def not_done(sequences, log_probs, lengths, finished, last, state):
         return tf.logical_not(tf.reduce_all(finished))
 
     def step(sequences, log_probs, lengths, finished, last, state):
-        logits, state = model.decode_step(last, state, encoded)
-        step_log_probs = tf.where(never, -float("inf"), tf.nn.log_softmax(logits))
-        step_log_probs = tf.reshape(step_log_probs, [batch, beams, vocab])
-        step_log_probs = tf.where(finished[:, :, None], finished_row, step_log_probs)
-        candidates = log_probs[:, :, None] + step_log_probs                  # [B, K, V]
-        new_lengths = lengths + tf.cast(tf.logical_not(finished), tf.int32)
-        scores = candidates / length_penalty(new_lengths, length_penalty_alpha)[:, :, None]
-        _, top = tf.math.top_k(tf.reshape(scores, [batch, beams * vocab]), k=beams)
-        slot, token = top // vocab, top % vocab                              # [B, K]
-        log_probs = tf.gather(tf.reshape(candidates, [batch, beams * vocab]), top,
-                              batch_dims=1)
-        lengths = tf.gather(new_lengths, slot, batch_dims=1)
+        step_log_probs, state = next_log_probs(last, state, finished)       # [B, K, V]
+        slot, token, log_probs, lengths = _best_extensions(
+            log_probs[:, :, None] + step_log_probs,
+            lengths + tf.cast(tf.logical_not(finished), tf.int32), length_penalty_alpha,
+            beams=beams, vocab=vocab)
         finished = tf.logical_or(tf.gather(finished, slot, batch_dims=1), tf.logical_or(
             tf.equal(token, EOS_ID), lengths >= max_lengths[:, None]))
         # A slot that only -inf candidates could fill is dead: never a result.
@@ -95,3 +74,45 @@ def beam_search(model, source, *, beam_width: int, length_penalty_alpha: float,
     best = tf.argmax(scores, axis=1, output_type=tf.int32)
     return (tf.gather(sequences, best, batch_dims=1),
             tf.gather(scores, best, batch_dims=1))
+
+
+def _initial_hypotheses(model, *, batch, beams: int):
+    """The search's loop variables before the first step: tokens `[B, K, 0]`, log P
+    `[B, K]`, lengths `[B, K]`, finished `[B, K]`, last tokens `[B * K]` (bos) and the
+    decoder state. Only the first slot is live, so the first step fills distinct slots."""
+    log_probs = tf.tile(tf.concat([[0.0], tf.fill([beams - 1], -float("inf"))], 0)[None],
+                        [batch, 1])
+    return (tf.zeros([batch, beams, 0], tf.int32), log_probs,
+            tf.zeros([batch, beams], tf.int32), tf.zeros([batch, beams], tf.bool),
+            tf.fill([batch * beams], BOS_ID), model.initial_decoder_state(batch * beams))
+
+
+def _next_token_log_probs(model, encoded, *, batch, beams: int):
+    """`(last tokens [B * K], state, finished [B, K]) -> (log P of each next token
+    [B, K, V], next state)`: padding and bos are never generated, and the only
+    continuation of a finished slot is padding, at no cost."""
+    vocab = model.config.vocab_size
+    ids = tf.range(vocab)
+    never = tf.logical_or(tf.equal(ids, PAD_ID), tf.equal(ids, BOS_ID))
+    finished_row = tf.where(tf.equal(ids, PAD_ID), 0.0, -float("inf"))
+
+    def next_log_probs(last, state, finished):
+        logits, state = model.decode_step(last, state, encoded)
+        step_log_probs = tf.where(never, -float("inf"), tf.nn.log_softmax(logits))
+        step_log_probs = tf.reshape(step_log_probs, [batch, beams, vocab])
+        return tf.where(finished[:, :, None], finished_row, step_log_probs), state
+
+    return next_log_probs
+
+
+def _best_extensions(candidates, lengths, length_penalty_alpha: float, *, beams: int,
+                     vocab: int):
+    """The `beams` best of all slots' candidates (log P `[B, K, V]`, of lengths `[B, K]`)
+    under log P / lp: the slot each extends, its token, log P and length, all `[B, K]`."""
+    batch = tf.shape(candidates)[0]
+    scores = candidates / length_penalty(lengths, length_penalty_alpha)[:, :, None]
+    _, top = tf.math.top_k(tf.reshape(scores, [batch, beams * vocab]), k=beams)
+    slot, token = top // vocab, top % vocab                                  # [B, K]
+    log_probs = tf.gather(tf.reshape(candidates, [batch, beams * vocab]), top,
+                          batch_dims=1)
+    return slot, token, log_probs, tf.gather(lengths, slot, batch_dims=1)

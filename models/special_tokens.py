@@ -1,7 +1,7 @@
 """The fixed ids of the special tokens every vocabulary of this project starts with.
 
-The models read them (padding masks, decoding); the tokenizer (`train.tokenizer`) learns
-its vocabulary around them.
+The models read them (padding masks, decoding); the tokenizer (`train.data.tokenizer`)
+learns its vocabulary around them.
 """
 
 PAD_ID = 0

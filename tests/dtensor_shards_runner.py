@@ -11,9 +11,10 @@ import json
 import os
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train import distribution  # noqa: E402  (sets the TF log level first)
+from train import distribution  # noqa: E402  (after the log level and the path are set)
 
 NUM_EXPERTS = 8
 

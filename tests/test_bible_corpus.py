@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from train import bible_corpus as bc
+from train.data import bible_corpus as bc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(ROOT, "train", "data", "bible")
@@ -302,7 +302,7 @@ def test_readme_states_sources_licence_counts_and_command(corpus):
         readme = f.read()
     assert bc.EN_MODULE in readme and bc.ES_MODULE in readme
     assert "Public domain" in readme
-    assert "python -m train.bible_corpus --output_dir train/data/bible" in readme
+    assert "python -m train.data.bible_corpus --output_dir train/data/bible" in readme
     for split, (refs, en, es) in corpus.items():
         words = (sum(len(line.split()) for line in en), sum(len(line.split()) for line in es))
         assert f"| {split} | {len(refs):,} | {words[0]:,} | {words[1]:,} |" in readme

@@ -24,7 +24,8 @@ def read_build_targets(path=os.path.join(ROOT, "BUILD")):
 def python_files(directory):
     found = []
     for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, directory)):
-        dirnames[:] = [d for d in dirnames if d not in ("__pycache__", "data")]
+        # train/data/bible holds the built-in corpus, no Python.
+        dirnames[:] = [d for d in dirnames if d not in ("__pycache__", "bible")]
         found += [os.path.relpath(os.path.join(dirpath, f), ROOT)
                   for f in filenames if f.endswith(".py")]
     return sorted(found)

@@ -189,8 +189,8 @@ def assert_export_serves_the_checkpoint(model_dir, tmp_path):
 
     # The same sentences through the training loss, in this process, from the checkpoint.
     from train import lm as lm_binary
-    from train.data import sentence_sequences
-    from train.trained_model import restore_trained_model
+    from train.data.text import sentence_sequences
+    from train.serving.trained_model import restore_trained_model
     from models.lm import LanguageModelConfig, build_language_model
 
     model, tokenizer, run_config = restore_trained_model(
@@ -223,7 +223,7 @@ def test_score_binary_reads_stdin_and_samples(tmp_path):
 
 
 def test_restore_trained_model_names_what_is_missing(tmp_path):
-    from train.trained_model import restore_trained_model
+    from train.serving.trained_model import restore_trained_model
     from models.lm import LanguageModelConfig, build_language_model
 
     with pytest.raises(FileNotFoundError, match="run_config.json not found"):
@@ -236,34 +236,34 @@ def test_restore_trained_model_names_what_is_missing(tmp_path):
 def test_run_config_check_names_the_setting_and_accepts_later_settings(tmp_path):
     """A resumed run must have the recorded settings; one the record predates (default
     None) counts as None, so runs from before a new setting still resume."""
-    from train import loop
+    from train.training.run_config import check_run_config
 
     model_dir = str(tmp_path)
-    loop.check_run_config(model_dir, {"model": {"k": 2}, "data": "builtin:en"})
-    loop.check_run_config(model_dir, {"model": {"k": 2, "capacity_group_size": None},
-                                      "data": "builtin:en"})
+    check_run_config(model_dir, {"model": {"k": 2}, "data": "builtin:en"})
+    check_run_config(model_dir, {"model": {"k": 2, "capacity_group_size": None},
+                                 "data": "builtin:en"})
     with pytest.raises(ValueError, match=r"--model\.k: was 2, now 4"):
-        loop.check_run_config(model_dir, {"model": {"k": 4}, "data": "builtin:en"})
+        check_run_config(model_dir, {"model": {"k": 4}, "data": "builtin:en"})
     with pytest.raises(ValueError, match=r"--model\.capacity_group_size: was None, now 64"):
-        loop.check_run_config(model_dir, {"model": {"k": 2, "capacity_group_size": 64},
-                                          "data": "builtin:en"})
+        check_run_config(model_dir, {"model": {"k": 2, "capacity_group_size": 64},
+                                     "data": "builtin:en"})
     with pytest.raises(ValueError, match=r"--data: was 'builtin:en', now 'builtin:es'"):
-        loop.check_run_config(model_dir, {"model": {"k": 2}, "data": "builtin:es"})
+        check_run_config(model_dir, {"model": {"k": 2}, "data": "builtin:es"})
     # Nested settings are compared one by one, named by their path.
     nested = str(tmp_path / "nested")
-    loop.check_run_config(nested, {"model": {"moe": {"k": 2, "gating": "top_k"}}})
+    check_run_config(nested, {"model": {"moe": {"k": 2, "gating": "top_k"}}})
     with pytest.raises(ValueError, match=r"another configuration \(--model\.moe\.k: "
                                          r"was 2, now 4\)"):
-        loop.check_run_config(nested, {"model": {"moe": {"k": 4, "gating": "top_k"}}})
+        check_run_config(nested, {"model": {"moe": {"k": 4, "gating": "top_k"}}})
 
 
 def moe_flags(*argv):
     """Fresh MoE flags (as train.lm defines them), parsed from `argv`."""
     from absl import flags
-    from train import common
+    from train.training import flags as training_flags
 
     flag_values = flags.FlagValues()
-    common.define_moe_flags(flag_values)
+    training_flags.define_moe_flags(flag_values)
     flag_values(["train.lm", *argv])
     return flag_values
 
@@ -271,7 +271,7 @@ def moe_flags(*argv):
 def test_moe_flags_build_one_moe_config_with_its_defaults():
     import dataclasses
     from moe_tf import MoEConfig
-    from train.common import moe_config_from_flags
+    from train.training.flags import moe_config_from_flags
 
     defaults = moe_flags()
     for field in dataclasses.fields(MoEConfig):
@@ -322,7 +322,7 @@ def test_upgrade_run_config_reads_a_legacy_record_in_todays_layout():
     import dataclasses
     from models.lm import LanguageModelConfig
     from moe_tf import MoEConfig
-    from train.common import upgrade_run_config
+    from train.training.run_config import upgrade_run_config
 
     upgraded = upgrade_run_config(LanguageModelConfig, LEGACY_RUN_CONFIG)
     config = LanguageModelConfig(vocab_size=512, model_dim=32,
@@ -336,7 +336,7 @@ def test_upgrade_run_config_reads_a_legacy_record_in_todays_layout():
 
 
 def test_run_recorded_before_moe_config_resumes_and_restores(tmp_path):
-    from train.trained_model import restore_trained_model
+    from train.serving.trained_model import restore_trained_model
     from models.lm import LanguageModelConfig, build_language_model
 
     (tmp_path / "run_config.json").write_text(json.dumps(LEGACY_RUN_CONFIG))

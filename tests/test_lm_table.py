@@ -10,7 +10,7 @@ from absl import flags
 
 from benchmarks import lm_table
 from models.lm import lstm_ops
-from train import common
+from train.training import flags as training_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,14 +55,14 @@ def test_train_flags_give_train_lm_the_moe_settings_the_table_counts():
     preset = lm_table.PRESETS["full"]
     for spec in lm_table.FAMILY[1:] + (lm_table.FAMILY[6].with_weights(0.2, 0.0),):
         flag_values = flags.FlagValues()
-        common.define_moe_flags(flag_values)
+        training_flags.define_moe_flags(flag_values)
         argv = [flag for flag in lm_table.train_flags(spec, preset=preset, train_steps=7,
                                                       model_dir="/x")
-                if flag[2:].split("=")[0] in common.MOE_FLAGS]
+                if flag[2:].split("=")[0] in training_flags.MOE_FLAGS]
         flag_values(["train.lm", *argv])
         hidden, _ = lm_table.matched_hidden_size(spec, model_dim=preset["model_dim"])
         config = lm_table._config(spec, model_dim=preset["model_dim"], hidden_size=hidden)
-        assert common.moe_config_from_flags(flag_values) == config.moe, spec.name
+        assert training_flags.moe_config_from_flags(flag_values) == config.moe, spec.name
 
 
 @pytest.mark.parametrize("document,expected", [

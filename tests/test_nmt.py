@@ -19,10 +19,10 @@ from models.beam_search import beam_search
 from models.special_tokens import BOS_ID, EOS_ID, PAD_ID
 from models.translation_config import TRANSLATION_MOE, TranslationConfig
 from models.translator import build_translator
-from train import common, data, nmt_data
-from train.nmt_serving import TranslationServer
-from train.tokenizer import SubwordTokenizer
-from train.trained_model import restore_trained_model
+from train.data import parallel, text
+from train.data.tokenizer import SubwordTokenizer
+from train.serving.nmt import TranslationServer
+from train.serving.trained_model import restore_trained_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -332,7 +332,7 @@ def test_target_language_selects_the_language_token(random_multilingual_server):
     translations = {}
     # The language tokens follow the subwords, in sorted language order.
     for language, token in (("en", tokenizer.vocab_size), ("es", tokenizer.vocab_size + 1)):
-        source = nmt_data.source_sequences(
+        source = parallel.source_sequences(
             pieces, language_tokens=tf.fill([2], token)).to_tensor()
         assert np.all(source[:, 0] == token)
         ids, _ = beam_search(model, source, beam_width=3, length_penalty_alpha=0.6,
@@ -354,7 +354,7 @@ def test_target_language_selects_the_language_token(random_multilingual_server):
 def test_exported_model_serves_identically_in_fresh_process(random_multilingual_server,
                                                              tmp_path):
     _, _, server = random_multilingual_server
-    server.save(str(tmp_path / "export"), common.save_atomically)
+    server.save(str(tmp_path / "export"))
     texts, languages = RANDOM_TEXTS + SENTENCES, ["es", "en"] * 3
     served, served_empty = serve_in_fresh_process(
         [(tmp_path / "export", {"text": texts, "target_language": languages}),
@@ -439,15 +439,15 @@ def test_incompatible_model_dir_is_refused_untouched(runs, tmp_path):
 def test_tsv_hash_split_and_pair_parsing(tmp_path):
     lines = [f"source {i}\ttarget {i}".encode() for i in range(400)] + CORRUPT_PAIRS
     write_lines(tmp_path / "pairs.tsv", lines)
-    (corpus,) = nmt_data.load_parallel_corpora(f"tsv:{tmp_path / 'pairs.tsv'}")
-    clean = {name: list(data.clean_lines(getattr(corpus.splits, name)).as_numpy_iterator())
-             for name in data.SPLITS}
+    (corpus,) = parallel.load_parallel_corpora(f"tsv:{tmp_path / 'pairs.tsv'}")
+    clean = {name: list(text.clean_lines(getattr(corpus.splits, name)).as_numpy_iterator())
+             for name in text.SPLITS}
     pairs = sorted(pair for split in clean.values() for pair in split)
     assert pairs == sorted((f"source {i}".encode(), f"target {i}".encode())
                            for i in range(400))
     assert 0 < len(clean["valid"]) < 40 and 0 < len(clean["test"]) < 40
-    assert sum(data.count_invalid_lines(getattr(corpus.splits, name))
-               for name in data.SPLITS) == len(CORRUPT_PAIRS)
+    assert sum(text.count_invalid_lines(getattr(corpus.splits, name))
+               for name in text.SPLITS) == len(CORRUPT_PAIRS)
 
 
 def test_multilingual_batches_carry_each_directions_target_token():
@@ -457,11 +457,11 @@ def test_multilingual_batches_carry_each_directions_target_token():
 
     def corpus(source, target, sources, targets):
         pairs = tf.data.Dataset.from_tensor_slices((sources, targets))
-        return nmt_data.ParallelCorpus(source, target, data.TextSplits(pairs, pairs, pairs))
+        return parallel.ParallelCorpus(source, target, text.TextSplits(pairs, pairs, pairs))
 
     corpora = [corpus("en", "es", english, spanish), corpus("es", "en", spanish, english)]
     tokens = {"en": tokenizer.vocab_size, "es": tokenizer.vocab_size + 1}
-    train, held_out = nmt_data.make_datasets(corpora, tokenizer, language_tokens=tokens,
+    train, held_out = parallel.make_datasets(corpora, tokenizer, language_tokens=tokens,
                                              max_length=16, batch_tokens=64,
                                              shuffle_buffer=100, seed=0)
     spanish_ids = {tuple(ids) for ids in tokenizer.tokenize(tf.constant(spanish)).to_list()}
@@ -486,4 +486,4 @@ def test_multilingual_batches_carry_each_directions_target_token():
 ])
 def test_bad_data_specs_are_named(spec, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        nmt_data.load_parallel_corpora(spec, **kwargs)
+        parallel.load_parallel_corpora(spec, **kwargs)

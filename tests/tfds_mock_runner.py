@@ -9,7 +9,6 @@ import importlib
 import sys
 
 import tensorflow_datasets as tfds
-from absl import app
 
 if __name__ == "__main__":
     has_module = len(sys.argv) > 1 and not sys.argv[1].startswith("-")
@@ -17,4 +16,4 @@ if __name__ == "__main__":
     flags = sys.argv[2:] if has_module else sys.argv[1:]
     binary = importlib.import_module(module_name)
     with tfds.testing.mock_data(num_examples=64):
-        app.run(binary.main, argv=[module_name] + flags)
+        binary.run(argv=[module_name] + flags)

@@ -1,7 +1,10 @@
-"""Training binaries, data pipelines and serving for the paper's models."""
+"""The paper's training binaries (`python -m train.lm`, `train.nmt`, `train.score`,
+`train.translate`) and what they are made of:
 
-import os
-
-# TensorFlow's C++ start-up chatter (CUDA probing on CPU-only machines) hides the
-# progress lines; warnings and errors still show.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+- `train.data`: the `--data` sources and their tf.data pipelines, the subword tokenizer,
+  and the built-in corpus (`train/data/bible`) with its builder;
+- `train.training`: the shared flags, the set-up they drive, the training loop, the loss,
+  the learning-rate schedule and the run records;
+- `train.distribution`: where the loop runs (one device, data parallel, DTensor);
+- `train.serving`: the SavedModels the binaries export and reading back a finished run.
+"""

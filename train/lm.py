@@ -7,21 +7,37 @@
 Restarting with the same flags resumes from the latest checkpoint in --model_dir.
 """
 
+import os
+
+# Set before this binary first imports TensorFlow: its C++ start-up chatter (CUDA probing
+# on CPU-only machines) would hide the progress lines; warnings and errors still show.
+if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+
 import tensorflow as tf
 from absl import app, flags, logging
 
 from models.lm import (ARCHITECTURES, LanguageModelConfig, build_language_model,
                        ops_per_timestep, params_excluding_embedding_softmax)
-from train import common, data
-from train.losses import masked_nll_sums
-from train.lm_serving import LanguageModelServer
+from train.data import text
+from train.serving.lm import LanguageModelServer
+from train.training import flags as training_flags
+from train.training import from_flags
+from train.training.losses import masked_nll_sums
 
 FLAGS = flags.FLAGS
-common.define_common_flags(default_data="builtin:en")
-flags.DEFINE_enum("model", "moe", list(ARCHITECTURES), "Architecture (Table 7).")
-flags.DEFINE_integer("model_dim", 128, "Embedding and LSTM width.")
-flags.register_validator("model_dim", lambda v: v is not None and v >= 1,
-                         message="--model_dim must be >= 1.")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """The common training flags and this binary's own, in `flag_values`; `run` defines
+    them in absl's FLAGS (importing this module defines nothing)."""
+    training_flags.define_common_flags(default_data="builtin:en", flag_values=flag_values)
+    flags.DEFINE_enum("model", "moe", list(ARCHITECTURES), "Architecture (Table 7).",
+                      flag_values=flag_values)
+    flags.DEFINE_integer("model_dim", 128, "Embedding and LSTM width.",
+                         flag_values=flag_values)
+    training_flags.require_at_least(1, ("model_dim",), flag_values)
+
 
 TINY_PRESET = dict(model_dim=32, num_experts=4, k=2, hidden_size=32, vocab_size=512,
                    max_length=24, batch_tokens=512, train_steps=20, warmup_steps=5,
@@ -34,7 +50,7 @@ VOCAB_LINES = 200_000
 def model_config() -> LanguageModelConfig:
     return LanguageModelConfig(
         architecture=FLAGS.model, vocab_size=FLAGS.vocab_size, model_dim=FLAGS.model_dim,
-        moe=common.moe_config_from_flags(), dropout=FLAGS.dropout)
+        moe=training_flags.moe_config_from_flags(), dropout=FLAGS.dropout)
 
 
 def lm_loss(model, batch, training):
@@ -42,10 +58,10 @@ def lm_loss(model, batch, training):
     return masked_nll_sums(model(batch[:, :-1], training=training), batch[:, 1:])
 
 
-def make_datasets(splits: data.TextSplits, tokenizer):
+def make_datasets(splits: text.TextSplits, tokenizer):
     def batches(lines):
-        return data.batch_by_tokens(
-            data.sentence_ids(lines, tokenizer, max_length=FLAGS.max_length),
+        return text.batch_by_tokens(
+            text.sentence_ids(lines, tokenizer, max_length=FLAGS.max_length),
             batch_tokens=FLAGS.batch_tokens, max_length=FLAGS.max_length)
 
     train = batches(splits.train.shuffle(FLAGS.shuffle_buffer, seed=FLAGS.seed,
@@ -57,35 +73,35 @@ def make_datasets(splits: data.TextSplits, tokenizer):
 
 def main(argv):
     del argv
-    placement = common.set_up_placement(TINY_PRESET)
+    placement = from_flags.set_up_placement(TINY_PRESET)
     is_chief = placement.is_chief
-    with common.usage_errors():
+    with training_flags.usage_errors():
         config = model_config()
-        splits = data.load_text_splits(FLAGS.data, valid_data=FLAGS.valid_data,
+        splits = text.load_text_splits(FLAGS.data, valid_data=FLAGS.valid_data,
                                        test_data=FLAGS.test_data)
-        common.check_run_config(config, is_chief=is_chief)
-    common.set_up_determinism(FLAGS.seed)
-    skipped = {name: data.count_invalid_lines(getattr(splits, name))
+        from_flags.check_run_config(config, is_chief=is_chief)
+    from_flags.set_up_determinism(FLAGS.seed)
+    skipped = {name: text.count_invalid_lines(getattr(splits, name))
                for name in ("train", "valid", "test")}
     if any(skipped.values()):
         logging.warning("Skipping invalid (empty or non-UTF-8) lines: %s", skipped)
 
     def vocabulary_lines():
-        lines = data.clean_lines(splits.train).take(VOCAB_LINES).as_numpy_iterator()
+        lines = text.clean_lines(splits.train).take(VOCAB_LINES).as_numpy_iterator()
         return (line.decode("utf-8") for line in lines)
 
-    tokenizer, config = common.load_or_train_tokenizer(config, vocabulary_lines,
-                                                       is_chief=is_chief)
+    tokenizer, config = from_flags.load_or_train_tokenizer(config, vocabulary_lines,
+                                                           is_chief=is_chief)
 
     with placement.scope():
         model = build_language_model(config)
-        optimizer = common.make_optimizer()
+        optimizer = from_flags.make_optimizer()
     params = params_excluding_embedding_softmax(model)
     ops = ops_per_timestep(config)
     logging.info("%s: %d params excluding embedding and softmax, %d ops/timestep; %s",
                  model.name, params, ops, placement.describe())
     train_data, eval_data = make_datasets(splits, tokenizer)
-    trainer = common.make_trainer(
+    trainer = from_flags.make_trainer(
         model=model, optimizer=optimizer, loss_fn=lm_loss, placement=placement,
         train_data=train_data, eval_data=eval_data)
     metrics = trainer.train(extra_metrics={
@@ -95,16 +111,17 @@ def main(argv):
     logging.info("test perplexity %.2f", metrics["test_perplexity"])
     print(f"test perplexity: {metrics['test_perplexity']:.2f}")
 
-    path = common.export_dir()
+    path = from_flags.export_dir()
     if path and is_chief:
-        LanguageModelServer(model, tokenizer, FLAGS.max_length).save(
-            path, common.save_atomically)
+        LanguageModelServer(model, tokenizer, FLAGS.max_length).save(path)
         print(f"SavedModel: {path}")
 
 
-def run():
-    """Console-script entry point (`moe-train-lm`)."""
-    app.run(main)
+def run(argv=None):
+    """Entry point of `python -m train.lm` and of the console script `moe-train-lm`:
+    defines the flags, then parses `argv` (default: sys.argv) and runs `main`."""
+    define_flags()
+    app.run(main, argv=argv)
 
 
 if __name__ == "__main__":

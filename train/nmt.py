@@ -8,8 +8,16 @@
 Restarting with the same flags resumes from the latest checkpoint in --model_dir.
 """
 
+import functools
 import os
+
+# Set before this binary first imports TensorFlow: its C++ start-up chatter (CUDA probing
+# on CPU-only machines) would hide the progress lines; warnings and errors still show.
+if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+
 import statistics
+from typing import Dict, List
 
 import sacrebleu
 import tensorflow as tf
@@ -18,54 +26,72 @@ from absl import app, flags, logging
 from models.translation_config import (ARCHITECTURES, TRANSLATION_MOE, TranslationConfig,
                                        ops_per_timestep)
 from models.translator import build_translator, params_excluding_embedding_softmax
-from train import common, data, nmt_data
-from train.losses import masked_nll_sums
-from train.nmt_serving import TranslationServer
+from train.data import parallel, text
+from train.serving.nmt import TranslationServer
+from train.training import flags as training_flags
+from train.training import from_flags
+from train.training.losses import masked_nll_sums
 
 FLAGS = flags.FLAGS
-common.define_common_flags(default_data="builtin:en-es")
-flags.DEFINE_enum("model", "moe", list(ARCHITECTURES),
-                  "moe, or dense: the MoE layers removed and the LSTMs widened to the "
-                  "same ops/timestep.")
-flags.DEFINE_integer("model_dim", 128, "Embedding and residual width (LSTM width of moe).")
-flags.DEFINE_integer("attention_dim", 128, "Width of the attention's tanh projections.")
-flags.DEFINE_integer("dense_lstm_width", 0,
-                     "--model=dense: units of every LSTM; 0: as many as match the moe "
-                     "model's ops/timestep.")
-flags.DEFINE_integer("constant_steps", 240,
-                     "Steps at the peak learning rate after warm-up, before the "
-                     "1/sqrt(step) decay.")
-flags.DEFINE_integer("beam_width", 4, "Beam width of translation; 1: greedy.")
-flags.DEFINE_float("length_penalty", 0.6,
-                   "alpha of the length normalisation ((5 + |Y|) / 6)^alpha.")
-flags.DEFINE_integer("bleu_sentences", 300,
-                     "Test sentences (per direction) translated for BLEU; 0: no BLEU.")
-flags.DEFINE_integer("vocab_pairs", 100_000,
-                     "Training pairs (both sides) the subword vocabulary is learnt from.")
-flags.register_validator("model_dim", lambda v: v is not None and v >= 2 and v % 2 == 0,
-                         message="--model_dim must be even and >= 2 (the bidirectional "
-                                 "layer gives half to each direction).")
-for _name in ("attention_dim", "beam_width", "vocab_pairs"):
-    flags.register_validator(_name, lambda v: v is not None and v >= 1,
-                             message=f"--{_name} must be >= 1.")
-for _name in ("constant_steps", "bleu_sentences", "length_penalty"):
-    flags.register_validator(_name, lambda v: v is not None and v >= 0,
-                             message=f"--{_name} must be >= 0.")
-flags.register_validator("num_groups", lambda v: not v,
-                         message="--num_groups: the translation model's MoE layers are "
-                                 "flat (0).")
-# The paper's translation settings (Appendix E), scaled to a budget of 600 steps (about
-# 10 minutes on 2 CPU cores): the MoE settings of TranslationConfig (balancing weights
-# 0.01 / 0.01; the gating by language pairs, below); 2000 warm-up and 8000 constant steps
-# become 60 and 240. Dropout stays at 0.1 instead of 0.4: three epochs of a small corpus
-# barely overfit.
-FLAGS.set_default("importance_weight", TRANSLATION_MOE.importance_weight)
-FLAGS.set_default("load_weight", TRANSLATION_MOE.load_weight)
-FLAGS.set_default("gating", None)
-FLAGS["gating"].help = (f"MoE gating. Default: {TRANSLATION_MOE.gating} (Appendix F) for "
-                        "one language pair, top_k for builtin:multi.")
-FLAGS.set_default("train_steps", 600)
-FLAGS.set_default("warmup_steps", 60)
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """The common training flags, with this binary's defaults, and its own, in
+    `flag_values`; `run` defines them in absl's FLAGS (importing this module defines
+    nothing)."""
+    training_flags.define_common_flags(default_data="builtin:en-es",
+                                       flag_values=flag_values)
+    _define_model_and_decoding_flags(flag_values)
+    # The paper's translation settings (Appendix E), scaled to a budget of 600 steps (about
+    # 10 minutes on 2 CPU cores): the MoE settings of TranslationConfig (balancing weights
+    # 0.01 / 0.01; the gating by language pairs, below); 2000 warm-up and 8000 constant
+    # steps become 60 and 240. Dropout stays at 0.1 instead of 0.4: three epochs of a small
+    # corpus barely overfit.
+    flag_values.set_default("importance_weight", TRANSLATION_MOE.importance_weight)
+    flag_values.set_default("load_weight", TRANSLATION_MOE.load_weight)
+    flag_values.set_default("gating", None)
+    flag_values["gating"].help = (
+        f"MoE gating. Default: {TRANSLATION_MOE.gating} (Appendix F) for one language "
+        "pair, top_k for builtin:multi.")
+    flag_values.set_default("train_steps", 600)
+    flag_values.set_default("warmup_steps", 60)
+
+
+def _define_model_and_decoding_flags(flag_values: flags.FlagValues) -> None:
+    where = dict(flag_values=flag_values)
+    flags.DEFINE_enum("model", "moe", list(ARCHITECTURES),
+                      "moe, or dense: the MoE layers removed and the LSTMs widened to the "
+                      "same ops/timestep.", **where)
+    flags.DEFINE_integer("model_dim", 128,
+                         "Embedding and residual width (LSTM width of moe).", **where)
+    flags.DEFINE_integer("attention_dim", 128, "Width of the attention's tanh projections.",
+                         **where)
+    flags.DEFINE_integer("dense_lstm_width", 0,
+                         "--model=dense: units of every LSTM; 0: as many as match the moe "
+                         "model's ops/timestep.", **where)
+    flags.DEFINE_integer("constant_steps", 240,
+                         "Steps at the peak learning rate after warm-up, before the "
+                         "1/sqrt(step) decay.", **where)
+    flags.DEFINE_integer("beam_width", 4, "Beam width of translation; 1: greedy.", **where)
+    flags.DEFINE_float("length_penalty", 0.6,
+                       "alpha of the length normalisation ((5 + |Y|) / 6)^alpha.", **where)
+    flags.DEFINE_integer("bleu_sentences", 300,
+                         "Test sentences (per direction) translated for BLEU; 0: no BLEU.",
+                         **where)
+    flags.DEFINE_integer("vocab_pairs", 100_000,
+                         "Training pairs (both sides) the subword vocabulary is learnt "
+                         "from.", **where)
+    flags.register_validator("model_dim", lambda v: v is not None and v >= 2 and v % 2 == 0,
+                             message="--model_dim must be even and >= 2 (the bidirectional "
+                                     "layer gives half to each direction).", **where)
+    training_flags.require_at_least(1, ("attention_dim", "beam_width", "vocab_pairs"),
+                                    flag_values)
+    training_flags.require_at_least(0, ("constant_steps", "bleu_sentences",
+                                        "length_penalty"), flag_values)
+    flags.register_validator("num_groups", lambda v: not v,
+                             message="--num_groups: the translation model's MoE layers "
+                                     "are flat (0).", **where)
+
 
 TINY_PRESET = dict(model_dim=32, attention_dim=32, num_experts=4, k=2, hidden_size=32,
                    vocab_size=512, max_length=24, batch_tokens=512, train_steps=20,
@@ -81,8 +107,9 @@ def model_config(num_language_tokens: int) -> TranslationConfig:
     return TranslationConfig(
         architecture=FLAGS.model, vocab_size=FLAGS.vocab_size,
         num_language_tokens=num_language_tokens, model_dim=FLAGS.model_dim,
-        attention_dim=FLAGS.attention_dim, moe=common.moe_config_from_flags(gating=gating),
-        dropout=FLAGS.dropout, dense_lstm_width=FLAGS.dense_lstm_width)
+        attention_dim=FLAGS.attention_dim,
+        moe=training_flags.moe_config_from_flags(gating=gating), dropout=FLAGS.dropout,
+        dense_lstm_width=FLAGS.dense_lstm_width)
 
 
 def translation_loss(model, batch, training):
@@ -98,11 +125,12 @@ def translate_all(server: TranslationServer, sources, target_language):
     translations = [""] * len(sources)
     for start in range(0, len(order), BLEU_BATCH):
         batch = order[start:start + BLEU_BATCH]
-        text = tf.constant([sources[i] for i in batch])
+        batch_sources = tf.constant([sources[i] for i in batch])
         if target_language is None:
-            result = server.translate(text)
+            result = server.translate(batch_sources)
         else:
-            result = server.translate(text, tf.fill([len(batch)], target_language))
+            result = server.translate(batch_sources,
+                                      tf.fill([len(batch)], target_language))
         for i, translation in zip(batch, result["translation"].numpy()):
             translations[i] = translation.decode("utf-8")
     return translations
@@ -115,7 +143,7 @@ def bleu_scores(server: TranslationServer, corpora, multilingual: bool, write: b
     `bleu`, their mean."""
     scores = {}
     for corpus in corpora:
-        pairs = data.clean_lines(corpus.splits.test).take(FLAGS.bleu_sentences)
+        pairs = text.clean_lines(corpus.splits.test).take(FLAGS.bleu_sentences)
         sources, references = zip(*((s.decode("utf-8"), t.decode("utf-8"))
                                      for s, t in pairs.as_numpy_iterator()))
         translations = translate_all(server, sources, corpus.target_language
@@ -134,77 +162,105 @@ def bleu_scores(server: TranslationServer, corpora, multilingual: bool, write: b
     return {**scores, "bleu": statistics.mean(scores.values())}
 
 
-def main(argv):
-    del argv
-    placement = common.set_up_placement(TINY_PRESET)
-    is_chief = placement.is_chief
-    with common.usage_errors():
-        corpora = nmt_data.load_parallel_corpora(FLAGS.data, valid_data=FLAGS.valid_data,
-                                                 test_data=FLAGS.test_data)
-        multilingual = len(corpora) > 1
-        target_languages = (sorted({corpus.target_language for corpus in corpora})
-                            if multilingual else [])
-        config = model_config(len(target_languages))
-        common.check_run_config(config, is_chief=is_chief)
-    common.set_up_determinism(FLAGS.seed)
-    skipped = {corpus.direction: {name: data.count_invalid_lines(getattr(corpus.splits,
+def target_languages_of(corpora: List[parallel.ParallelCorpus]) -> List[str]:
+    """The languages of a multilingual model's language tokens, in id order; none for a
+    single direction."""
+    if len(corpora) == 1:
+        return []
+    return sorted({corpus.target_language for corpus in corpora})
+
+
+def count_skipped_pairs(corpora: List[parallel.ParallelCorpus]) -> Dict:
+    """{direction: {split: pairs dropped for an empty or non-UTF-8 side}}, logged."""
+    skipped = {corpus.direction: {name: text.count_invalid_lines(getattr(corpus.splits,
                                                                          name))
-                                  for name in data.SPLITS}
+                                  for name in text.SPLITS}
                for corpus in corpora}
     if any(any(counts.values()) for counts in skipped.values()):
         logging.warning("Skipping pairs with an empty or non-UTF-8 side: %s", skipped)
+    return skipped
 
-    def vocabulary_lines():
-        # Both sides of the first direction's pairs: builtin:multi's directions share them.
-        pairs = data.clean_lines(corpora[0].splits.train).take(FLAGS.vocab_pairs)
-        return (line.decode("utf-8") for pair in pairs.as_numpy_iterator()
-                for line in pair)
 
-    tokenizer, config = common.load_or_train_tokenizer(config, vocabulary_lines,
-                                                       is_chief=is_chief)
-    language_tokens = {language: config.vocab_size + i
-                       for i, language in enumerate(target_languages)}
+def vocabulary_lines(corpora: List[parallel.ParallelCorpus]):
+    """Both sides of the first direction's pairs: builtin:multi's directions share them."""
+    pairs = text.clean_lines(corpora[0].splits.train).take(FLAGS.vocab_pairs)
+    return (line.decode("utf-8") for pair in pairs.as_numpy_iterator() for line in pair)
 
-    with placement.scope():
-        model = build_translator(config)
-        optimizer = common.make_optimizer(constant_steps=FLAGS.constant_steps)
+
+def model_sizes(model, config: TranslationConfig, placement) -> Dict:
+    """The model's params (excluding embedding and softmax) and ops/timestep, logged."""
     params = params_excluding_embedding_softmax(model)
     ops = ops_per_timestep(config)
     logging.info("%s: LSTMs %d wide, %d params excluding embedding and softmax, "
                  "%d ops/timestep; %s", model.name, config.lstm_width, params, ops,
                  placement.describe())
-    server = TranslationServer(model, tokenizer, beam_width=FLAGS.beam_width,
-                               length_penalty=FLAGS.length_penalty,
-                               target_languages=target_languages)
-    train_data, eval_data = nmt_data.make_datasets(
+    return {"params_excluding_embedding_softmax": params, "ops_per_timestep": ops}
+
+
+def make_trainer(server: TranslationServer, corpora: List[parallel.ParallelCorpus], *,
+                 optimizer, placement):
+    """The trainer of `server`'s model on `corpora` (its language tokens are those of
+    `server`'s target languages); after training it scores BLEU with `server` unless
+    --bleu_sentences=0."""
+    model, tokenizer = server.model, server.tokenizer
+    language_tokens = {language: model.config.vocab_size + i
+                       for i, language in enumerate(server.target_languages)}
+    train_data, eval_data = parallel.make_datasets(
         corpora, tokenizer, language_tokens=language_tokens, max_length=FLAGS.max_length,
         batch_tokens=FLAGS.batch_tokens, shuffle_buffer=FLAGS.shuffle_buffer,
         seed=FLAGS.seed)
-    trainer = common.make_trainer(
+    multilingual = len(corpora) > 1
+    return from_flags.make_trainer(
         model=model, optimizer=optimizer, loss_fn=translation_loss, placement=placement,
         train_data=train_data, eval_data=eval_data,
-        final_evaluation=((lambda: bleu_scores(server, corpora, multilingual, is_chief))
+        final_evaluation=((lambda: bleu_scores(server, corpora, multilingual,
+                                               placement.is_chief))
                           if FLAGS.bleu_sentences else None))
+
+
+def main(argv):
+    del argv
+    placement = from_flags.set_up_placement(TINY_PRESET)
+    is_chief = placement.is_chief
+    with training_flags.usage_errors():
+        corpora = parallel.load_parallel_corpora(FLAGS.data, valid_data=FLAGS.valid_data,
+                                                 test_data=FLAGS.test_data)
+        target_languages = target_languages_of(corpora)
+        config = model_config(len(target_languages))
+        from_flags.check_run_config(config, is_chief=is_chief)
+    from_flags.set_up_determinism(FLAGS.seed)
+    skipped = count_skipped_pairs(corpora)
+    tokenizer, config = from_flags.load_or_train_tokenizer(
+        config, functools.partial(vocabulary_lines, corpora), is_chief=is_chief)
+
+    with placement.scope():
+        model = build_translator(config)
+        optimizer = from_flags.make_optimizer(constant_steps=FLAGS.constant_steps)
+    sizes = model_sizes(model, config, placement)
+    server = TranslationServer(model, tokenizer, beam_width=FLAGS.beam_width,
+                               length_penalty=FLAGS.length_penalty,
+                               target_languages=target_languages)
+    trainer = make_trainer(server, corpora, optimizer=optimizer, placement=placement)
     metrics = trainer.train(extra_metrics={
         "model": FLAGS.model, "gating": config.moe.gating if config.has_moe else None,
-        "lstm_width": config.lstm_width,
-        "params_excluding_embedding_softmax": params, "ops_per_timestep": ops,
-        "vocab_size": tokenizer.vocab_size, "directions": [c.direction for c in corpora],
-        "beam_width": FLAGS.beam_width, "length_penalty": FLAGS.length_penalty,
-        "skipped_lines": skipped})
+        "lstm_width": config.lstm_width, **sizes, "vocab_size": tokenizer.vocab_size,
+        "directions": [c.direction for c in corpora], "beam_width": FLAGS.beam_width,
+        "length_penalty": FLAGS.length_penalty, "skipped_lines": skipped})
     print(f"test perplexity: {metrics['test_perplexity']:.2f}")
     if "bleu" in metrics:
         print(f"test BLEU: {metrics['bleu']:.2f}")
 
-    path = common.export_dir()
+    path = from_flags.export_dir()
     if path and is_chief:
-        server.save(path, common.save_atomically)
+        server.save(path)
         print(f"SavedModel: {path}")
 
 
-def run():
-    """Console-script entry point (`moe-train-nmt`)."""
-    app.run(main)
+def run(argv=None):
+    """Entry point of `python -m train.nmt` and of the console script `moe-train-nmt`:
+    defines the flags, then parses `argv` (default: sys.argv) and runs `main`."""
+    define_flags()
+    app.run(main, argv=argv)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,13 @@ Prints one line per input line: perplexity, tokens, text (tab-separated). Needs 
 TensorFlow and tensorflow-text.
 """
 
+import os
+
+# Set before this binary first imports TensorFlow: its C++ start-up chatter (CUDA probing
+# on CPU-only machines) would hide the progress lines; warnings and errors still show.
+if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+
 import sys
 
 import tensorflow as tf
@@ -14,13 +21,21 @@ import tensorflow_text  # noqa: F401  (registers the tokenizer ops the SavedMode
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("saved_model", None, "Directory of a SavedModel from train.lm.")
-flags.DEFINE_string("prompt", None, "Sample a continuation of this text instead.")
-flags.DEFINE_integer("max_new_tokens", 40, "Tokens to sample after --prompt.")
-flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_integer("batch_size", 64, "Lines scored at once.")
-flags.mark_flag_as_required("saved_model")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """This binary's flags, in `flag_values`; `run` defines them in absl's FLAGS
+    (importing this module defines nothing)."""
+    where = dict(flag_values=flag_values)
+    flags.DEFINE_string("saved_model", None, "Directory of a SavedModel from train.lm.",
+                        **where)
+    flags.DEFINE_string("prompt", None, "Sample a continuation of this text instead.",
+                        **where)
+    flags.DEFINE_integer("max_new_tokens", 40, "Tokens to sample after --prompt.", **where)
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature.", **where)
+    flags.DEFINE_integer("seed", 0, "Sampling seed.", **where)
+    flags.DEFINE_integer("batch_size", 64, "Lines scored at once.", **where)
+    flags.mark_flag_as_required("saved_model", **where)
 
 
 def score_lines(scorer, lines):
@@ -51,9 +66,11 @@ def main(argv):
         print(f"{perplexity:.2f}\t{tokens}\t{line}")
 
 
-def run():
-    """Console-script entry point (`moe-score-lm`)."""
-    app.run(main)
+def run(argv=None):
+    """Entry point of `python -m train.score` and of the console script `moe-score-lm`:
+    defines the flags, then parses `argv` (default: sys.argv) and runs `main`."""
+    define_flags()
+    app.run(main, argv=argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,13 @@ Prints one translation per input line (an empty line for an empty one). A multil
 model needs --target_language. Needs only TensorFlow and tensorflow-text.
 """
 
+import os
+
+# Set before this binary first imports TensorFlow: its C++ start-up chatter (CUDA probing
+# on CPU-only machines) would hide the progress lines; warnings and errors still show.
+if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+
 import re
 import sys
 
@@ -16,13 +23,21 @@ import tensorflow_text  # noqa: F401  (registers the tokenizer ops the SavedMode
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("saved_model", None, "Directory of a SavedModel from train.nmt.")
-flags.DEFINE_string("target_language", None,
-                    "Language to translate into (multilingual models only), e.g. es.")
-flags.DEFINE_integer("batch_size", 32, "Lines translated at once.")
-flags.register_validator("batch_size", lambda v: v is not None and v >= 1,
-                         message="--batch_size must be >= 1.")
-flags.mark_flag_as_required("saved_model")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """This binary's flags, in `flag_values`; `run` defines them in absl's FLAGS
+    (importing this module defines nothing)."""
+    where = dict(flag_values=flag_values)
+    flags.DEFINE_string("saved_model", None, "Directory of a SavedModel from train.nmt.",
+                        **where)
+    flags.DEFINE_string("target_language", None,
+                        "Language to translate into (multilingual models only), e.g. es.",
+                        **where)
+    flags.DEFINE_integer("batch_size", 32, "Lines translated at once.", **where)
+    flags.register_validator("batch_size", lambda v: v is not None and v >= 1,
+                             message="--batch_size must be >= 1.", **where)
+    flags.mark_flag_as_required("saved_model", **where)
 
 
 def translate_lines(translate, lines, target_language):
@@ -62,9 +77,12 @@ def main(argv):
                              f"{known.group(0)}.") from None
 
 
-def run():
-    """Console-script entry point (`moe-translate`)."""
-    app.run(main)
+def run(argv=None):
+    """Entry point of `python -m train.translate` and of the console script
+    `moe-translate`: defines the flags, then parses `argv` (default: sys.argv) and runs
+    `main`."""
+    define_flags()
+    app.run(main, argv=argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Debian (`apt-get install sword-text-web sword-text-sparv`) and are read with
 pysword (`pip install pysword`), which is needed only to rebuild the corpus,
 never to use it:
 
-    python -m train.bible_corpus --output_dir train/data/bible
+    python -m train.data.bible_corpus --output_dir train/data/bible
 
 The cleaning functions take and return plain strings so that they can be tested
 without pysword or the SWORD modules.
@@ -497,7 +497,7 @@ books are not in RV1909), less those that the two versifications number differen
 ```
 apt-get install sword-text-web sword-text-sparv
 pip install pysword
-python -m train.bible_corpus --output_dir train/data/bible
+python -m train.data.bible_corpus --output_dir train/data/bible
 ```
 
 The build is deterministic: rebuilding from the same modules gives identical files.

@@ -14,7 +14,7 @@ Specs:
 
 A direction is a `ParallelCorpus`: its languages and `TextSplits` of unfiltered
 (source, target) tf.string pairs. Pairs with an empty or non-UTF-8 side are dropped in
-the pipeline and counted (train/data.py's helpers take pairs).
+the pipeline and counted (train/data/text.py's helpers take pairs).
 """
 
 import functools
@@ -22,8 +22,8 @@ from typing import Dict, List, NamedTuple, Optional
 
 import tensorflow as tf
 
-from train import data
-from train.tokenizer import EOS_ID
+from models.special_tokens import EOS_ID
+from train.data import text
 
 BUILTIN_PAIRS = ("en-es", "es-en", "multi")
 
@@ -31,7 +31,7 @@ BUILTIN_PAIRS = ("en-es", "es-en", "multi")
 class ParallelCorpus(NamedTuple):
     source_language: str
     target_language: str
-    splits: data.TextSplits    # datasets of (source, target) tf.string pairs
+    splits: text.TextSplits    # datasets of (source, target) tf.string pairs
 
     @property
     def direction(self) -> str:
@@ -52,8 +52,8 @@ def load_parallel_corpora(spec: str, *, valid_data: Optional[str] = None,
     if kind == "tsv":
         if not arg:
             raise ValueError("--data=tsv:PATH needs a path.")
-        lines = data.file_splits(arg, valid_data=valid_data, test_data=test_data)
-        return [ParallelCorpus("source", "target", data.TextSplits(
+        lines = text.file_splits(arg, valid_data=valid_data, test_data=test_data)
+        return [ParallelCorpus("source", "target", text.TextSplits(
             *(split.map(_split_tsv_line) for split in lines)))]
     if kind == "tfds":
         return [_tfds_corpus(arg)]
@@ -64,11 +64,11 @@ def load_parallel_corpora(spec: str, *, valid_data: Optional[str] = None,
 def _builtin_corpus(source: str, target: str) -> ParallelCorpus:
     def pairs(split):
         return tf.data.Dataset.zip(*(
-            tf.data.TextLineDataset(data.builtin_path(language, split),
+            tf.data.TextLineDataset(text.builtin_path(language, split),
                                     compression_type="GZIP")
             for language in (source, target)))
 
-    return ParallelCorpus(source, target, data.TextSplits(*map(pairs, data.SPLITS)))
+    return ParallelCorpus(source, target, text.TextSplits(*map(pairs, text.SPLITS)))
 
 
 def _split_tsv_line(line):
@@ -88,7 +88,7 @@ def _tfds_corpus(name: str) -> ParallelCorpus:
     source, target = keys
     splits = [tfds.load(name, split=split, as_supervised=True, shuffle_files=False)
               for split in ("train", "validation", "test")]
-    return ParallelCorpus(source, target, data.TextSplits(*splits))
+    return ParallelCorpus(source, target, text.TextSplits(*splits))
 
 
 def source_sequences(pieces: tf.RaggedTensor, *, max_length: Optional[int] = None,
@@ -118,11 +118,11 @@ def pair_ids(pairs: tf.data.Dataset, tokenizer, *, max_length: int,
         tokens = None if language_token is None else tf.constant([language_token])
         source_ids = source_sequences(tokenizer.tokenize(source[None]),
                                       max_length=max_length, language_tokens=tokens)[0]
-        target_ids = data.sentence_sequences(tokenizer.tokenize(target[None]),
+        target_ids = text.sentence_sequences(tokenizer.tokenize(target[None]),
                                              max_length=max_length)[0]
         return source_ids, target_ids
 
-    return data.clean_lines(pairs).map(to_ids, num_parallel_calls=tf.data.AUTOTUNE)
+    return text.clean_lines(pairs).map(to_ids, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def make_datasets(corpora: List[ParallelCorpus], tokenizer, *,
@@ -137,7 +137,7 @@ def make_datasets(corpora: List[ParallelCorpus], tokenizer, *,
                         language_token=language_tokens.get(corpus.target_language))
 
     def batches(sequences):
-        return data.batch_by_tokens(sequences, batch_tokens=batch_tokens,
+        return text.batch_by_tokens(sequences, batch_tokens=batch_tokens,
                                     max_length=max_length).prefetch(tf.data.AUTOTUNE)
 
     streams = [ids(corpus.splits.train.shuffle(shuffle_buffer, seed=seed + i,

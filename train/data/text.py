@@ -10,7 +10,7 @@ Specs:
 
 Invalid UTF-8 and empty lines are dropped inside the pipeline and counted. The helpers
 below also take datasets whose elements are tuples of lines (a translation's source and
-target, train/nmt_data.py): such an element is kept only if every line of it is valid.
+target, train/data/parallel.py): such an element is kept only if every line of it is valid.
 """
 
 import os
@@ -18,9 +18,9 @@ from typing import NamedTuple, Optional
 
 import tensorflow as tf
 
-from train.tokenizer import BOS_ID, EOS_ID
+from models.special_tokens import BOS_ID, EOS_ID
 
-BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bible")
+BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bible")
 BUILTIN_LANGUAGES = ("en", "es")
 SPLITS = ("train", "valid", "test")
 # Share of lines (in percent) that a single text file gives to valid and test each.

@@ -13,7 +13,7 @@ from typing import Iterable
 import tensorflow as tf
 import tensorflow_text as tf_text
 
-from models.special_tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # noqa: F401 (re-exported)
+from models.special_tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 TOKENIZER_FILE = "subword.model"
 

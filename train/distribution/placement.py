@@ -1,7 +1,7 @@
 """What the training loop asks of a placement, and the loss every placement differentiates.
 
 A placement puts a model and its optimizer on devices and provides the compiled training
-and evaluation steps. `Placement` is the interface `train.loop.Trainer` uses; the
+and evaluation steps. `Placement` is the interface `train.training.loop.Trainer` uses; the
 implementations are `DataParallel` (tf.distribute strategies) and `ExpertParallel`
 (DTensor).
 """

@@ -14,8 +14,9 @@ import keras
 import tensorflow as tf
 
 from models.special_tokens import BOS_ID, EOS_ID
-from train.data import sentence_sequences
-from train.tokenizer import SubwordTokenizer
+from train.data.text import sentence_sequences
+from train.data.tokenizer import SubwordTokenizer
+from train.serving.export import save_atomically
 
 
 class LanguageModelServer(tf.Module):
@@ -62,7 +63,8 @@ class LanguageModelServer(tf.Module):
         new_ids = tf.boolean_mask(new_ids, new_ids > EOS_ID)  # drop the special ids
         return {"text": self.tokenizer.detokenize(new_ids[None])[0]}
 
-    def save(self, path: str, save_fn) -> None:
-        save_fn(self, path, signatures={
+    def save(self, path: str) -> None:
+        """Writes the SavedModel to `path` (atomically, see `save_atomically`)."""
+        save_atomically(self, path, signatures={
             "serving_default": self.score.get_concrete_function(),
             "generate": self.generate.get_concrete_function()})

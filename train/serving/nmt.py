@@ -18,8 +18,9 @@ import tensorflow as tf
 from models.beam_search import beam_search
 from models.special_tokens import EOS_ID, PAD_ID
 from models.translator import Translator
-from train.nmt_data import source_sequences
-from train.tokenizer import SubwordTokenizer
+from train.data.parallel import source_sequences
+from train.data.tokenizer import SubwordTokenizer
+from train.serving.export import save_atomically
 
 TEXT = tf.TensorSpec([None], tf.string, name="text")
 TARGET_LANGUAGE = tf.TensorSpec([None], tf.string, name="target_language")
@@ -80,6 +81,7 @@ class TranslationServer(tf.Module):
             ids, tf.logical_and(ids != PAD_ID, ids != EOS_ID))
         return self.tokenizer.detokenize(pieces_out)
 
-    def save(self, path: str, save_fn) -> None:
-        save_fn(self, path,
-                signatures={"serving_default": self.translate.get_concrete_function()})
+    def save(self, path: str) -> None:
+        """Writes the SavedModel to `path` (atomically, see `save_atomically`)."""
+        save_atomically(self, path, signatures={
+            "serving_default": self.translate.get_concrete_function()})

@@ -7,8 +7,9 @@ from typing import Callable, NamedTuple
 import keras
 import tensorflow as tf
 
-from train import loop
-from train.tokenizer import TOKENIZER_FILE, SubwordTokenizer
+from train.data.tokenizer import TOKENIZER_FILE, SubwordTokenizer
+from train.training.loop import CHECKPOINT_DIR
+from train.training.run_config import CONFIG_FILE, read_run_config
 
 
 class TrainedModel(NamedTuple):
@@ -32,13 +33,13 @@ def restore_trained_model(model_dir: str, config_class: type,
     Returns:
         The restored model, the run's tokenizer and its run config.
     """
-    run_config = loop.read_run_config(model_dir)
+    run_config = read_run_config(model_dir)
     if run_config is None:
-        raise FileNotFoundError(f"{os.path.join(model_dir, loop.CONFIG_FILE)} not found: "
+        raise FileNotFoundError(f"{os.path.join(model_dir, CONFIG_FILE)} not found: "
                                 f"{model_dir} holds no training run.")
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, loop.CHECKPOINT_DIR))
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_DIR))
     if latest is None:
-        raise FileNotFoundError(f"{model_dir} has no checkpoint in {loop.CHECKPOINT_DIR}/.")
+        raise FileNotFoundError(f"{model_dir} has no checkpoint in {CHECKPOINT_DIR}/.")
     tokenizer = SubwordTokenizer.load(os.path.join(model_dir, TOKENIZER_FILE))
     config = dataclasses.replace(config_class.from_dict(run_config["model"]),
                                  vocab_size=tokenizer.vocab_size)

@@ -9,7 +9,6 @@ auxiliary losses (`model.losses`), once, to the loss that is differentiated
 """
 
 import dataclasses
-import json
 import math
 import os
 import tempfile
@@ -22,8 +21,8 @@ from absl import logging
 
 from moe_tf import SparselyGatedMoE
 from train import distribution
+from train.training.run_config import write_json_atomically
 
-CONFIG_FILE = "run_config.json"
 CHECKPOINT_DIR = "checkpoints"
 DATA_CHECKPOINT_DIR = os.path.join(CHECKPOINT_DIR, "data_position")
 METRICS_FILE = "metrics.json"
@@ -38,64 +37,6 @@ class LoopConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     max_eval_batches: int = 0    # 0: the whole held-out split
-
-
-def write_json_atomically(path: str, value) -> None:
-    tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-def read_run_config(model_dir: str) -> Optional[Dict]:
-    """The run configuration recorded in `model_dir`, or None if it holds no run."""
-    path = os.path.join(model_dir, CONFIG_FILE)
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-
-
-def check_run_config(model_dir: str, run_config: Dict, *, write: bool = True,
-                     upgrade: Optional[Callable[[Dict], Dict]] = None) -> None:
-    """Refuses a model_dir trained with another configuration; records it for a new one
-    (if `write`: processes other than the chief only check).
-
-    `upgrade`, if given, turns the recorded configuration into today's layout before the
-    comparison (runs recorded by an earlier version); the file is left as it is.
-    Called before anything is written to the directory, so a refused run changes nothing.
-    """
-    stored = read_run_config(model_dir)
-    if stored is not None:
-        if upgrade is not None:
-            stored = upgrade(stored)
-        # Flattened, and a setting a run does not record counts as None: a run recorded
-        # before a setting existed (whose default is None) resumes with the default.
-        stored, flat = _flatten(stored), _flatten(run_config)
-        differences = {key: (stored.get(key), flat.get(key))
-                       for key in sorted(set(stored) | set(flat))
-                       if stored.get(key) != flat.get(key)}
-        if differences:
-            listed = "; ".join(f"--{key}: was {old!r}, now {new!r}"
-                               for key, (old, new) in differences.items())
-            raise ValueError(
-                f"--model_dir={model_dir} holds a run with another configuration "
-                f"({listed}). Use a new --model_dir, or the same flags to resume.")
-        return
-    if write:
-        tf.io.gfile.makedirs(model_dir)
-        write_json_atomically(os.path.join(model_dir, CONFIG_FILE), run_config)
-
-
-def _flatten(run_config: Dict, prefix: str = "") -> Dict:
-    """{"model": {"moe": {"k": 4}}, "seed": 0} -> {"model.moe.k": 4, "seed": 0}."""
-    flat = {}
-    for key, value in run_config.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def moe_layers(model: keras.Model):

@@ -13,8 +13,8 @@ def masked_nll_sums(logits, labels):
         labels: int `logits.shape[:-1]`; PAD_ID marks padding, which does not count.
 
     Returns:
-        `(mean_nll, nll_sum, num_tokens)`, float scalars, as `train.loop`'s `loss_fn`
-        returns them (the mean is 0 for a batch without real labels).
+        `(mean_nll, nll_sum, num_tokens)`, float scalars, as `train.training.loop`'s
+        `loss_fn` returns them (the mean is 0 for a batch without real labels).
     """
     nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
     real = tf.cast(labels != PAD_ID, nll.dtype)
