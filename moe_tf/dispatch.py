@@ -186,6 +186,13 @@ def capacity_dispatch(inputs, routing, experts, *, capacity, token_group_size=No
     `expert_sharding` (an `ExpertSharding`, DTensor) moves the expert buffers onto the
     devices holding their experts and the results back.
     """
+    if expert_sharding is not None:
+        # The slot arithmetic needs whole token arrays (a batch shard's tokens cannot
+        # be padded or grouped in place): it runs on the batch, replicated.
+        inputs = expert_sharding.gather_tokens(inputs)
+        routing = type(routing)(*[expert_sharding.gather_tokens(value)
+                                  if isinstance(value, tf.Tensor) else value
+                                  for value in routing])
     num_tokens = tf.shape(inputs)[0]
     slots = routing.in_token_groups(token_group_size).capacity_slots(capacity)
     inputs = split_into_token_groups(inputs, token_group_size)          # [G, S, d_in]
@@ -211,5 +218,7 @@ def capacity_dispatch(inputs, routing, experts, *, capacity, token_group_size=No
     width = tf.shape(outputs)[-1]
     combined = tf.reshape(combined, [groups, group_size + 1, width])[:, :-1]
     combined = tf.reshape(combined, [-1, width])[:num_tokens]
+    if expert_sharding is not None:
+        combined = expert_sharding.split_tokens(combined)
     dropped = tf.math.divide_no_nan(slots.num_used - slots.num_kept, slots.num_used)
     return CapacityDispatch(outputs=combined, dropped_fraction=dropped)

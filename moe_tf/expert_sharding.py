@@ -5,11 +5,13 @@ the mesh's batch axis, weights replicated) while each expert exists once, the ex
 split over the expert axis. With the fixed-capacity dispatch the tokens move between the
 two layouts by two relayouts around the experts, the all-to-all of the paper's design:
 
-    dispatch einsum   [tokens, experts, capacity] x [tokens, d] -> [experts, capacity, d]
-    to_experts        relayout: experts split over the expert axis (each device then runs
-                      only its own experts against its own weight shards)
+    gather_tokens     relayout: the batch-split tokens and their routing, replicated
+    dispatch          gathers: [tokens, d] -> [experts, capacity, d] (replicated)
+    to_experts        relayout: experts split over the expert axis (a slice: each device
+                      then runs only its own experts against its own weight shards)
     experts           [experts, capacity, d] -> [experts, capacity, d_out]
-    from_experts      relayout: replicated, for the combine einsum over batch-split tokens
+    from_experts      relayout: replicated, for the combine
+    split_tokens      relayout: the combined outputs split over the batch axis again
 
 `ExpertSharding` holds the mesh and answers which layout each weight gets; a layer uses it
 through `SparselyGatedMoE.shard_experts`. It is a runtime placement, not part of a layer's
@@ -68,6 +70,15 @@ class ExpertSharding:
         rank = len(variable.shape)
         return (self.expert_sharded(rank) if is_expert_weight(variable)
                 else self.replicated(rank))
+
+    def gather_tokens(self, values: tf.Tensor) -> tf.Tensor:
+        """Batch-split `[tokens, ...]` -> the same, replicated: the capacity dispatch's
+        slot arithmetic (sorts, gathers, segment sums) runs on whole token arrays."""
+        return dtensor.relayout(values, self.replicated(values.shape.rank))
+
+    def split_tokens(self, values: tf.Tensor) -> tf.Tensor:
+        """Replicated `[tokens, ...]` -> split over the batch axis again (a slice)."""
+        return dtensor.relayout(values, self.batch_sharded(values.shape.rank))
 
     def to_experts(self, expert_inputs: tf.Tensor) -> tf.Tensor:
         """`[experts, capacity, d]` -> the same, experts split over the expert axis."""

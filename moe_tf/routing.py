@@ -213,12 +213,16 @@ def _slots_in_priority_order(*, expert, token, gate, num_experts: int, capacity,
 
     expert = with_sentinel(expert, num_experts)
     order = tf.argsort(expert, axis=-1, stable=True)  # the sentinel stays last
-    sorted_expert = tf.gather(expert, order, batch_dims=1)
-    experts = tf.broadcast_to(tf.range(num_experts), [groups, num_experts])
-    first = tf.searchsorted(sorted_expert, experts, side="left")          # [G, E]
-    end = tf.searchsorted(sorted_expert, experts, side="right")
+    # Each expert's run of the sorted order starts after the assignments of the experts
+    # before it. (A segment sum, not tf.searchsorted: DTensor has no layout for the
+    # latter's LowerBound op.)
+    segment = expert + (num_experts + 1) * tf.range(groups)[:, None]
+    counts = tf.reshape(tf.math.unsorted_segment_sum(
+        tf.ones_like(expert), segment, groups * (num_experts + 1)),
+        [groups, num_experts + 1])[:, :num_experts]                      # [G, E]
+    first = tf.cumsum(counts, axis=1, exclusive=True)
     position = first[..., None] + tf.range(capacity)                    # [G, E, C]
-    filled = position < end[..., None]
+    filled = position < (first + counts)[..., None]
     position = tf.where(filled, position, tf.shape(expert)[1] - 1)      # the sentinel
     assignment = tf.gather(order, tf.reshape(position, [groups, -1]), batch_dims=1)
     shape = tf.shape(position)
@@ -238,7 +242,8 @@ def split_into_token_groups(values: tf.Tensor,
     Padding tokens get gate 0 (and expert 0, or zero inputs): unused, like masked ones.
     """
     if token_group_size is None:
-        return values[None]
+        # Not values[None]: DTensor (TF 2.21) crashes on a StridedSlice's new axis.
+        return tf.expand_dims(values, 0)
     padding = -tf.shape(values)[0] % token_group_size
     values = tf.pad(values, [[0, padding]] + [[0, 0]] * (values.shape.rank - 1))
     return tf.reshape(values,
