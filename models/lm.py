@@ -16,7 +16,7 @@ from typing import Dict
 
 import keras
 
-from models.recorded_config import model_config_from_dict
+from models.recorded_config import check_shared_settings, model_config_from_dict
 from moe_tf import MoEConfig, SparselyGatedMoE
 
 ARCHITECTURES = ("moe", "4xlstm", "moe-1-wide", "moe-1-deep")
@@ -38,14 +38,7 @@ class LanguageModelConfig:
     dropout: float = 0.1
 
     def __post_init__(self):
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}; got "
-                             f"{self.architecture!r}.")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
-        if not isinstance(self.moe, MoEConfig):
-            raise ValueError(f"moe must be a moe_tf.MoEConfig; got "
-                             f"{type(self.moe).__name__}.")
+        check_shared_settings(self, ARCHITECTURES)
 
     @classmethod
     def from_dict(cls, values: Dict) -> "LanguageModelConfig":

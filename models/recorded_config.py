@@ -21,6 +21,19 @@ MOE_SETTINGS = frozenset(field.name for field in dataclasses.fields(MoEConfig))
 ModelConfig = TypeVar("ModelConfig")
 
 
+def check_shared_settings(config, architectures) -> None:
+    """The settings every model config has: `architecture` one of `architectures`, `moe`
+    a MoEConfig, `dropout` in [0, 1); ValueError naming the first bad one."""
+    if config.architecture not in architectures:
+        raise ValueError(f"architecture must be one of {architectures}; got "
+                         f"{config.architecture!r}.")
+    if not isinstance(config.moe, MoEConfig):
+        raise ValueError(f"moe must be a moe_tf.MoEConfig; got "
+                         f"{type(config.moe).__name__}.")
+    if not 0 <= config.dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1); got {config.dropout}.")
+
+
 def default_moe(config_class: type) -> MoEConfig:
     """The `moe` default of a model config class."""
     (field,) = [f for f in dataclasses.fields(config_class) if f.name == "moe"]

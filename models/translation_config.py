@@ -12,7 +12,7 @@ import dataclasses
 from typing import Dict
 
 from models.lm import lstm_ops
-from models.recorded_config import model_config_from_dict
+from models.recorded_config import check_shared_settings, model_config_from_dict
 from moe_tf import MoEConfig
 
 ARCHITECTURES = ("moe", "dense")
@@ -41,20 +41,13 @@ class TranslationConfig:
     dense_lstm_width: int = 0       # dense only: LSTM units; 0: match the moe model's ops
 
     def __post_init__(self):
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}; got "
-                             f"{self.architecture!r}.")
-        if not isinstance(self.moe, MoEConfig):
-            raise ValueError(f"moe must be a moe_tf.MoEConfig; got "
-                             f"{type(self.moe).__name__}.")
+        check_shared_settings(self, ARCHITECTURES)
         if self.moe.is_hierarchical:
             raise ValueError("the translation model's MoE layers are flat: moe.num_groups "
                              f"must be None; got {self.moe.num_groups}.")
         if self.model_dim < 2 or self.model_dim % 2:
             raise ValueError(f"model_dim must be even (the bidirectional layer gives half "
                              f"to each direction); got {self.model_dim}.")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
         if self.dense_lstm_width and self.has_moe:
             raise ValueError("dense_lstm_width is for the dense model; the moe model's "
                              "LSTMs are model_dim wide.")

@@ -157,6 +157,10 @@ def test_incompatible_model_dir_is_refused_untouched(tmp_path):
      "--capacity_group_size must be a positive integer"),
     ("--gating=balanced --noisy_gating",
      "--noisy_gating does not apply to gating='balanced' (it applies to gating='top_k')"),
+    ("--jit_compile", "layer 'moe' cannot be compiled with XLA (dispatch='sparse' has "
+                      "dynamic shapes; --dispatch=capacity compiles)"),
+    ("--jit_compile --dispatch=capacity --strategy=mirrored",
+     "--jit_compile needs --strategy=default"),
 ])
 def test_invalid_flags_are_rejected_by_name(flag, message, tmp_path):
     result = run(lm_command(tmp_path / "run", *flag.split()))
@@ -369,3 +373,20 @@ def test_factored_adam_trains_and_the_optimizer_is_part_of_the_run(tmp_path):
     assert result.returncode != 0
     assert "--optimizer: was 'factored_adam', now 'adam'" in result.stderr, \
         result.stderr[-1500:]
+
+
+def test_capacity_dispatch_trains_under_xla_as_without_it(tmp_path):
+    """--jit_compile compiles the steps with XLA: the same losses as uncompiled, and
+    metrics.json reports the layer's dropped fraction."""
+    values = {}
+    for jit in ("--nojit_compile", "--jit_compile"):
+        model_dir = tmp_path / jit
+        run_ok(lm_command(model_dir, "--dispatch=capacity", "--capacity_factor=1.0",
+                          "--train_steps=6", "--export_dir=", jit))
+        values[jit] = metrics(model_dir)
+        check_metrics(values[jit], 6)
+        assert 0 <= values[jit]["balance"]["moe/dropped_fraction"] < 1
+    np.testing.assert_allclose(values["--jit_compile"]["final_train_loss"],
+                               values["--nojit_compile"]["final_train_loss"], rtol=1e-3)
+    np.testing.assert_allclose(values["--jit_compile"]["test_perplexity"],
+                               values["--nojit_compile"]["test_perplexity"], rtol=1e-3)

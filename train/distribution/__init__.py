@@ -40,8 +40,12 @@ __all__ = [
 ]
 
 
-def make_placement(name: str, *, mesh: Optional[str] = None) -> Placement:
-    """The placement of `--strategy=name` (and `--mesh` for dtensor)."""
+def make_placement(name: str, *, mesh: Optional[str] = None,
+                   jit_compile: bool = False) -> Placement:
+    """The placement of `--strategy=name` (and `--mesh` for dtensor); `jit_compile`
+    (default strategy only) compiles its steps with XLA."""
+    if jit_compile and name != "default":
+        raise ValueError(f"--jit_compile needs --strategy=default (got --strategy={name}).")
     if name == "dtensor":
         if not mesh:
             raise ValueError("--strategy=dtensor needs --mesh, e.g. batch:2,expert:2.")
@@ -49,4 +53,4 @@ def make_placement(name: str, *, mesh: Optional[str] = None) -> Placement:
     if mesh:
         raise ValueError(f"--mesh applies to --strategy=dtensor only (got "
                          f"--strategy={name}).")
-    return DataParallel(make_strategy(name), name=name)
+    return DataParallel(make_strategy(name), name=name, jit_compile=jit_compile)

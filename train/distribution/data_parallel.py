@@ -21,21 +21,28 @@ class DataParallel:
     replicas' gradients.
     """
 
-    def __init__(self, strategy: tf.distribute.Strategy, *, name: str):
+    def __init__(self, strategy: tf.distribute.Strategy, *, name: str,
+                 jit_compile: bool = False):
+        """`jit_compile`: compile the steps with XLA (one device: the default
+        strategy)."""
         self.strategy = strategy
         self.name = name
         self.is_chief = is_chief(strategy)
+        self.jit_compile = jit_compile
 
     def scope(self):
         return self.strategy.scope()
 
     def describe(self) -> str:
-        return f"strategy {self.name} with {self.strategy.num_replicas_in_sync} replicas"
+        return (f"strategy {self.name} with {self.strategy.num_replicas_in_sync} replicas"
+                + (", steps compiled with XLA" if self.jit_compile else ""))
 
     def input(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
         return local_replica_slices(dataset, self.strategy)
 
     def place(self, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+        if self.jit_compile:
+            _check_compilable(model)
         with self.strategy.scope():
             optimizer.build(model.trainable_variables)
 
@@ -51,14 +58,14 @@ class DataParallel:
             optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
             return nll_sum, num_tokens
 
-        return _reduce_sum_step(self.strategy, replica_step)
+        return _reduce_sum_step(self.strategy, replica_step, self.jit_compile)
 
     def eval_step(self, model, loss_fn: LossFn) -> Step:
         def replica_step(batch):
             _, nll_sum, num_tokens = loss_fn(model, batch, training=False)
             return nll_sum, num_tokens
 
-        return _reduce_sum_step(self.strategy, replica_step)
+        return _reduce_sum_step(self.strategy, replica_step, self.jit_compile)
 
     def to_host(self, value) -> np.ndarray:
         return np.asarray(value)
@@ -71,7 +78,19 @@ class DataParallel:
         """Nothing to undo: the weights stay usable as they are."""
 
 
-def _reduce_sum_step(strategy: tf.distribute.Strategy, replica_step: Callable) -> Step:
+def _check_compilable(model: keras.Model) -> None:
+    """Refuses, naming the layer, a model with a layer that XLA cannot compile (the
+    sparse MoE dispatch); Keras would only warn and fall back."""
+    for layer in model._flatten_layers():
+        if not getattr(layer, "supports_jit", True):
+            raise ValueError(
+                f"--jit_compile: layer {layer.name!r} cannot be compiled with XLA"
+                + (" (dispatch='sparse' has dynamic shapes; --dispatch=capacity compiles)"
+                   if getattr(layer, "dispatch", None) == "sparse" else "") + ".")
+
+
+def _reduce_sum_step(strategy: tf.distribute.Strategy, replica_step: Callable,
+                     jit_compile: bool = False) -> Step:
     """A tf.function: local replica slices -> replica_step's outputs summed over replicas."""
     def step(local_slices):
         batch = to_replicas(strategy, local_slices)
@@ -80,4 +99,4 @@ def _reduce_sum_step(strategy: tf.distribute.Strategy, replica_step: Callable) -
                 for value in per_replica]
 
     # Batches vary in shape (length buckets): one trace for all of them.
-    return tf.function(step, reduce_retracing=True)
+    return tf.function(step, reduce_retracing=True, jit_compile=jit_compile)

@@ -88,6 +88,11 @@ def _define_placement_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("mesh", None,
                         "DTensor mesh for --strategy=dtensor, e.g. batch:2,expert:2 (the "
                         "product must be the number of devices).", **where)
+    flags.DEFINE_boolean("jit_compile", False,
+                         "Compile the training and evaluation steps with XLA (one "
+                         "program per batch shape). Needs --strategy=default and, for "
+                         "an MoE model, --dispatch=capacity (the sparse dispatch has "
+                         "dynamic shapes).", **where)
     flags.DEFINE_integer("num_cpu_devices", 1,
                          "Split the CPU into this many logical devices (to try the "
                          "strategies on one machine).", **where)
@@ -110,6 +115,12 @@ def _register_checks(flag_values: flags.FlagValues) -> None:
         lambda v: v["capacity_group_size"] is None or v["strategy"] != "dtensor",
         message="--capacity_group_size does not work with --strategy=dtensor (DTensor "
                 "routes the batch as one group).", **where)
+    flags.register_multi_flags_validator(
+        ["jit_compile", "strategy"],
+        lambda v: not v["jit_compile"] or v["strategy"] == "default",
+        message="--jit_compile needs --strategy=default (XLA compiles one device's "
+                "step; the other strategies' steps hold cross-device collectives).",
+        **where)
     flags.register_multi_flags_validator(
         ["strategy", "dispatch", "mesh"],
         lambda v: v["strategy"] != "dtensor" or (v["dispatch"] == "capacity"

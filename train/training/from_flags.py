@@ -25,7 +25,8 @@ def set_up_placement(tiny_preset: Dict) -> distribution.Placement:
         _apply_preset(tiny_preset)
     distribution.configure_cpu_devices(FLAGS.num_cpu_devices)
     with usage_errors():
-        return distribution.make_placement(FLAGS.strategy, mesh=FLAGS.mesh)
+        return distribution.make_placement(FLAGS.strategy, mesh=FLAGS.mesh,
+                                           jit_compile=FLAGS.jit_compile)
 
 
 def _apply_preset(preset_values: Dict) -> None:

@@ -75,6 +75,8 @@ class Trainer:
         self.window = tf.Variable([0.0, 0.0], dtype=tf.float64, trainable=False)
         self.last_train_loss = tf.Variable(float("nan"), dtype=tf.float64,
                                            trainable=False)
+        # "<moe layer>/<statistic>" of the last logging window (e.g. moe/dropped_fraction).
+        self.last_balance: Dict[str, float] = {}
         self._make_checkpoints()
         self.writer = tf.summary.create_file_writer(os.path.join(self.write_dir, "train"))
         self.eval_writer = tf.summary.create_file_writer(
@@ -155,6 +157,8 @@ class Trainer:
         return perplexity
 
     def _log_balance(self):
+        """The MoE layers' balance statistics of the logging window, to TensorBoard and
+        (the last window's scalars) to `self.last_balance` for metrics.json."""
         for layer in moe_layers(self.model):
             stats = layer.balance_statistics()
             for key, value in stats.items():
@@ -163,6 +167,7 @@ class Trainer:
                     tf.summary.histogram(f"{layer.name}/load_fraction", value)
                 else:
                     tf.summary.scalar(f"{layer.name}/{key}", value)
+                    self.last_balance[f"{layer.name}/{key}"] = float(value)
             self.placement.reset_metrics(layer)
 
     def train(self, extra_metrics: Optional[Dict] = None) -> Dict:
@@ -185,6 +190,7 @@ class Trainer:
                 self.save(step)
         metrics = dict(extra_metrics or {})
         metrics.update(
+            balance=dict(self.last_balance),
             global_step=self.step, final_train_loss=float(self.last_train_loss.numpy()),
             tokens_per_second=run_tokens / max(time.time() - run_start, 1e-9),
             valid_perplexity=self.evaluate("valid"), test_perplexity=self.evaluate("test"))
