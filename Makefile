@@ -20,8 +20,10 @@ $(KERNELS): $(wildcard moe_tf/kernels/*.cc) moe_tf/kernels/build.py $(STAMP)
 
 install: $(STAMP) $(KERNELS)
 
+# Two pytest processes: the end-to-end tests spend much of their time starting
+# TensorFlow in subprocesses, which two workers overlap (see docs/development.md).
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist load tests
 
 # The default MoE language model on the built-in English corpus (about 6 minutes of
 # training on 2 CPU cores), then a sentence scored by the exported SavedModel.

@@ -40,6 +40,8 @@ setuptools.setup(
         ],
     },
     extras_require={
-        "test": ["pytest>=8", "scipy"],
+        # pytest-xdist: `make test` runs the suite in two processes (most of its time is
+        # subprocesses of the binaries starting TensorFlow).
+        "test": ["pytest>=8", "pytest-xdist>=3", "scipy"],
     },
 )
