@@ -3,7 +3,7 @@
 The paper's layout (Section 3.1): the ordinary layers are data parallel (batch split over
 the mesh's batch axis, weights replicated) while each expert exists once, the experts
 split over the expert axis. With the fixed-capacity dispatch the tokens move between the
-two layouts by two relayouts around the experts, the all-to-all of the paper's design:
+two layouts by relayouts around the experts:
 
     gather_tokens     relayout: the batch-split tokens and their routing, replicated
     dispatch          gathers: [tokens, d] -> [experts, capacity, d] (replicated)
@@ -12,6 +12,10 @@ two layouts by two relayouts around the experts, the all-to-all of the paper's d
     experts           [experts, capacity, d] -> [experts, capacity, d_out]
     from_experts      relayout: replicated, for the combine
     split_tokens      relayout: the combined outputs split over the batch axis again
+
+Every device gathers the whole batch and receives every expert's outputs: an all-gather
+each way, not yet the paper's all-to-all (where each device sends each expert only its own
+tokens).
 
 `ExpertSharding` holds the mesh and answers which layout each weight gets; a layer uses it
 through `SparselyGatedMoE.shard_experts`. It is a runtime placement, not part of a layer's
