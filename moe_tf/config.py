@@ -16,7 +16,6 @@ from typing import Optional, Union
 from moe_tf.gates import GATES, gate_option_names
 
 DISPATCHES = ("sparse", "capacity")
-COMPILED_KERNELS = ("auto", True, False)
 # GShard's training capacity factor; the capacity dispatch's default.
 DEFAULT_CAPACITY_FACTOR = 2.0
 # Settings only the capacity dispatch reads (the sparse dispatch has no slots).
@@ -91,8 +90,7 @@ class MoEConfig:
         if not isinstance(self.recompute_activations, bool):
             _refuse(f"`recompute_activations` must be a bool; got "
                     f"{self.recompute_activations!r}.")
-        if not any(self.compiled_kernels is value or self.compiled_kernels == value
-                   and isinstance(value, str) for value in COMPILED_KERNELS):
+        if not (isinstance(self.compiled_kernels, bool) or self.compiled_kernels == "auto"):
             _refuse(f"`compiled_kernels` must be 'auto', True or False; got "
                     f"{self.compiled_kernels!r}.")
         self._fill_defaults()

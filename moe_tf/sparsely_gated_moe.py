@@ -89,12 +89,9 @@ class SparselyGatedMoE(keras.layers.Layer):
                 output_size, int) or output_size < 1):
             raise ValueError(f"SparselyGatedMoE: `output_size` must be a positive integer; "
                              f"got {output_size!r}.")
-        if self.config.compiled_kernels is True and kernels.op_library() is None:
-            # Refused at construction where it can be known: not built at all.
-            raise ValueError(
-                "SparselyGatedMoE: compiled_kernels=True, but the compiled kernels are not "
-                "built (they need AVX-512; `python -m moe_tf.kernels.build`); pass "
-                "compiled_kernels='auto' to use them only where they apply.")
+        if self.config.compiled_kernels is True:
+            # What can be known before any operand (built, no GPU), refused now.
+            kernels.op_library_for(required=True)
         self.output_size = output_size
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
