@@ -12,7 +12,7 @@ import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
 from moe_tf import kernels
-from moe_tf.routing import split_into_token_groups
+from moe_tf.routing import split_into_token_groups, static_shape
 
 
 class _SortedAssignments(NamedTuple):
@@ -145,14 +145,122 @@ def _runs_blockwise() -> bool:
 
 
 def _run_experts_on_buffers(experts, buffers, *, blockwise: bool):
-    """`[experts, rows, d_in]` -> `[experts, rows, d_out]`, each expert on its rows;
-    `blockwise`: as equal blocks of sorted rows (see `_runs_blockwise`)."""
-    if not blockwise:
-        return experts(buffers)
-    num_experts, rows = tf.shape(buffers)[0], tf.shape(buffers)[1]
-    outputs = experts(tf.reshape(buffers, [-1, buffers.shape[-1]]),
-                      expert_row_counts=tf.fill([num_experts], rows))
-    return tf.reshape(outputs, [num_experts, rows, outputs.shape[-1]])
+    """`[*groups, experts, capacity, d_in]` -> `[*groups, experts, capacity, d_out]`, each
+    expert on its rows of every group; `blockwise`: as equal blocks of sorted rows (see
+    `_runs_blockwise`), else as batched matmuls over `[experts, rows, d_in]`."""
+    shape = static_shape(buffers)
+    groups_rank = len(shape) - 3
+    num_experts = shape[groups_rank]
+    experts_first = [groups_rank] + list(range(groups_rank)) + [groups_rank + 1,
+                                                                 groups_rank + 2]
+    # Under DTensor the groups' first axis is split over "batch": merging it with the
+    # whole axes after it keeps that split.
+    rows = tf.reshape(tf.transpose(buffers, experts_first), [num_experts, -1, shape[-1]])
+    if blockwise:
+        outputs = experts(tf.reshape(rows, [-1, shape[-1]]),
+                          expert_row_counts=tf.fill([num_experts], tf.shape(rows)[1]))
+    else:
+        outputs = experts(rows)
+    outputs = tf.reshape(outputs, [num_experts] + shape[:groups_rank] + shape[-2:-1]
+                         + [outputs.shape[-1]])
+    return tf.transpose(outputs, tf.math.invert_permutation(experts_first))
+
+
+def _pad_one_row(values, axis: int):
+    """A zero row appended on `axis` (counted from the end), for empty slots to read."""
+    padding = [[0, 0]] * values.shape.rank
+    padding[values.shape.rank + axis] = [0, 1]
+    return tf.pad(values, padding)
+
+
+def _gather_rows(values, index, groups_rank: int):
+    """`values` `[*groups, rows, d]`, `index` int32 `[*groups, ...]` ->
+    `[*groups, ..., d]`: the rows at `index` within each group."""
+    shape = static_shape(index)
+    flat = tf.gather(values, tf.reshape(index, shape[:groups_rank] + [-1]),
+                     batch_dims=groups_rank)
+    return tf.reshape(flat, shape + [values.shape[-1]])
+
+
+class _SlotMoves(NamedTuple):
+    """The rows' moves between a `SlotRouting`'s tokens and the experts' slots, both
+    ways by gathers (the slots' token index one way, the assignments' slot the other),
+    with gradients written as the opposite gathers: no scatter, so that under DTensor
+    every move stays within a device's own groups.
+
+    Attributes:
+        slots: the `CapacitySlots`, with `assignment_slot`.
+        gate: float32 `[*groups, token_group_size, slots]`, the routing's gates.
+    """
+
+    slots: object
+    gate: tf.Tensor
+
+    @property
+    def groups_rank(self) -> int:
+        return self.gate.shape.rank - 2
+
+    def _flat_slots(self, values):
+        """`[*groups, experts, capacity, d]` -> `[*groups, experts x capacity + 1, d]`,
+        the last row zero (what an unused or dropped assignment reads)."""
+        shape = static_shape(values)
+        return _pad_one_row(tf.reshape(values, shape[:-3] + [-1, shape[-1]]), -2)
+
+    def _per_token(self, slot_rows, weights=None):
+        """`[*groups, experts, capacity, d]` -> `[*groups, token_group_size, d]`: each
+        token's sum over its assignments' slots, times `weights` when given."""
+        rows = _gather_rows(self._flat_slots(slot_rows), self.slots.assignment_slot,
+                            self.groups_rank)                    # [*G, S, K, d]
+        if weights is not None:
+            rows = rows * tf.cast(weights, rows.dtype)[..., None]
+        return tf.reduce_sum(rows, axis=-2)
+
+    def _per_slot(self, token_rows, weights=None):
+        """`[*groups, token_group_size, d]` -> `[*groups, experts, capacity, d]`: each
+        slot's token row (zero for an empty slot), times `weights` when given."""
+        rows = _gather_rows(_pad_one_row(token_rows, -2), self.slots.token_index,
+                            self.groups_rank)
+        if weights is not None:
+            rows = rows * tf.cast(weights, rows.dtype)[..., None]
+        return rows
+
+    def dispatch(self, tokens):
+        """`[*groups, token_group_size, d_in]` -> `[*groups, experts, capacity, d_in]`."""
+        @tf.custom_gradient
+        def to_slots(tokens):
+            return self._per_slot(tokens), self._per_token
+
+        return to_slots(tokens)
+
+    def combine(self, outputs):
+        """`[*groups, experts, capacity, d_out]` -> `[*groups, token_group_size, d_out]`,
+        each token's sum of gate x its experts' outputs."""
+        @tf.custom_gradient
+        def weighted_sum(outputs, gate):
+            def grad(d_combined):
+                rows = _gather_rows(self._flat_slots(outputs), self.slots.assignment_slot,
+                                    self.groups_rank)            # [*G, S, K, d]
+                d_gate = tf.reduce_sum(tf.cast(rows, tf.float32) * tf.cast(
+                    d_combined, tf.float32)[..., None, :], axis=-1)
+                return self._per_slot(d_combined, self.slots.gate), d_gate
+
+            return self._per_token(outputs, gate), grad
+
+        return weighted_sum(outputs, self.gate)
+
+
+def _combine_by_segment_sum(outputs, slots, group_size):
+    """The combine for a `DenseRouting` (one device), whose slots have no inverse:
+    `[groups, experts, capacity, d]` -> `[groups, token_group_size, d]`, the slots'
+    gate-weighted rows summed per token (its gradient is a gather)."""
+    shape = static_shape(outputs)
+    groups, width = shape[0], shape[-1]
+    weighted = outputs * tf.cast(slots.gate, outputs.dtype)[..., None]
+    token_rows = slots.token_index + (group_size + 1) * tf.range(groups)[:, None, None]
+    summed = tf.math.unsorted_segment_sum(tf.reshape(weighted, [-1, width]),
+                                          tf.reshape(token_rows, [-1]),
+                                          groups * (group_size + 1))
+    return tf.reshape(summed, [groups, group_size + 1, width])[:, :-1]
 
 
 class CapacityDispatch(NamedTuple):
@@ -172,53 +280,53 @@ def capacity_dispatch(inputs, routing, experts, *, capacity, token_group_size=No
                       expert_sharding=None) -> CapacityDispatch:
     """GShard-style fixed-capacity dispatch by index arithmetic, with static shapes.
 
-    Each expert gets a buffer of `capacity` rows per token group; assignments that do not
-    fit are dropped (those tokens get no contribution from that expert), by the priority
-    rule of `routing.capacity_slots`. The rows move with gathers and the results come back
-    with a segment sum, by the token index of each slot (`CapacitySlots`): nothing of size
-    tokens x experts x capacity, and the experts run as batched matmuls on
-    `[experts, token groups x capacity, d_in]`. All shapes are static when the token
-    count is, as XLA and DTensor want.
+    The tokens are routed in token groups, each with `capacity` slots per expert;
+    assignments that do not fit are dropped (those tokens get no contribution from that
+    expert), by the priority rule of `routing.capacity_slots`. The rows move into the
+    experts' buffers `[*groups, experts, capacity, d]` and back with gathers by each
+    slot's token and each assignment's slot (`CapacitySlots`): nothing of size
+    tokens x experts x capacity, and the experts run as batched matmuls (or the sparse
+    path's blocks, see `_runs_blockwise`). All shapes are static when the token count
+    is, as XLA and DTensor want.
 
-    With `token_group_size`, the tokens are routed in token groups of that many (the last
-    one padded with unused tokens), as GShard does: each token group has `capacity` slots
-    per expert. Without it the whole batch is one token group.
-    `expert_sharding` (an `ExpertSharding`, DTensor) moves the expert buffers onto the
-    devices holding their experts and the results back.
+    On one device the groups are `token_group_size` tokens each (the last one padded
+    with unused tokens), or the whole batch without it. With `expert_sharding` (an
+    `ExpertSharding`, DTensor) each device routes its own share of the batch as its
+    groups (`ExpertSharding.group_tokens`), and the buffers move to the devices holding
+    their experts and back by one all-to-all each way (`to_experts`, `from_experts`).
     """
+    if expert_sharding is None:
+        def group(values):
+            return split_into_token_groups(values, token_group_size)
+    else:
+        def group(values):
+            return expert_sharding.group_tokens(values, token_group_size)
+    grouped = routing.grouped(group)
+    slots = grouped.capacity_slots(capacity)
+    tokens = group(inputs)                                              # [*G, S, d_in]
+    groups_rank = tokens.shape.rank - 2
+    # A top-k routing's slots have an inverse (each assignment's slot), by which the
+    # rows move back with gathers; a dense routing's are combined with a segment sum.
+    moves = (_SlotMoves(slots, grouped.gate) if slots.assignment_slot is not None
+             else None)
+    if moves is not None:
+        buffers = moves.dispatch(tokens)
+    else:
+        buffers = _gather_rows(_pad_one_row(tokens, -2), slots.token_index, groups_rank)
     if expert_sharding is not None:
-        # The slot arithmetic needs whole token arrays (a batch shard's tokens cannot
-        # be padded or grouped in place): it runs on the batch, replicated.
-        inputs = expert_sharding.gather_tokens(inputs)
-        routing = type(routing)(*[expert_sharding.gather_tokens(value)
-                                  if isinstance(value, tf.Tensor) else value
-                                  for value in routing])
-    num_tokens = tf.shape(inputs)[0]
-    slots = routing.in_token_groups(token_group_size).capacity_slots(capacity)
-    inputs = split_into_token_groups(inputs, token_group_size)          # [G, S, d_in]
-    groups, group_size = tf.shape(inputs)[0], tf.shape(inputs)[1]
-    # Row g (S + 1) + t of the flat padded tokens is token t of group g; the last row of
-    # each group is the zero row that the empty slots read.
-    padded = tf.reshape(tf.pad(inputs, [[0, 0], [0, 1], [0, 0]]), [-1, inputs.shape[-1]])
-    slot_rows = tf.reshape(tf.transpose(
-        slots.token_index + (group_size + 1) * tf.range(groups)[:, None, None],
-        [1, 0, 2]), [routing.num_experts, -1])                          # [E, G x C]
-    expert_inputs = tf.gather(padded, slot_rows)
-    if expert_sharding is not None:
-        expert_inputs = expert_sharding.to_experts(expert_inputs)
-    outputs = _run_experts_on_buffers(experts, expert_inputs,
+        buffers = expert_sharding.to_experts(buffers)
+    outputs = _run_experts_on_buffers(experts, buffers,
                                       blockwise=expert_sharding is None
-                                      and _runs_blockwise())     # [E, G x C, d_out]
+                                      and _runs_blockwise())   # [*G, E, C, d_out]
     if expert_sharding is not None:
         outputs = expert_sharding.from_experts(outputs)
-    slot_gates = tf.reshape(tf.transpose(slots.gate, [1, 0, 2]), [routing.num_experts, -1])
-    combined = tf.math.unsorted_segment_sum(
-        outputs * tf.cast(slot_gates, outputs.dtype)[..., None], slot_rows,
-        groups * (group_size + 1))                                       # [G (S + 1), d]
-    width = tf.shape(outputs)[-1]
-    combined = tf.reshape(combined, [groups, group_size + 1, width])[:, :-1]
-    combined = tf.reshape(combined, [-1, width])[:num_tokens]
+    if moves is not None:
+        combined = moves.combine(outputs)
+    else:
+        combined = _combine_by_segment_sum(outputs, slots, static_shape(tokens)[-2])
     if expert_sharding is not None:
-        combined = expert_sharding.split_tokens(combined)
+        combined = expert_sharding.ungroup_tokens(combined)
+    else:
+        combined = tf.reshape(combined, [-1, combined.shape[-1]])[:tf.shape(inputs)[0]]
     dropped = tf.math.divide_no_nan(slots.num_used - slots.num_kept, slots.num_used)
     return CapacityDispatch(outputs=combined, dropped_fraction=dropped)

@@ -2,25 +2,32 @@
 
 The paper's layout (Section 3.1): the ordinary layers are data parallel (batch split over
 the mesh's batch axis, weights replicated) while each expert exists once, the experts
-split over the expert axis. With the fixed-capacity dispatch the tokens move between the
-two layouts by relayouts around the experts:
+split over the expert axis. The fixed-capacity dispatch moves the tokens as GShard does,
+with each device's tokens as its own groups:
 
-    gather_tokens     relayout: the batch-split tokens and their routing, replicated
-    dispatch          gathers: [tokens, d] -> [experts, capacity, d] (replicated)
-    to_experts        relayout: experts split over the expert axis (a slice: each device
-                      then runs only its own experts against its own weight shards)
-    experts           [experts, capacity, d] -> [experts, capacity, d_out]
-    from_experts      relayout: replicated, for the combine
-    split_tokens      relayout: the combined outputs split over the batch axis again
+    group_tokens   [tokens, d] -> [batch shards, expert shards, groups, S, d]: each device
+                   takes its share of its batch shard (a slice; the ordinary layers'
+                   batch shard is whole on every device of the expert axis)
+    dispatch       within each device's groups: [..., S, d] -> [..., experts, capacity, d]
+    to_experts     relayout, the groups' expert-shard axis whole and the experts split
+                   over the expert axis: the all-to-all (each device sends each other
+                   device of its expert axis the slots of that device's experts)
+    experts        each device runs its own experts on every group of its batch shard
+    from_experts   relayout back: the all-to-all the other way
+    combine        within each device's groups
+    ungroup_tokens [...] -> [tokens, d_out] split over the batch axis: an all-gather over
+                   the expert axis of the combined outputs (d_out per token, not
+                   k x capacity_factor x d_out as the buffers are)
 
-Every device gathers the whole batch and receives every expert's outputs: an all-gather
-each way, not yet the paper's all-to-all (where each device sends each expert only its own
-tokens).
+No device holds another device's groups' buffers or all experts' outputs; the gradients
+move the same ways back (a relayout's gradient is the opposite relayout).
 
 `ExpertSharding` holds the mesh and answers which layout each weight gets; a layer uses it
 through `SparselyGatedMoE.shard_experts`. It is a runtime placement, not part of a layer's
 configuration: a saved or exported layer is always unplaced.
 """
+
+from typing import Optional
 
 import tensorflow as tf
 from tensorflow.experimental import dtensor
@@ -75,22 +82,83 @@ class ExpertSharding:
         return (self.expert_sharded(rank) if is_expert_weight(variable)
                 else self.replicated(rank))
 
-    def gather_tokens(self, values: tf.Tensor) -> tf.Tensor:
-        """Batch-split `[tokens, ...]` -> the same, replicated: the capacity dispatch's
-        slot arithmetic (sorts, gathers, segment sums) runs on whole token arrays."""
-        return dtensor.relayout(values, self.replicated(values.shape.rank))
+    def tokens_per_device(self, num_tokens):
+        """Each device's share of `num_tokens` tokens (batch shards x expert shards)."""
+        return num_tokens // (self.num_batch_shards * self.num_expert_shards)
 
-    def split_tokens(self, values: tf.Tensor) -> tf.Tensor:
-        """Replicated `[tokens, ...]` -> split over the batch axis again (a slice)."""
-        return dtensor.relayout(values, self.batch_sharded(values.shape.rank))
+    def _layout(self, specs) -> dtensor.Layout:
+        return dtensor.Layout([spec or dtensor.UNSHARDED for spec in specs], self.mesh)
 
-    def to_experts(self, expert_inputs: tf.Tensor) -> tf.Tensor:
-        """`[experts, capacity, d]` -> the same, experts split over the expert axis."""
-        return dtensor.relayout(expert_inputs, self.expert_sharded(expert_inputs.shape.rank))
+    def group_tokens(self, values: tf.Tensor,
+                     token_group_size: Optional[int] = None) -> tf.Tensor:
+        """Batch-split `[tokens, ...]` -> `[batch shards, expert shards, groups,
+        token_group_size, ...]`, split over both mesh axes: each device's share of the
+        tokens, in groups of `token_group_size` (None: one group per device).
 
-    def from_experts(self, expert_outputs: tf.Tensor) -> tf.Tensor:
-        """`[experts, capacity, d_out]` -> the same, replicated."""
-        return dtensor.relayout(expert_outputs, self.replicated(expert_outputs.shape.rank))
+        Raises:
+            ValueError: the tokens do not split evenly over the devices, or
+                `token_group_size` does not divide a device's share.
+        """
+        num_tokens = values.shape[0]
+        devices = self.num_batch_shards * self.num_expert_shards
+        if num_tokens is None:
+            raise ValueError("ExpertSharding: the token count must be static under "
+                             "DTensor; got a batch of unknown size.")
+        if num_tokens % devices:
+            raise ValueError(
+                f"ExpertSharding: {num_tokens} tokens do not split evenly over the mesh's "
+                f"{self.num_batch_shards} batch x {self.num_expert_shards} expert shards "
+                f"({devices} devices); pad the batch to a multiple of {devices} rows.")
+        share = num_tokens // devices
+        group_size = token_group_size or share
+        if share % group_size:
+            raise ValueError(
+                f"ExpertSharding: capacity_group_size={token_group_size} must divide the "
+                f"tokens per device ({share} = {num_tokens} tokens / {devices} devices).")
+        rest = values.shape[1:].as_list()
+        # Pinned first: DTensor would otherwise carry the expert-axis split back through
+        # the reshape into the layers before (and refuse some of their gradients).
+        values = dtensor.relayout(values, self.batch_sharded(values.shape.rank))
+        grouped = tf.reshape(values, [self.num_batch_shards, self.num_expert_shards,
+                                      share // group_size, group_size] + rest)
+        return dtensor.relayout(grouped, self._layout(
+            [self.batch_axis, self.expert_axis] + [None] * (2 + len(rest))))
+
+    def ungroup_tokens(self, values: tf.Tensor) -> tf.Tensor:
+        """`group_tokens`' `[batch shards, expert shards, groups, S, ...]` -> `[tokens,
+        ...]` split over the batch axis, whole on the expert axis (an all-gather there)."""
+        whole = dtensor.relayout(values, self._layout(
+            [self.batch_axis] + [None] * (values.shape.rank - 1)))
+        tokens = tf.reshape(whole, [-1] + values.shape[4:].as_list())
+        return dtensor.relayout(tokens, self.batch_sharded(tokens.shape.rank))
+
+    def to_experts(self, buffers: tf.Tensor) -> tf.Tensor:
+        """Grouped buffers `[batch shards, expert shards, groups, experts, capacity, d]`
+        split over both mesh axes by group -> the same split over the batch axis by group
+        and over the expert axis by expert: the all-to-all."""
+        return self._swap_split(buffers, self.expert_axis)
+
+    def from_experts(self, buffers: tf.Tensor) -> tf.Tensor:
+        """`to_experts`' way back: the all-to-all to split by group again."""
+        return self._swap_split(buffers, None)
+
+    def _swap_split(self, buffers: tf.Tensor, experts_split: Optional[str]) -> tf.Tensor:
+        """Relayouts grouped buffers to be split over the expert axis by expert
+        (`experts_split` the expert axis) or by group (None).
+
+        Through `[batch shards, expert shards, experts x groups x capacity x d]`, the
+        experts outermost in the last axis: DTensor (TF 2.21) lowers a relayout between
+        two other axes of a higher-rank tensor to an all-to-all that returns wrong values
+        (tests/test_expert_sharding.py checks the values this way gives).
+        """
+        shape = buffers.shape.as_list()
+        experts_outer = [0, 1, 3, 2, 4, 5]      # [B, Es, groups, E, ...] <-> [B, Es, E, groups, ...]
+        flat = tf.reshape(tf.transpose(buffers, experts_outer), shape[:2] + [-1])
+        groups_split = None if experts_split else self.expert_axis
+        flat = dtensor.relayout(flat, self._layout([self.batch_axis, groups_split,
+                                                    experts_split]))
+        swapped = tf.reshape(flat, [shape[i] for i in experts_outer])
+        return tf.transpose(swapped, experts_outer)
 
 
 def is_expert_weight(variable) -> bool:

@@ -29,21 +29,30 @@ class Assignments(NamedTuple):
 class CapacitySlots(NamedTuple):
     """What fills each slot of the experts' fixed-size buffers, in every token group.
 
+    `[*groups]` are the routing's leading token-group dimensions: `[token groups]` on one
+    device, `[batch shards, expert shards, groups per device]` under DTensor.
+
     Attributes:
-        token_index: int32 `[token groups, experts, capacity]`, the token (its index in
-            its group) in each slot; `token_group_size` for an empty slot, one past the
-            last token: the dispatcher gathers a zero row there.
-        gate: float32 `[token groups, experts, capacity]`, each slot's gate value; 0 for
-            an empty slot.
+        token_index: int32 `[*groups, experts, capacity]`, the token (its index in its
+            group) in each slot; `token_group_size` for an empty slot, one past the last
+            token: the dispatcher gathers a zero row there.
+        gate: float32 `[*groups, experts, capacity]`, each slot's gate value; 0 for an
+            empty slot. Not differentiable: the combine reads the routing's gates.
         num_used: float32 scalar, the used assignments.
         num_kept: float32 scalar, the used assignments that found a slot (the rest are
             dropped).
+        assignment_slot: int32 `[*groups, token_group_size, slots]`, the slot
+            (`expert * capacity + c`) of each of a token's assignments, `experts *
+            capacity` where it has none (unused or dropped): the inverse of `token_index`,
+            by which the dispatcher moves rows back with gathers. None for a
+            `DenseRouting` (its inverse would be tokens x experts).
     """
 
     token_index: tf.Tensor
     gate: tf.Tensor
     num_used: tf.Tensor
     num_kept: tf.Tensor
+    assignment_slot: Optional[tf.Tensor] = None
 
 
 class SlotRouting(NamedTuple):
@@ -99,34 +108,45 @@ class SlotRouting(NamedTuple):
         return tf.einsum("tk,tke->te", self.gate, one_hot)
 
     def capacity_slots(self, capacity) -> CapacitySlots:
-        """The slots of `capacity` rows per expert that this `in_token_groups` routing
-        (`[token groups, token_group_size, slots]`) fills, each token group its own.
+        """The slots of `capacity` rows per expert that this grouped routing
+        (`[*groups, token_group_size, slots]`, see `grouped`) fills, each group its own.
 
         Every token's first choice is placed before any token's second choice, so that
         overflow drops the least preferred assignments first; within a choice rank,
         earlier tokens come first. The assignments are sorted by expert in that priority
         order, so that each expert's slots are a contiguous run of the sorted order: no
-        tensor of size tokens x experts x capacity, work O(tokens k log(tokens k)).
+        tensor of size tokens x experts x capacity, work O(tokens k log(tokens k)), and
+        every op works within a group (DTensor runs it on each device's own groups).
         """
-        groups, group_size = tf.shape(self.gate)[0], tf.shape(self.gate)[1]
+        shape = static_shape(self.gate)
+        group_shape, group_size, num_slots = shape[:-2], shape[-2], shape[-1]
         used = self.gate > 0
+        groups_rank = len(group_shape)
+        swap_last = list(range(groups_rank)) + [groups_rank + 1, groups_rank]
 
-        def rank_major(values):  # [G, S, K] -> [G, K S]: first choices first
-            return tf.reshape(tf.transpose(values, [0, 2, 1]), [groups, -1])
+        def rank_major(values):  # [*G, S, K] -> [*G, K S]: first choices first
+            return tf.reshape(tf.transpose(values, swap_last), group_shape + [-1])
 
-        tokens = tf.broadcast_to(tf.range(group_size)[None, :, None], tf.shape(self.gate))
+        tokens = tf.broadcast_to(tf.range(group_size)[:, None], shape)
         slots = _slots_in_priority_order(
             expert=rank_major(tf.where(used, self.expert_index, self.num_experts)),
             token=rank_major(tokens), gate=rank_major(self.gate),
             num_experts=self.num_experts, capacity=capacity, group_size=group_size)
-        return slots._replace(num_used=tf.reduce_sum(tf.cast(used, tf.float32)))
+        assignment_slot = tf.transpose(tf.reshape(
+            slots.assignment_slot, group_shape + [num_slots, group_size]), swap_last)
+        return slots._replace(num_used=tf.reduce_sum(tf.cast(used, tf.float32)),
+                              assignment_slot=assignment_slot)
+
+    def grouped(self, group) -> "SlotRouting":
+        """The same routing with its tokens in groups: `group` maps each `[tokens, ...]`
+        to `[*groups, token_group_size, ...]` (`split_into_token_groups`, or
+        `ExpertSharding.group_tokens` under DTensor)."""
+        return SlotRouting(group(self.expert_index), group(self.gate), self.num_experts)
 
     def in_token_groups(self, token_group_size: Optional[int]) -> "SlotRouting":
         """The same routing as `[token groups, token_group_size, slots]` (see
         `split_into_token_groups`)."""
-        return SlotRouting(split_into_token_groups(self.expert_index, token_group_size),
-                           split_into_token_groups(self.gate, token_group_size),
-                           self.num_experts)
+        return self.grouped(lambda values: split_into_token_groups(values, token_group_size))
 
 
 class DenseRouting(NamedTuple):
@@ -188,10 +208,14 @@ class DenseRouting(NamedTuple):
                              num_used=tf.reduce_sum(tf.cast(used, tf.float32)),
                              num_kept=tf.reduce_sum(tf.cast(filled, tf.float32)))
 
+    def grouped(self, group) -> "DenseRouting":
+        """The same routing with its tokens in groups (see `SlotRouting.grouped`)."""
+        return DenseRouting(group(self.gate))
+
     def in_token_groups(self, token_group_size: Optional[int]) -> "DenseRouting":
         """The same routing as `[token groups, token_group_size, experts]` (see
         `split_into_token_groups`)."""
-        return DenseRouting(split_into_token_groups(self.gate, token_group_size))
+        return self.grouped(lambda values: split_into_token_groups(values, token_group_size))
 
 
 def _slots_in_priority_order(*, expert, token, gate, num_experts: int, capacity,
@@ -199,39 +223,60 @@ def _slots_in_priority_order(*, expert, token, gate, num_experts: int, capacity,
     """Fills each expert's `capacity` slots with its first assignments in the given order.
 
     Args:
-        expert, token, gate: `[token groups, assignments]` in priority order; an unused
+        expert, token, gate: `[*groups, assignments]` in priority order; an unused
             assignment has expert `num_experts`.
     Returns:
-        The slots; `num_used` is left to the caller.
+        The slots, with `assignment_slot` in the given order `[*groups, assignments]`;
+        `num_used` is left to the caller.
     """
-    groups = tf.shape(expert)[0]
+    shape = static_shape(expert)
+    group_shape, num_assignments = shape[:-1], shape[-1]
+    groups_rank = len(group_shape)
+    # One marker per expert sorts just before that expert's assignments (marker
+    # `num_experts` before the unused ones): where the markers land in the sorted order
+    # delimits each expert's run. (Markers rather than tf.searchsorted or a segment sum:
+    # DTensor can run neither on a device's own groups.)
+    markers = tf.broadcast_to(tf.range(num_experts + 1), group_shape + [num_experts + 1])
+    keys = tf.concat([2 * expert + 1, 2 * markers], axis=-1)
+    order = tf.argsort(keys, axis=-1, stable=True)
+    sorted_position = tf.argsort(order, axis=-1, stable=True)  # the inverse permutation
+    marker_position = sorted_position[..., num_assignments:]            # [*G, E + 1]
+    counts = marker_position[..., 1:] - marker_position[..., :-1] - 1   # [*G, E]
+    slot = tf.range(capacity)
+    filled = slot < counts[..., None]                                   # [*G, E, C]
+    position = tf.where(filled, marker_position[..., :-1, None] + 1 + slot, 0)
+    slots_shape = static_shape(position)
+    entry = tf.reshape(tf.gather(order, tf.reshape(position, group_shape + [-1]),
+                                 batch_dims=groups_rank), slots_shape)
+    # Where `filled`, `entry` is an assignment; elsewhere (a marker) it reads an empty
+    # value appended after the assignments (a group may have none).
+    entry = tf.reshape(tf.minimum(entry, num_assignments), group_shape + [-1])
 
-    def with_sentinel(values, value):
-        # One unused assignment (no expert, the empty token, gate 0) after the others:
-        # an empty slot reads it, and a group without assignments still has one.
-        return tf.concat([values, tf.fill([groups, 1], tf.cast(value, values.dtype))], 1)
+    def in_slots(values, empty):
+        values = tf.concat([values, tf.fill(group_shape + [1], tf.cast(empty, values.dtype))],
+                           axis=-1)
+        picked = tf.gather(values, entry, batch_dims=groups_rank)
+        return tf.where(filled, tf.reshape(picked, slots_shape), empty)
 
-    expert = with_sentinel(expert, num_experts)
-    order = tf.argsort(expert, axis=-1, stable=True)  # the sentinel stays last
-    # Each expert's run of the sorted order starts after the assignments of the experts
-    # before it. (A segment sum, not tf.searchsorted: DTensor has no layout for the
-    # latter's LowerBound op.)
-    segment = expert + (num_experts + 1) * tf.range(groups)[:, None]
-    counts = tf.reshape(tf.math.unsorted_segment_sum(
-        tf.ones_like(expert), segment, groups * (num_experts + 1)),
-        [groups, num_experts + 1])[:, :num_experts]                      # [G, E]
-    first = tf.cumsum(counts, axis=1, exclusive=True)
-    position = first[..., None] + tf.range(capacity)                    # [G, E, C]
-    filled = position < (first + counts)[..., None]
-    position = tf.where(filled, position, tf.shape(expert)[1] - 1)      # the sentinel
-    assignment = tf.gather(order, tf.reshape(position, [groups, -1]), batch_dims=1)
-    shape = tf.shape(position)
+    rank_in_expert = (sorted_position[..., :num_assignments] - 1
+                      - tf.gather(marker_position, expert, batch_dims=groups_rank))
+    kept = (expert < num_experts) & (rank_in_expert < capacity)
     return CapacitySlots(
-        token_index=tf.reshape(tf.gather(with_sentinel(token, group_size), assignment,
-                                         batch_dims=1), shape),
-        gate=tf.reshape(tf.gather(with_sentinel(gate, 0.0), assignment, batch_dims=1),
-                        shape),
-        num_used=None, num_kept=tf.reduce_sum(tf.cast(filled, tf.float32)))
+        token_index=in_slots(token, group_size),
+        gate=in_slots(tf.stop_gradient(gate), 0.0),
+        num_used=None, num_kept=tf.reduce_sum(tf.cast(filled, tf.float32)),
+        assignment_slot=tf.where(kept, expert * capacity + rank_in_expert,
+                                 num_experts * capacity))
+
+
+def static_shape(values: tf.Tensor) -> list:
+    """The shape of `values` as a list: Python ints where known, scalars otherwise.
+
+    Static sizes keep reshapes exact under DTensor, whose shapes are global.
+    """
+    dynamic = tf.shape(values)
+    return [size if size is not None else dynamic[i]
+            for i, size in enumerate(values.shape.as_list())]
 
 
 def split_into_token_groups(values: tf.Tensor,

@@ -172,8 +172,10 @@ class SparselyGatedMoE(keras.layers.Layer):
                 tokens, routing, self.experts,
                 compiled_kernels=self.compiled_kernels if training is True else False
             ), tf.zeros([])
-        token_group_size = self.capacity_group_size or (
-            tokens.shape[0] if tokens.shape[0] is not None else tf.shape(tokens)[0])
+        num_tokens = tokens.shape[0] if tokens.shape[0] is not None else tf.shape(tokens)[0]
+        if self.expert_sharding is not None:
+            num_tokens = self.expert_sharding.tokens_per_device(num_tokens)
+        token_group_size = self.capacity_group_size or num_tokens
         capacity = expert_capacity(token_group_size, self.assignments_per_token,
                                    self.num_experts, self.capacity_factor)
         return capacity_dispatch(tokens, routing, self.experts, capacity=capacity,
@@ -187,8 +189,9 @@ class SparselyGatedMoE(keras.layers.Layer):
         `expert_sharding.weight_layout` and feeds batch-sharded inputs. Needs
         dispatch="capacity" (the sparse dispatch's sort and while loop have no DTensor
         layout propagation) and top-k gating (the balanced gate picks each expert's top
-        tokens over the whole batch with a scatter that DTensor cannot shard), without
-        `capacity_group_size` (its reshapes of batch-sharded tokens are not supported).
+        tokens over the whole batch with a scatter that DTensor cannot shard). Each
+        device routes its share of the batch as its token groups (in groups of
+        `capacity_group_size` when set, which must divide that share).
         """
         if expert_sharding is not None:
             if self.dispatch != "capacity":
@@ -202,11 +205,6 @@ class SparselyGatedMoE(keras.layers.Layer):
                     f"SparselyGatedMoE {self.name!r}: sharding the experts with DTensor "
                     f"needs gating={'/'.join(map(repr, supported))}; the layer has "
                     f"gating={self.gating!r}.")
-            if self.capacity_group_size is not None:
-                raise ValueError(
-                    f"SparselyGatedMoE {self.name!r}: sharding the experts with DTensor "
-                    f"routes the batch as one group; the layer has capacity_group_size="
-                    f"{self.capacity_group_size}.")
             if self.num_experts % expert_sharding.num_expert_shards:
                 raise ValueError(
                     f"SparselyGatedMoE {self.name!r}: num_experts ({self.num_experts}) "

@@ -32,8 +32,8 @@ class ExpertParallel:
     `differentiated_loss` is the global loss. Keras RNNs are unrolled while placed (the
     gradient of their while loop has no DTensor layout propagation), so each batch shape
     compiles a program of its own: time is padded to a multiple of
-    `DTENSOR_LENGTH_MULTIPLE`, rows to a multiple of the batch axis (padding is id 0,
-    which every loss and layer masks).
+    `DTENSOR_LENGTH_MULTIPLE`, rows to a multiple of the mesh's devices (padding is id
+    0, which every loss and layer masks).
 
     Found on TF 2.21 / Keras 3 (each silently wrong otherwise): the optimizer must be
     built eagerly after the weights are swapped and its variables swapped too; gradients
@@ -132,7 +132,8 @@ class ExpertParallel:
         def place(tensor):
             tensor = tensor[0]
             rows, length = tensor.shape[0], tensor.shape[1]
-            multiple = self.sharding.num_batch_shards
+            # Each device routes its own share of the tokens (ExpertSharding.group_tokens).
+            multiple = self.sharding.num_batch_shards * self.sharding.num_expert_shards
             padding = [[0, -rows % multiple], [0, -length % DTENSOR_LENGTH_MULTIPLE]]
             padding += [[0, 0]] * (tensor.shape.rank - 2)
             tensor = tf.pad(tensor, padding)
