@@ -97,20 +97,51 @@ def test_checkpoint_from_mirrored_resumes_on_one_device(default_run, tmp_path):
     assert_same_run(metrics(tmp_path), default_run)
 
 
-# The experts run on fixed-size buffers under DTensor; a capacity of all the tokens
-# (num_experts / k = 2 in the tiny preset) drops none, like the default sparse dispatch.
-DTENSOR = ("--strategy=dtensor", "--num_cpu_devices=4", "--dispatch=capacity",
-           "--capacity_factor=2")
+# The experts run on fixed-size buffers under DTensor, each device routing its own share
+# of the batch in groups. The one-device runs route the same groups: sentences of at most
+# 6 pieces (8 ids with bos and eos) padded to 8, as the DTensor placement pads them, give
+# the model rows of 7 tokens, and groups of 7 divide every device's share. One slot per
+# assignment on average (capacity_factor 1): some assignments are dropped, and the runs
+# must drop the same. Windows of 2 steps, so that the checkpoint test's last leg reports
+# the same window.
+CAPACITY = ("--dispatch=capacity", "--capacity_factor=1", "--max_length=6",
+            "--length_multiple=8", "--capacity_group_size=7", "--log_every=2")
+DTENSOR = ("--strategy=dtensor", "--num_cpu_devices=4")
+HIERARCHICAL = ("--num_groups=2", "--group_k=1")
 
 
-@pytest.mark.parametrize("mesh,experts_per_device", [("batch:2,expert:2", 2),
-                                                     ("batch:1,expert:4", 1)])
-def test_dtensor_matches_one_device(default_run, tmp_path, mesh, experts_per_device):
-    exports = experts_per_device == 2  # one mesh is enough for the export check
+@pytest.fixture(scope="module")
+def capacity_runs(tmp_path_factory):
+    """The one-device runs with the capacity dispatch: flat and hierarchical gates."""
+    runs = {}
+    for name, gate in (("flat", ()), ("hierarchical", HIERARCHICAL)):
+        model_dir = tmp_path_factory.mktemp(name)
+        run_ok(lm_command(model_dir, *EXACT, *CAPACITY, *gate))
+        runs[name] = metrics(model_dir)
+    return runs
+
+
+@pytest.mark.parametrize("mesh,gate", [("batch:2,expert:2", "flat"),
+                                       ("batch:1,expert:4", "flat"),
+                                       ("batch:2,expert:2", "hierarchical")])
+def test_dtensor_matches_one_device(capacity_runs, tmp_path, mesh, gate):
+    exports = mesh == "batch:2,expert:2" and gate == "flat"  # one export check is enough
     flags = [f for f in EXACT if f != "--export_dir=" or not exports]
-    result = run_ok(lm_command(tmp_path, *flags, *DTENSOR, f"--mesh={mesh}"))
-    assert_same_run(metrics(tmp_path), default_run, perplexity_rel=1e-4)
+    gate_flags = HIERARCHICAL if gate == "hierarchical" else ()
+    result = run_ok(lm_command(tmp_path, *flags, *CAPACITY, *gate_flags, *DTENSOR,
+                               f"--mesh={mesh}"))
+    want = capacity_runs[gate]
+    assert_same_run(metrics(tmp_path), want, perplexity_rel=1e-4)
+    # The same share of assignments was dropped (metrics.json: the last window's
+    # statistics). Exactly for the flat gate; the hierarchical gate's few near-tied choices
+    # (its gates start at zero) can flip with the 1e-7 differences of DTensor's summation
+    # order, moving a slot or two.
+    dropped = metrics(tmp_path)["balance"]["moe/dropped_fraction"]
+    assert dropped == pytest.approx(want["balance"]["moe/dropped_fraction"],
+                                    abs=1e-6 if gate == "flat" else 0.02)
+    assert dropped > 0.01
     # The start-up log names the mesh and every expert weight's layout and shard.
+    experts_per_device = 4 // int(mesh.split("expert:")[1])
     assert f"strategy dtensor on mesh {mesh} (4 local CPU devices" in result.stderr
     for name, shape in (("kernel_in", (4, 32, 32)), ("bias_in", (4, 32)),
                         ("kernel_out", (4, 32, 32)), ("bias_out", (4, 32))):
@@ -123,14 +154,19 @@ def test_dtensor_matches_one_device(default_run, tmp_path, mesh, experts_per_dev
         assert_export_serves_the_checkpoint(tmp_path, tmp_path)
 
 
-def test_dtensor_checkpoint_resumes_on_one_device(default_run, tmp_path):
+def test_checkpoint_moves_between_meshes(capacity_runs, tmp_path):
+    """batch:2,expert:2 -> batch:1,expert:4 -> one device -> batch:2,expert:2, two steps
+    each, equals the unbroken one-device run: every expert's weights and optimizer slots
+    land on the right device whatever the expert-parallel size before."""
     flags = [f for f in EXACT if not f.startswith("--train_steps")]
-    capacity = ("--dispatch=capacity", "--capacity_factor=2")
-    run_ok(lm_command(tmp_path, *flags, *DTENSOR, "--mesh=batch:2,expert:2",
-                      "--train_steps=4"))
-    resumed = run_ok(lm_command(tmp_path, *flags, *capacity, "--train_steps=8"))
-    assert "Resumed from" in resumed.stderr and "at step 4" in resumed.stderr
-    assert_same_run(metrics(tmp_path), default_run, perplexity_rel=1e-4)
+    legs = [("--mesh=batch:2,expert:2", *DTENSOR), ("--mesh=batch:1,expert:4", *DTENSOR),
+            (), ("--mesh=batch:2,expert:2", *DTENSOR)]
+    for leg, placement in enumerate(legs):
+        result = run_ok(lm_command(tmp_path, *flags, *CAPACITY, *placement,
+                                   f"--train_steps={2 * (leg + 1)}"))
+        if leg:
+            assert f"at step {2 * leg}" in result.stderr
+    assert_same_run(metrics(tmp_path), capacity_runs["flat"], perplexity_rel=1e-4)
 
 
 def test_dtensor_places_each_expert_on_one_device_of_its_column():
@@ -154,7 +190,7 @@ def test_dtensor_places_each_expert_on_one_device_of_its_column():
 def test_dtensor_refuses_the_bidirectional_translation_model_by_name(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "train.nmt", "--preset=tiny", f"--model_dir={tmp_path}",
-         *DTENSOR, "--mesh=batch:2,expert:2", "--gating=top_k"],
+         *DTENSOR, *CAPACITY, "--mesh=batch:2,expert:2", "--gating=top_k"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "layer 'backward_lstm' runs backwards in time" in result.stderr

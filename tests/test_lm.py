@@ -191,18 +191,21 @@ def assert_export_serves_the_checkpoint(model_dir, tmp_path):
     assert served.returncode == 0, served.stderr[-3000:]
     log_prob, num_tokens = np.load(tmp_path / "out.npy")
 
-    # The same sentences through the training loss, in this process, from the checkpoint.
-    from train import lm as lm_binary
+    # The same sentences through the training loss, in this process, from the checkpoint,
+    # as one batch as the server scores them (a capacity-dispatch layer's drops depend on
+    # the batch).
     from train.data.text import sentence_sequences
     from train.serving.trained_model import restore_trained_model
+    from train.training.losses import masked_nll_sums
     from models.lm import LanguageModelConfig, build_language_model
 
     model, tokenizer, run_config = restore_trained_model(
         str(model_dir), LanguageModelConfig, build_language_model)
-    for i, sentence in enumerate(sentences):
-        sequence = sentence_sequences(tokenizer.tokenize(tf.constant([sentence])),
-                                      max_length=run_config["max_length"]).to_tensor()
-        _, nll_sum, tokens = lm_binary.lm_loss(model, sequence, training=False)
+    batch = sentence_sequences(tokenizer.tokenize(tf.constant(sentences)),
+                               max_length=run_config["max_length"]).to_tensor()
+    logits = model(batch[:, :-1], training=False)
+    for i in range(len(sentences)):
+        _, nll_sum, tokens = masked_nll_sums(logits[i], batch[i, 1:])
         assert num_tokens[i] == int(tokens)
         np.testing.assert_allclose(log_prob[i], -float(nll_sum), rtol=1e-5)
     assert num_tokens[3] == run_config["max_length"]

@@ -62,7 +62,8 @@ def make_datasets(splits: text.TextSplits, tokenizer):
     def batches(lines):
         return text.batch_by_tokens(
             text.sentence_ids(lines, tokenizer, max_length=FLAGS.max_length),
-            batch_tokens=FLAGS.batch_tokens, max_length=FLAGS.max_length)
+            batch_tokens=FLAGS.batch_tokens, max_length=FLAGS.max_length,
+            length_multiple=FLAGS.length_multiple)
 
     train = batches(splits.train.shuffle(FLAGS.shuffle_buffer, seed=FLAGS.seed,
                                          reshuffle_each_iteration=True).repeat())

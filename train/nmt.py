@@ -208,7 +208,7 @@ def make_trainer(server: TranslationServer, corpora: List[parallel.ParallelCorpu
     train_data, eval_data = parallel.make_datasets(
         corpora, tokenizer, language_tokens=language_tokens, max_length=FLAGS.max_length,
         batch_tokens=FLAGS.batch_tokens, shuffle_buffer=FLAGS.shuffle_buffer,
-        seed=FLAGS.seed)
+        seed=FLAGS.seed, length_multiple=FLAGS.length_multiple)
     multilingual = len(corpora) > 1
     return from_flags.make_trainer(
         model=model, optimizer=optimizer, loss_fn=translation_loss, placement=placement,

@@ -127,7 +127,7 @@ def pair_ids(pairs: tf.data.Dataset, tokenizer, *, max_length: int,
 
 def make_datasets(corpora: List[ParallelCorpus], tokenizer, *,
                   language_tokens: Dict[str, int], max_length: int, batch_tokens: int,
-                  shuffle_buffer: int, seed: int):
+                  shuffle_buffer: int, seed: int, length_multiple: int = 1):
     """Batches of (source, target) ids for training (shuffled, repeated, the directions
     alternating) and for the held-out splits (`{"valid": ..., "test": ...}`, every
     direction in turn). A direction whose target language is in `language_tokens` gets
@@ -138,7 +138,9 @@ def make_datasets(corpora: List[ParallelCorpus], tokenizer, *,
 
     def batches(sequences):
         return text.batch_by_tokens(sequences, batch_tokens=batch_tokens,
-                                    max_length=max_length).prefetch(tf.data.AUTOTUNE)
+                                    max_length=max_length,
+                                    length_multiple=length_multiple
+                                    ).prefetch(tf.data.AUTOTUNE)
 
     streams = [ids(corpus.splits.train.shuffle(shuffle_buffer, seed=seed + i,
                                                reshuffle_each_iteration=True).repeat(),

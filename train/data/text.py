@@ -155,13 +155,14 @@ def sentence_ids(lines: tf.data.Dataset, tokenizer, *,
 
 
 def batch_by_tokens(sequences: tf.data.Dataset, *, batch_tokens: int,
-                    max_length: int) -> tf.data.Dataset:
+                    max_length: int, length_multiple: int = 1) -> tf.data.Dataset:
     """Pads sequences of similar length together, about `batch_tokens` tokens a batch.
 
     Elements are int `[length]` sequences, or tuples of them (a translation's source and
-    target), bucketed by their longest sequence and padded per component. Buckets are
-    spaced 8 tokens apart; a bucket of sequences up to L long holds batch_tokens // L of
-    them. Padding uses id 0.
+    target), bucketed by their longest sequence and padded per component, to a multiple
+    of `length_multiple` (fewer batch shapes to compile under XLA or DTensor, and the
+    same token layout as the DTensor placement's). Buckets are spaced 8 tokens apart; a
+    bucket of sequences up to L long holds batch_tokens // L of them. Padding uses id 0.
     """
     boundaries = list(range(9, max_length + 2, 8))
     batch_sizes = [max(1, batch_tokens // (b - 1)) for b in boundaries]
@@ -171,4 +172,14 @@ def batch_by_tokens(sequences: tf.data.Dataset, *, batch_tokens: int,
             tf.stack([tf.shape(seq)[0] for seq in seqs])),
         bucket_boundaries=boundaries, bucket_batch_sizes=batch_sizes,
         padded_shapes=tf.nest.map_structure(lambda _: [None], sequences.element_spec),
-        padding_values=0)
+        padding_values=0).map(
+            lambda *batch: _pad_length_to_multiple(batch, length_multiple))
+
+
+def _pad_length_to_multiple(batch, multiple: int):
+    """Each `[rows, length]` of `batch` (a tuple) padded with 0 to a multiple length."""
+    def pad(ids):
+        return tf.pad(ids, [[0, 0], [0, -tf.shape(ids)[1] % multiple]])
+
+    padded = tuple(pad(ids) for ids in batch)
+    return padded if len(padded) > 1 else padded[0]

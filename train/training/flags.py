@@ -39,6 +39,9 @@ def _define_data_flags(default_data: str, flag_values: flags.FlagValues) -> None
     flags.DEFINE_integer("vocab_size", 8192, "Subword vocabulary size.", **where)
     flags.DEFINE_integer("max_length", 64, "Subword pieces per sentence kept.", **where)
     flags.DEFINE_integer("batch_tokens", 4096, "Target tokens per batch.", **where)
+    flags.DEFINE_integer("length_multiple", 1,
+                         "Pads every batch's length to a multiple of this (8 gives one "
+                         "device the token layout of --strategy=dtensor).", **where)
     flags.DEFINE_integer("shuffle_buffer", 10000, "Lines in the shuffle buffer.", **where)
 
 
@@ -101,7 +104,8 @@ def _define_placement_flags(flag_values: flags.FlagValues) -> None:
 def _register_checks(flag_values: flags.FlagValues) -> None:
     """The common flags' own ranges, and the settings that do not go together."""
     where = dict(flag_values=flag_values)
-    require_at_least(1, ("vocab_size", "max_length", "batch_tokens", "train_steps",
+    require_at_least(1, ("vocab_size", "max_length", "batch_tokens", "length_multiple",
+                         "train_steps",
                          "log_every", "checkpoint_every", "shuffle_buffer",
                          "num_cpu_devices"), flag_values)
     require_at_least(0, ("warmup_steps", "eval_every", "max_eval_batches", "clip_norm"),
@@ -110,11 +114,6 @@ def _register_checks(flag_values: flags.FlagValues) -> None:
                              message="--learning_rate must be > 0.", **where)
     flags.register_validator("dropout", lambda v: v is not None and 0 <= v < 1,
                              message="--dropout must be in [0, 1).", **where)
-    flags.register_multi_flags_validator(
-        ["capacity_group_size", "strategy"],
-        lambda v: v["capacity_group_size"] is None or v["strategy"] != "dtensor",
-        message="--capacity_group_size does not work with --strategy=dtensor (DTensor "
-                "routes the batch as one group).", **where)
     flags.register_multi_flags_validator(
         ["jit_compile", "strategy"],
         lambda v: not v["jit_compile"] or v["strategy"] == "default",
