@@ -136,15 +136,15 @@ class ExpertSharding:
         """Grouped buffers `[batch shards, expert shards, groups, experts, capacity, d]`
         split over both mesh axes by group -> the same split over the batch axis by group
         and over the expert axis by expert: the all-to-all."""
-        return self._swap_split(buffers, self.expert_axis)
+        return self._swap_split(buffers, to_experts=True)
 
     def from_experts(self, buffers: tf.Tensor) -> tf.Tensor:
         """`to_experts`' way back: the all-to-all to split by group again."""
-        return self._swap_split(buffers, None)
+        return self._swap_split(buffers, to_experts=False)
 
-    def _swap_split(self, buffers: tf.Tensor, experts_split: Optional[str]) -> tf.Tensor:
-        """Relayouts grouped buffers to be split over the expert axis by expert
-        (`experts_split` the expert axis) or by group (None).
+    def _swap_split(self, buffers: tf.Tensor, to_experts: bool) -> tf.Tensor:
+        """Relayouts grouped buffers from split by group to split by expert over the
+        expert axis (`to_experts`), or back.
 
         Through `[batch shards, expert shards, experts x groups x capacity x d]`, the
         experts outermost in the last axis: DTensor (TF 2.21) lowers a relayout between
@@ -154,11 +154,28 @@ class ExpertSharding:
         shape = buffers.shape.as_list()
         experts_outer = [0, 1, 3, 2, 4, 5]      # [B, Es, groups, E, ...] <-> [B, Es, E, groups, ...]
         flat = tf.reshape(tf.transpose(buffers, experts_outer), shape[:2] + [-1])
-        groups_split = None if experts_split else self.expert_axis
-        flat = dtensor.relayout(flat, self._layout([self.batch_axis, groups_split,
-                                                    experts_split]))
+        by_group = self._layout([self.batch_axis, self.expert_axis, None])
+        by_expert = self._layout([self.batch_axis, None, self.expert_axis])
+        flat = _relayout_with_gradient(flat, by_group if to_experts else by_expert,
+                                       by_expert if to_experts else by_group)
         swapped = tf.reshape(flat, [shape[i] for i in experts_outer])
         return tf.transpose(swapped, experts_outer)
+
+
+def _relayout_with_gradient(values: tf.Tensor, source: dtensor.Layout,
+                            target: dtensor.Layout) -> tf.Tensor:
+    """`dtensor.relayout(values, target)` for `values` of layout `source`, whose gradient
+    is pinned to `target` before it moves back to `source`: DTensor otherwise may lay the
+    incoming gradient out replicated (seen with a batch axis of size 1), turning the
+    backward all-to-all into an all-gather of every expert's buffers."""
+    @tf.custom_gradient
+    def relayout(values):
+        def grad(d_values):
+            return dtensor.relayout(dtensor.relayout(d_values, target), source)
+
+        return dtensor.relayout(values, target), grad
+
+    return relayout(values)
 
 
 def is_expert_weight(variable) -> bool:

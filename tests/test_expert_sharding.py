@@ -39,10 +39,11 @@ def test_expert_parallel_layer_equals_one_device(layer_runs, case):
     assert got == pytest.approx(want, abs=1e-7) and want > 0.05, run
 
 
-def test_dtensor_comm_lists_an_all_to_all_of_the_ideal_size(tmp_path):
+@pytest.mark.parametrize("mesh", ["batch:2,expert:2", "batch:1,expert:4"])
+def test_dtensor_comm_lists_an_all_to_all_of_the_ideal_size(tmp_path, mesh):
     report_file = tmp_path / "comm.json"
-    run_ok([sys.executable, "-m", "benchmarks.dtensor_comm", "--tokens=256",
-            "--model_dim=8", "--hidden_size=8", "--num_experts=8",
+    run_ok([sys.executable, "-m", "benchmarks.dtensor_comm", f"--mesh={mesh}",
+            "--tokens=256", "--model_dim=8", "--hidden_size=8", "--num_experts=8",
             f"--json={report_file}"], timeout=300)
     report = json.loads(report_file.read_text())
     by_op = {}
@@ -53,7 +54,7 @@ def test_dtensor_comm_lists_an_all_to_all_of_the_ideal_size(tmp_path):
     assert report["all_to_all_bytes_sent"] == pytest.approx(report["ideal_all_to_all_bytes"])
     # The rest moves at most d per token of a batch shard (the combined outputs, the
     # inputs' gradient): no buffer of every expert's slots is gathered anywhere.
-    tokens_per_batch_shard = 256 // 2
+    tokens_per_batch_shard = 256 // int(mesh.split(",")[0].split(":")[1])
     for collective in by_op.get("AllGather", []):
         assert np.prod(collective["shape"]) <= tokens_per_batch_shard * 8, collective
 
