@@ -27,6 +27,7 @@ SOURCE_COMMANDS = {
     "benchmarks.memory_bench": "benchmarks/memory_bench.py",
     "benchmarks.profile_layer": "benchmarks/profile_layer.py",
     "benchmarks.lm_table": "benchmarks/lm_table.py",
+    "benchmarks.dtensor_comm": "benchmarks/dtensor_comm.py",
     "train.data.bible_corpus": "train/data/bible_corpus.py",
     "benchmarks/gpu_check.sh": "benchmarks/gpu_check.sh",
 }
