@@ -182,15 +182,43 @@ def _gather_rows(values, index, groups_rank: int):
     return tf.reshape(flat, shape + [values.shape[-1]])
 
 
+def _sum_per_token_in_order(slot_rows, token_index, group_size):
+    """`[*groups, experts, capacity, d]` -> `[*groups, token_group_size, d]`, each token's
+    sum of its slots' rows, for routings where a token has any number of slots.
+
+    Sorted by token (one marker per token sorts before the token's rows, as in
+    `routing._slots_in_priority_order`), a running sum read at the markers and
+    differenced: only sorts, gathers and a cumulative sum, each within a group (a segment
+    sum is not, under DTensor). The running sum is float64, so that the differences are
+    exact to float32.
+    """
+    shape = static_shape(slot_rows)
+    group_shape, width = shape[:-3], shape[-1]
+    groups_rank = len(group_shape)
+    rows = tf.reshape(slot_rows, group_shape + [-1, width])            # [*G, N, d]
+    tokens = tf.reshape(token_index, group_shape + [-1])               # [*G, N]
+    num_rows = static_shape(tokens)[-1]
+    markers = tf.broadcast_to(tf.range(group_size + 1), group_shape + [group_size + 1])
+    order = tf.argsort(tf.concat([2 * tokens + 1, 2 * markers], axis=-1), axis=-1,
+                       stable=True)
+    marker_position = tf.argsort(order, axis=-1, stable=True)[..., num_rows:]
+    rows = tf.concat([tf.cast(rows, tf.float64),
+                      tf.zeros(group_shape + [group_size + 1, width], tf.float64)], axis=-2)
+    running = tf.cumsum(tf.gather(rows, order, batch_dims=groups_rank), axis=-2)
+    before = tf.gather(running, marker_position, batch_dims=groups_rank)  # [*G, S+1, d]
+    return tf.cast(before[..., 1:, :] - before[..., :-1, :], slot_rows.dtype)
+
+
 class _SlotMoves(NamedTuple):
-    """The rows' moves between a `SlotRouting`'s tokens and the experts' slots, both
-    ways by gathers (the slots' token index one way, the assignments' slot the other),
-    with gradients written as the opposite gathers: no scatter, so that under DTensor
-    every move stays within a device's own groups.
+    """The rows' moves between a routing's tokens and the experts' slots: into the slots
+    by gathers of each slot's token, back by sums of each token's slots; each one's
+    gradient is the other. No scatter, so that under DTensor every move stays within a
+    device's own groups.
 
     Attributes:
-        slots: the `CapacitySlots`, with `assignment_slot`.
-        gate: float32 `[*groups, token_group_size, slots]`, the routing's gates.
+        slots: the `CapacitySlots`.
+        gate: float32 `[*groups, token_group_size, slots]`, the routing's gates (in the
+            order of `slots.assignment_slot`).
     """
 
     slots: object
@@ -200,29 +228,24 @@ class _SlotMoves(NamedTuple):
     def groups_rank(self) -> int:
         return self.gate.shape.rank - 2
 
-    def _flat_slots(self, values):
-        """`[*groups, experts, capacity, d]` -> `[*groups, experts x capacity + 1, d]`,
-        the last row zero (what an unused or dropped assignment reads)."""
-        shape = static_shape(values)
-        return _pad_one_row(tf.reshape(values, shape[:-3] + [-1, shape[-1]]), -2)
-
-    def _per_token(self, slot_rows, weights=None):
+    def _per_token(self, slot_rows):
         """`[*groups, experts, capacity, d]` -> `[*groups, token_group_size, d]`: each
-        token's sum over its assignments' slots, times `weights` when given."""
-        rows = _gather_rows(self._flat_slots(slot_rows), self.slots.assignment_slot,
+        token's sum over its slots."""
+        if self.slots.varying_slots_per_token:
+            return _sum_per_token_in_order(slot_rows, self.slots.token_index,
+                                           static_shape(self.gate)[-2])
+        rows = _gather_rows(_flat_slots(slot_rows), self.slots.assignment_slot,
                             self.groups_rank)                    # [*G, S, K, d]
-        if weights is not None:
-            rows = rows * tf.cast(weights, rows.dtype)[..., None]
         return tf.reduce_sum(rows, axis=-2)
 
-    def _per_slot(self, token_rows, weights=None):
+    def _per_slot(self, token_rows):
         """`[*groups, token_group_size, d]` -> `[*groups, experts, capacity, d]`: each
-        slot's token row (zero for an empty slot), times `weights` when given."""
-        rows = _gather_rows(_pad_one_row(token_rows, -2), self.slots.token_index,
+        slot's token row (zero for an empty slot)."""
+        return _gather_rows(_pad_one_row(token_rows, -2), self.slots.token_index,
                             self.groups_rank)
-        if weights is not None:
-            rows = rows * tf.cast(weights, rows.dtype)[..., None]
-        return rows
+
+    def _slot_gate(self, dtype):
+        return tf.cast(self.slots.gate, dtype)[..., None]
 
     def dispatch(self, tokens):
         """`[*groups, token_group_size, d_in]` -> `[*groups, experts, capacity, d_in]`."""
@@ -238,29 +261,24 @@ class _SlotMoves(NamedTuple):
         @tf.custom_gradient
         def weighted_sum(outputs, gate):
             def grad(d_combined):
-                rows = _gather_rows(self._flat_slots(outputs), self.slots.assignment_slot,
-                                    self.groups_rank)            # [*G, S, K, d]
-                d_gate = tf.reduce_sum(tf.cast(rows, tf.float32) * tf.cast(
-                    d_combined, tf.float32)[..., None, :], axis=-1)
-                return self._per_slot(d_combined, self.slots.gate), d_gate
+                d_slots = self._per_slot(d_combined)            # [*G, E, C, d]
+                # The gate of an assignment: its token's gradient . its expert's output.
+                d_slot_gate = tf.reduce_sum(tf.cast(d_slots, tf.float32)
+                                            * tf.cast(outputs, tf.float32), axis=-1)
+                d_gate = _gather_rows(_flat_slots(d_slot_gate[..., None]),
+                                      self.slots.assignment_slot, self.groups_rank)
+                return d_slots * self._slot_gate(d_slots.dtype), d_gate[..., 0]
 
-            return self._per_token(outputs, gate), grad
+            return self._per_token(outputs * self._slot_gate(outputs.dtype)), grad
 
         return weighted_sum(outputs, self.gate)
 
 
-def _combine_by_segment_sum(outputs, slots, group_size):
-    """The combine for a `DenseRouting` (one device), whose slots have no inverse:
-    `[groups, experts, capacity, d]` -> `[groups, token_group_size, d]`, the slots'
-    gate-weighted rows summed per token (its gradient is a gather)."""
-    shape = static_shape(outputs)
-    groups, width = shape[0], shape[-1]
-    weighted = outputs * tf.cast(slots.gate, outputs.dtype)[..., None]
-    token_rows = slots.token_index + (group_size + 1) * tf.range(groups)[:, None, None]
-    summed = tf.math.unsorted_segment_sum(tf.reshape(weighted, [-1, width]),
-                                          tf.reshape(token_rows, [-1]),
-                                          groups * (group_size + 1))
-    return tf.reshape(summed, [groups, group_size + 1, width])[:, :-1]
+def _flat_slots(values):
+    """`[*groups, experts, capacity, d]` -> `[*groups, experts x capacity + 1, d]`, the
+    last row zero (what an unused or dropped assignment reads)."""
+    shape = static_shape(values)
+    return _pad_one_row(tf.reshape(values, shape[:-3] + [-1, shape[-1]]), -2)
 
 
 class CapacityDispatch(NamedTuple):
@@ -304,15 +322,8 @@ def capacity_dispatch(inputs, routing, experts, *, capacity, token_group_size=No
     grouped = routing.grouped(group)
     slots = grouped.capacity_slots(capacity)
     tokens = group(inputs)                                              # [*G, S, d_in]
-    groups_rank = tokens.shape.rank - 2
-    # A top-k routing's slots have an inverse (each assignment's slot), by which the
-    # rows move back with gathers; a dense routing's are combined with a segment sum.
-    moves = (_SlotMoves(slots, grouped.gate) if slots.assignment_slot is not None
-             else None)
-    if moves is not None:
-        buffers = moves.dispatch(tokens)
-    else:
-        buffers = _gather_rows(_pad_one_row(tokens, -2), slots.token_index, groups_rank)
+    moves = _SlotMoves(slots, grouped.gate)
+    buffers = moves.dispatch(tokens)
     if expert_sharding is not None:
         buffers = expert_sharding.to_experts(buffers)
     outputs = _run_experts_on_buffers(experts, buffers,
@@ -320,10 +331,7 @@ def capacity_dispatch(inputs, routing, experts, *, capacity, token_group_size=No
                                       and _runs_blockwise())   # [*G, E, C, d_out]
     if expert_sharding is not None:
         outputs = expert_sharding.from_experts(outputs)
-    if moves is not None:
-        combined = moves.combine(outputs)
-    else:
-        combined = _combine_by_segment_sum(outputs, slots, static_shape(tokens)[-2])
+    combined = moves.combine(outputs)
     if expert_sharding is not None:
         combined = expert_sharding.ungroup_tokens(combined)
     else:

@@ -306,6 +306,7 @@ class StrictlyBalancedGate(Gate):
     """
 
     options = {"threshold_loss_weight": 1.0}
+    supports_expert_sharding = True
 
     def __init__(self, *, num_experts: int, k: int, threshold_loss_weight: float = 1.0,
                  seed: Optional[int] = None, **kwargs):
@@ -349,16 +350,29 @@ class StrictlyBalancedGate(Gate):
                           load=routing.expert_counts())
 
     def _batchwise_mask(self, probs, token_weight):
-        """M_batchwise: 1 where a token is among its expert's top m; `[tokens, experts]`."""
+        """M_batchwise: 1 where a token is among its expert's top m; `[tokens, experts]`.
+
+        Each expert's m-th best (score, token) found by a top-k over its column; the mask
+        is then a comparison with it, ties going to earlier tokens as in `tf.math.top_k`
+        (no scatter of the top-k's indices, which DTensor cannot run on a split batch).
+        """
         num_valid = tf.reduce_sum(token_weight)
         m = tf.cast(tf.math.ceil(self.k * num_valid / self.num_experts), tf.int32)
         m = tf.minimum(m, tf.cast(num_valid, tf.int32))
         # Masked tokens score below every softmax value, so they are never picked.
-        scores = tf.transpose(tf.where(token_weight[:, None] > 0, probs, -1.0))
-        _, top_tokens = tf.math.top_k(scores, k=m)                       # [E, m]
-        experts = tf.broadcast_to(tf.range(self.num_experts)[:, None], tf.shape(top_tokens))
-        indices = tf.stack([tf.reshape(top_tokens, [-1]), tf.reshape(experts, [-1])], -1)
-        return tf.scatter_nd(indices, tf.ones([tf.shape(indices)[0]]), tf.shape(probs))
+        scores = tf.where(token_weight[:, None] > 0, probs, -1.0)          # [T, E]
+        num_tokens = tf.shape(scores)[0]
+        top_values, top_tokens = tf.math.top_k(
+            tf.transpose(scores), k=tf.minimum(tf.maximum(m, 1), num_tokens))
+        # The last of each column; above every score for a batch without tokens.
+        last = tf.maximum(tf.shape(top_values)[1] - 1, 0)
+        last_value = tf.gather(tf.concat([top_values, tf.fill([self.num_experts, 1], 2.0)],
+                                         axis=1), last, axis=1)                  # [E]
+        last_token = tf.gather(tf.concat([top_tokens, tf.fill([self.num_experts, 1], -1)],
+                                         axis=1), last, axis=1)
+        token = tf.range(num_tokens)[:, None]
+        picked = (scores > last_value) | ((scores == last_value) & (token <= last_token))
+        return tf.cast(picked & (m > 0), tf.float32)
 
     def get_config(self):
         config = super().get_config()

@@ -41,18 +41,22 @@ class CapacitySlots(NamedTuple):
         num_used: float32 scalar, the used assignments.
         num_kept: float32 scalar, the used assignments that found a slot (the rest are
             dropped).
-        assignment_slot: int32 `[*groups, token_group_size, slots]`, the slot
+        assignment_slot: int32 `[*groups, token_group_size, slots]` (`slots` the
+            routing's: k, or every expert for a `DenseRouting`), the slot
             (`expert * capacity + c`) of each of a token's assignments, `experts *
-            capacity` where it has none (unused or dropped): the inverse of `token_index`,
-            by which the dispatcher moves rows back with gathers. None for a
-            `DenseRouting` (its inverse would be tokens x experts).
+            capacity` where it has none (unused or dropped): the inverse of
+            `token_index`.
+        varying_slots_per_token: whether a token may fill any number of slots (a
+            `DenseRouting`), so that summing a token's slots cannot be a gather of a
+            fixed number of them.
     """
 
     token_index: tf.Tensor
     gate: tf.Tensor
     num_used: tf.Tensor
     num_kept: tf.Tensor
-    assignment_slot: Optional[tf.Tensor] = None
+    assignment_slot: tf.Tensor
+    varying_slots_per_token: bool = False
 
 
 class SlotRouting(NamedTuple):
@@ -188,25 +192,34 @@ class DenseRouting(NamedTuple):
         return self.gate
 
     def capacity_slots(self, capacity) -> CapacitySlots:
-        """The slots of `capacity` rows per expert that this `in_token_groups` routing
-        (`[token groups, token_group_size, experts]`) fills: each expert takes its used
+        """The slots of `capacity` rows per expert that this grouped routing
+        (`[*groups, token_group_size, experts]`) fills: each expert takes its used
         tokens in token order until its slots are full (a top-`capacity` over its
-        tokens, the size of the gate matrix)."""
-        group_size = tf.shape(self.gate)[1]
+        tokens, the size of the gate matrix; every op within a group)."""
+        shape = static_shape(self.gate)
+        group_shape, group_size, num_experts = shape[:-2], shape[-2], shape[-1]
+        groups_rank = len(group_shape)
+        swap_last = list(range(groups_rank)) + [groups_rank + 1, groups_rank]
         used = self.gate > 0
         # Earlier used tokens score higher; unused ones and the empty tokens (appended so
         # that there are at least `capacity` candidates) score 0.
-        empty = [[0, 0], [0, 0], [0, tf.maximum(capacity - group_size, 1)]]
-        score = tf.where(used, (group_size - tf.range(group_size))[None, :, None], 0)
-        score = tf.pad(tf.transpose(score, [0, 2, 1]), empty)
-        best, token = tf.math.top_k(score, k=capacity)                  # [G, E, C]
+        empty = [[0, 0]] * (groups_rank + 1) + [[0, tf.maximum(capacity - group_size, 1)]]
+        score = tf.where(used, (group_size - tf.range(group_size))[:, None], 0)
+        score = tf.pad(tf.transpose(score, swap_last), empty)
+        best, token = tf.math.top_k(score, k=capacity)                  # [*G, E, C]
         filled = best > 0
-        token = tf.where(filled, token, group_size)
-        gate = tf.pad(tf.transpose(self.gate, [0, 2, 1]), empty)
-        return CapacitySlots(token_index=token,
-                             gate=tf.gather(gate, token, batch_dims=2),
-                             num_used=tf.reduce_sum(tf.cast(used, tf.float32)),
-                             num_kept=tf.reduce_sum(tf.cast(filled, tf.float32)))
+        gate = tf.pad(tf.transpose(tf.stop_gradient(self.gate), swap_last), empty)
+        # A token's slot with an expert: how many of the expert's used tokens precede it.
+        rank = tf.cumsum(tf.cast(used, tf.int32), axis=-2, exclusive=True)  # [*G, S, E]
+        kept = used & (rank < capacity)
+        return CapacitySlots(
+            token_index=tf.where(filled, token, group_size),
+            gate=tf.gather(gate, token, batch_dims=groups_rank + 1),
+            num_used=tf.reduce_sum(tf.cast(used, tf.float32)),
+            num_kept=tf.reduce_sum(tf.cast(filled, tf.float32)),
+            assignment_slot=tf.where(kept, tf.range(num_experts) * capacity + rank,
+                                     num_experts * capacity),
+            varying_slots_per_token=True)
 
     def grouped(self, group) -> "DenseRouting":
         """The same routing with its tokens in groups (see `SlotRouting.grouped`)."""

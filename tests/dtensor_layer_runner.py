@@ -3,7 +3,7 @@ CPUs and on one device, and prints, one JSON line per case, how far apart they a
 
 Run in a process of its own (the CPU must be split before TensorFlow starts):
     python tests/dtensor_layer_runner.py MESH/GATE[/CAPACITY_GROUP_SIZE] ...
-with GATE `top_k` or `hierarchical`, e.g. `batch:2,expert:2/top_k/4`. Each case's layer:
+with GATE `top_k`, `hierarchical` or `balanced`, e.g. `batch:2,expert:2/top_k/4`. Each case's layer:
 8 experts, k=2, capacity dispatch with
 capacity_factor 1 (some assignments are dropped), no noise. The one-device run routes the
 same groups (capacity_group_size = the DTensor run's group size), so the two compute the
@@ -50,10 +50,12 @@ def compare(mesh_spec, gate, group_size):
     sharding = placement.sharding
     devices = sharding.num_batch_shards * sharding.num_expert_shards
     share = ROWS * TIME // devices
-    hierarchy = {"num_groups": 2, "group_k": 1} if gate == "hierarchical" else {}
-    config = MoEConfig(num_experts=8, k=2, hidden_size=5, noisy_gating=False,
-                       dispatch="capacity", capacity_factor=1.0,
-                       capacity_group_size=group_size, **hierarchy)
+    gate_settings = {"top_k": {"noisy_gating": False},
+                     "hierarchical": {"noisy_gating": False, "num_groups": 2, "group_k": 1},
+                     "balanced": {"gating": "balanced"}}[gate]
+    config = MoEConfig(num_experts=8, k=2, hidden_size=5, dispatch="capacity",
+                       capacity_factor=1.0, capacity_group_size=group_size,
+                       **gate_settings)
     keras.utils.set_random_seed(1)
     inputs = keras.Input((TIME, WIDTH), batch_size=ROWS)
     layer = SparselyGatedMoE(config=config, name="moe")

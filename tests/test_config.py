@@ -150,6 +150,15 @@ def test_a_new_router_is_one_class_and_one_registration():
             SparselyGatedMoE(4, 1, 8, gating="first_expert", noisy_gating=True)
         with pytest.raises(ValueError, match="flat"):
             SparselyGatedMoE(4, 1, 8, gating="first_expert", num_groups=2)
+        # A gate says whether DTensor may split its batch; this one does not.
+        from tensorflow.experimental import dtensor
+
+        from moe_tf import ExpertSharding
+        mesh = dtensor.create_mesh([("batch", 1), ("expert", 1)], devices=["CPU:0"],
+                                   device_type="CPU")
+        with pytest.raises(ValueError, match="needs gating='top_k'/'balanced'"):
+            SparselyGatedMoE(4, 1, 8, gating="first_expert",
+                             dispatch="capacity").shard_experts(ExpertSharding(mesh))
     finally:
         del GATES["first_expert"]
     assert set(GATES) == {"top_k", "balanced"}

@@ -15,7 +15,8 @@ LAYER_RUNNER = os.path.join(os.path.dirname(__file__), "dtensor_layer_runner.py"
 
 # Mesh / gate / capacity_group_size (none: one group per device, 8 tokens).
 CASES = ["batch:2,expert:2/top_k", "batch:1,expert:4/top_k/2",
-         "batch:2,expert:2/hierarchical/4", "batch:1,expert:4/hierarchical"]
+         "batch:2,expert:2/hierarchical/4", "batch:1,expert:4/hierarchical",
+         "batch:2,expert:2/balanced", "batch:1,expert:4/balanced/4"]
 
 
 @pytest.fixture(scope="module")
