@@ -40,8 +40,27 @@ class ProjectedLSTM(keras.layers.Layer):
             self.projection.build(tuple(input_shape[:-1]) + (self.lstm_output_dim,))
 
     def call(self, inputs, *, training=None, mask=None):
-        outputs = self.lstm(inputs, training=training, mask=mask)
+        if self.bidirectional:
+            outputs = self._both_directions(inputs, training=training, mask=mask)
+        else:
+            outputs = self.lstm(inputs, training=training, mask=mask)
         return outputs if self.projection is None else self.projection(outputs)
+
+    def _both_directions(self, inputs, *, training, mask):
+        """What `self.lstm` (a Keras Bidirectional, concatenating) computes, with the time
+        reversals done by gathers: DTensor (TF 2.21) cannot lay out `tf.reverse`, which
+        the Bidirectional and its backward LSTM use. The backward LSTM runs forward over
+        the reversed sequence and mask, which is how Keras runs `go_backwards`."""
+        forward = self.lstm.forward_layer(inputs, training=training, mask=mask)
+        backward_layer = self.lstm.backward_layer
+        backward_layer.go_backwards = False
+        try:
+            backward = backward_layer(_reverse_time(inputs), training=training,
+                                      mask=None if mask is None else _reverse_time(mask))
+        finally:
+            backward_layer.go_backwards = True
+        return tf.concat([tf.cast(forward, self.compute_dtype),
+                          _reverse_time(tf.cast(backward, self.compute_dtype))], axis=-1)
 
     def initial_state(self, batch_size):
         """Zero `[h, c]`, each `[batch_size, units]`."""
@@ -55,3 +74,9 @@ class ProjectedLSTM(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "units": self.units, "output_dim": self.output_dim,
                 "bidirectional": self.bidirectional}
+
+
+def _reverse_time(values: tf.Tensor) -> tf.Tensor:
+    """`[batch, time, ...]` with time reversed (a gather)."""
+    length = tf.shape(values)[1]
+    return tf.gather(values, tf.range(length - 1, -1, -1), axis=1)

@@ -28,6 +28,7 @@ class DataParallel:
         self.strategy = strategy
         self.name = name
         self.is_chief = is_chief(strategy)
+        self.shards_checkpoints = False  # every worker holds the whole model
         self.jit_compile = jit_compile
 
     def scope(self):

@@ -10,6 +10,7 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.experimental import dtensor
 
+from models.projected_lstm import ProjectedLSTM
 from moe_tf import SparselyGatedMoE
 from moe_tf.expert_sharding import ExpertSharding, is_expert_weight
 from train.distribution.devices import MESH_AXES
@@ -46,6 +47,9 @@ class ExpertParallel:
         self.mesh = mesh
         self.sharding = ExpertSharding(mesh)
         self.is_chief = dtensor.client_id() == 0
+        # With several clients each holds only its devices' shards of the experts: all
+        # of them write the model checkpoint, each its shards, into one path.
+        self.shards_checkpoints = True
         self._placed_variables: List[keras.Variable] = []
         self._rolled: List[keras.layers.RNN] = []
 
@@ -63,13 +67,17 @@ class ExpertParallel:
         return local_replica_slices(dataset, tf.distribute.get_strategy())
 
     def place(self, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+        # ProjectedLSTM reverses time by gathers; any other backward RNN uses tf.reverse.
+        reversed_by_gathers = {id(layer.lstm.backward_layer)
+                               for layer in model._flatten_layers()
+                               if isinstance(layer, ProjectedLSTM) and layer.bidirectional}
         for layer in model._flatten_layers():
-            if isinstance(layer, keras.layers.RNN) and layer.go_backwards:
+            if (isinstance(layer, keras.layers.RNN) and layer.go_backwards
+                    and id(layer) not in reversed_by_gathers):
                 raise ValueError(
                     f"--strategy=dtensor: layer {layer.name!r} runs backwards in time "
-                    f"(e.g. a bidirectional encoder); DTensor on TensorFlow 2.21 cannot "
-                    f"lay out its time reversal (ReverseV2). Use --strategy=mirrored or "
-                    f"multi_worker for this model.")
+                    f"with tf.reverse, which DTensor on TensorFlow 2.21 cannot lay out "
+                    f"(ReverseV2). Use --strategy=mirrored or multi_worker for this model.")
         for layer in model._flatten_layers():
             if isinstance(layer, SparselyGatedMoE):
                 layer.shard_experts(self.sharding)

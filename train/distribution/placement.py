@@ -29,6 +29,9 @@ class Placement(Protocol):
 
     is_chief: bool
     """Whether this process writes checkpoints, summaries, metrics and exports."""
+    shards_checkpoints: bool
+    """Whether every process writes its own shards of the model into the one checkpoint
+    (in the shared `--model_dir`), rather than the chief writing it whole."""
 
     def scope(self) -> ContextManager:
         """The context in which the model and optimizer are created."""

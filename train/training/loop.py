@@ -66,6 +66,10 @@ class Trainer:
         self.is_chief = self.placement.is_chief
         # Other workers save their (identical) checkpoints where nobody reads them.
         self.write_dir = config.model_dir if self.is_chief else tempfile.mkdtemp()
+        # Unless each process holds only its shards of the model: then every process
+        # writes its own into the one checkpoint (multi-client DTensor).
+        self.model_checkpoint_dir = (config.model_dir if self.placement.shards_checkpoints
+                                     else self.write_dir)
         self.placement.place(model, optimizer)
         self.eval_data = {name: self.placement.input(data)
                           for name, data in eval_data.items()}
@@ -99,7 +103,7 @@ class Trainer:
             model=self.model, optimizer=self.optimizer, window=self.window,
             last_train_loss=self.last_train_loss, seed_states=seed_states)
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(self.write_dir, CHECKPOINT_DIR),
+            self.checkpoint, os.path.join(self.model_checkpoint_dir, CHECKPOINT_DIR),
             max_to_keep=self.config.keep_checkpoints)
         self.data_checkpoint = tf.train.Checkpoint(data=self.iterator)
         self.data_manager = tf.train.CheckpointManager(
