@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,31 +103,53 @@ def test_baselines_train(model, tmp_path):
     check_metrics(metrics(tmp_path), 3)
 
 
-def test_killed_run_resumes_to_the_same_loss(tmp_path):
+def start_and_signal(model_dir, flags, signal_number):
+    """Starts a run, sends it `signal_number` once its step-10 checkpoint exists, and
+    returns the finished process and its stderr."""
+    process = subprocess.Popen(lm_command(model_dir, *flags), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if (model_dir / "checkpoints" / "ckpt-10.index").exists():
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be signalled"
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=120)
+    return process, stderr
+
+
+def test_killed_or_terminated_run_resumes_to_the_same_loss(tmp_path):
+    """kill -9 loses the steps since the last periodic checkpoint; SIGTERM (preemption)
+    checkpoints the step under way and exits 143. Either way the same command resumes
+    to the unbroken run's loss."""
     flags = ("--train_steps=30", "--checkpoint_every=5", "--log_every=10",
              "--export_dir=", "--noisy_gating=true", "--dropout=0.1")
     unbroken = tmp_path / "unbroken"
     run_ok(lm_command(unbroken, *flags))
+    want = metrics(unbroken)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(lm_command(killed, *flags), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    checkpoints = killed / "checkpoints"
-    while time.time() < deadline and process.poll() is None:
-        if (checkpoints / "ckpt-10.index").exists():
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the run ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    start_and_signal(killed, flags, signal.SIGKILL)
     assert not (killed / "metrics.json").exists()
-    resumed = run_ok(lm_command(killed, *flags))
-    assert "Resumed from" in resumed.stderr
-    a, b = metrics(unbroken), metrics(killed)
-    assert a["global_step"] == b["global_step"] == 30
-    assert a["final_train_loss"] == pytest.approx(b["final_train_loss"], rel=1e-6)
-    assert a["valid_perplexity"] == pytest.approx(b["valid_perplexity"], rel=1e-6)
+
+    terminated = tmp_path / "terminated"
+    process, stderr = start_and_signal(terminated, flags, signal.SIGTERM)
+    assert process.returncode == 143, stderr[-3000:]
+    stopped = re.search(r"Stopped by SIGTERM at step (\d+)/30", stderr)
+    assert stopped and "Traceback" not in stderr, stderr[-3000:]
+    assert (terminated / "checkpoints" / f"ckpt-{stopped.group(1)}.index").exists()
+    assert not (terminated / "metrics.json").exists()
+
+    for model_dir in (killed, terminated):
+        resumed = run_ok(lm_command(model_dir, *flags))
+        assert "Resumed from" in resumed.stderr
+        got = metrics(model_dir)
+        assert got["global_step"] == want["global_step"] == 30
+        assert got["final_train_loss"] == pytest.approx(want["final_train_loss"], rel=1e-6)
+        assert got["valid_perplexity"] == pytest.approx(want["valid_perplexity"], rel=1e-6)
+    assert f"at step {stopped.group(1)}." in resumed.stderr
 
 
 def test_incompatible_model_dir_is_refused_untouched(tmp_path):
@@ -384,8 +407,10 @@ def test_capacity_dispatch_trains_under_xla_as_without_it(tmp_path):
     values = {}
     for jit in ("--nojit_compile", "--jit_compile"):
         model_dir = tmp_path / jit
+        # Lengths padded to multiples of 8: fewer batch shapes for XLA to compile.
         run_ok(lm_command(model_dir, "--dispatch=capacity", "--capacity_factor=1.0",
-                          "--train_steps=6", "--export_dir=", jit))
+                          "--train_steps=6", "--export_dir=", "--length_multiple=8",
+                          "--max_eval_batches=2", jit))
         values[jit] = metrics(model_dir)
         check_metrics(values[jit], 6)
         assert 0 <= values[jit]["balance"]["moe/dropped_fraction"] < 1

@@ -105,7 +105,7 @@ def main(argv):
     trainer = from_flags.make_trainer(
         model=model, optimizer=optimizer, loss_fn=lm_loss, placement=placement,
         train_data=train_data, eval_data=eval_data)
-    metrics = trainer.train(extra_metrics={
+    metrics = from_flags.train(trainer, {
         "model": FLAGS.model, "params_excluding_embedding_softmax": params,
         "ops_per_timestep": ops, "vocab_size": tokenizer.vocab_size,
         "skipped_lines": skipped})

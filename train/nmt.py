@@ -241,7 +241,7 @@ def main(argv):
                                length_penalty=FLAGS.length_penalty,
                                target_languages=target_languages)
     trainer = make_trainer(server, corpora, optimizer=optimizer, placement=placement)
-    metrics = trainer.train(extra_metrics={
+    metrics = from_flags.train(trainer, {
         "model": FLAGS.model, "gating": config.moe.gating if config.has_moe else None,
         "lstm_width": config.lstm_width, **sizes, "vocab_size": tokenizer.vocab_size,
         "directions": [c.direction for c in corpora], "beam_width": FLAGS.beam_width,

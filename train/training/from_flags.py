@@ -4,6 +4,7 @@ binaries' `main` uses it once absl has parsed them into FLAGS."""
 import dataclasses
 import functools
 import os
+import sys
 from typing import Dict
 
 import keras
@@ -83,6 +84,15 @@ def make_trainer(**trainer_arguments) -> loop.Trainer:
                              max_eval_batches=FLAGS.max_eval_batches)
     with usage_errors():  # e.g. a model the --strategy cannot place
         return loop.Trainer(config=config, **trainer_arguments)
+
+
+def train(trainer: loop.Trainer, extra_metrics: Dict) -> Dict:
+    """`trainer.train`; a run stopped by SIGTERM or SIGINT (its step checkpointed) exits
+    with the signal's shell status (143, 130)."""
+    try:
+        return trainer.train(extra_metrics=extra_metrics)
+    except loop.StoppedBySignal as stop:
+        sys.exit(stop.exit_status)
 
 
 def export_dir() -> str:

@@ -10,8 +10,11 @@ auxiliary losses (`model.losses`), once, to the loss that is differentiated
 
 import dataclasses
 import math
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 import time
 from typing import Callable, Dict, Optional
 
@@ -110,6 +113,7 @@ class Trainer:
             self.data_checkpoint, os.path.join(self.write_dir, DATA_CHECKPOINT_DIR),
             max_to_keep=self.config.keep_checkpoints)
         self.data_position_saves = True
+        self.saved_step = None  # the step of the last checkpoint written or restored
 
     def save(self, step: int) -> None:
         # The data position first: a model checkpoint then always has its position.
@@ -123,6 +127,7 @@ class Trainer:
                                 "restarts the data stream.")
                 self.data_position_saves = False
         self.manager.save(checkpoint_number=step)
+        self.saved_step = step
 
     @property
     def step(self) -> int:
@@ -142,6 +147,7 @@ class Trainer:
                 logging.warning("No data position saved with %s: the data stream restarts.",
                                 latest)
             logging.info("Resumed from %s at step %d.", latest, self.step)
+            self.saved_step = self.step
         return self.step
 
     def evaluate(self, name: str) -> float:
@@ -175,12 +181,22 @@ class Trainer:
             self.placement.reset_metrics(layer)
 
     def train(self, extra_metrics: Optional[Dict] = None) -> Dict:
-        """Runs to `train_steps`; returns (and writes) the run's metrics."""
+        """Runs to `train_steps`; returns (and writes) the run's metrics.
+
+        SIGTERM or SIGINT (preemption, Ctrl-C) ends the run after the step under way:
+        a checkpoint at that step, then `StoppedBySignal`; the same command resumes there.
+        """
+        with _stop_requests() as stop_requested:
+            return self._train(extra_metrics, stop_requested)
+
+    def _train(self, extra_metrics, stop_requested) -> Dict:
         cfg = self.config
         start_step = self.restore()
         run_start, run_tokens = time.time(), 0.0
         window_start = time.time()
         while self.step < cfg.train_steps:
+            if stop_requested:
+                self._stop(stop_requested[0])
             nll_sum, num_tokens = self._train_step(next(self.iterator))
             self.window.assign_add(tf.cast(tf.stack([nll_sum, num_tokens]), tf.float64))
             run_tokens += float(num_tokens)
@@ -211,6 +227,17 @@ class Trainer:
         self.eval_writer.flush()
         return metrics
 
+    def _stop(self, signal_number: int) -> None:
+        """Checkpoints the current step (unless it just was) and raises StoppedBySignal."""
+        step = self.step
+        if self.saved_step != step:
+            self.save(step)
+        name = signal.Signals(signal_number).name
+        logging.warning("Stopped by %s at step %d/%d; the checkpoint of that step is "
+                        "written: the same command resumes there.", name, step,
+                        self.config.train_steps)
+        raise StoppedBySignal(signal_number)
+
     def _log_progress(self, step, start_step, run_start, window_start):
         """Progress line and TensorBoard scalars for the window that ends at `step`."""
         nll, tokens = self.window.numpy()
@@ -228,6 +255,36 @@ class Trainer:
             tf.summary.scalar("learning_rate", float(self.optimizer.learning_rate))
             tf.summary.scalar("tokens_per_second", rate)
             self._log_balance()
+
+
+class StoppedBySignal(Exception):
+    """Training stopped at a SIGTERM or SIGINT, after checkpointing its step."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's status for a process ended by the signal (143 for SIGTERM)."""
+        return 128 + self.signal_number
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """While active, SIGTERM and SIGINT append their number to the yielded list instead
+    of ending the process (main thread only: elsewhere the list stays empty)."""
+    requests = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requests
+        return
+    previous = {number: signal.signal(number, lambda number, _: requests.append(number))
+                for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requests
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _duration(seconds: float) -> str:
