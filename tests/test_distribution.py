@@ -210,7 +210,7 @@ def test_two_dtensor_clients_on_localhost_match_one_device(capacity_run, tmp_pat
 
 
 # The translation model under DTensor: both MoE layers, the bidirectional encoder.
-NMT_EXACT = ("--dropout=0", "--seed=3", "--train_steps=4", "--log_every=2",
+NMT_EXACT = ("--dropout=0", "--seed=3", "--train_steps=2", "--log_every=1",
              "--export_dir=", "--bleu_sentences=0", "--dispatch=capacity",
              "--capacity_factor=2", "--length_multiple=8", "--max_eval_batches=2")
 
