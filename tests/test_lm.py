@@ -103,15 +103,15 @@ def test_baselines_train(model, tmp_path):
     check_metrics(metrics(tmp_path), 3)
 
 
-def start_and_signal(model_dir, flags, signal_number):
-    """Starts a run, sends it `signal_number` once its step-10 checkpoint exists, and
-    returns the finished process and its stderr."""
+def start_and_signal(model_dir, flags, signal_number, after_checkpoint):
+    """Starts (or resumes) a run, sends it `signal_number` once its checkpoint of step
+    `after_checkpoint` exists, and returns the finished process and its stderr."""
     process = subprocess.Popen(lm_command(model_dir, *flags), cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
-        if (model_dir / "checkpoints" / "ckpt-10.index").exists():
+        if (model_dir / "checkpoints" / f"ckpt-{after_checkpoint}.index").exists():
             break
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be signalled"
@@ -120,36 +120,34 @@ def start_and_signal(model_dir, flags, signal_number):
     return process, stderr
 
 
-def test_killed_or_terminated_run_resumes_to_the_same_loss(tmp_path):
-    """kill -9 loses the steps since the last periodic checkpoint; SIGTERM (preemption)
-    checkpoints the step under way and exits 143. Either way the same command resumes
-    to the unbroken run's loss."""
+def test_terminated_then_killed_run_resumes_to_the_same_loss(tmp_path):
+    """SIGTERM (preemption) checkpoints the step under way and exits 143; the same
+    command resumes there. kill -9 then loses only the steps since the last periodic
+    checkpoint. Resumed once more, the run reaches the unbroken run's loss."""
     flags = ("--train_steps=30", "--checkpoint_every=5", "--log_every=10",
              "--export_dir=", "--noisy_gating=true", "--dropout=0.1")
     unbroken = tmp_path / "unbroken"
     run_ok(lm_command(unbroken, *flags))
-    want = metrics(unbroken)
 
-    killed = tmp_path / "killed"
-    start_and_signal(killed, flags, signal.SIGKILL)
-    assert not (killed / "metrics.json").exists()
-
-    terminated = tmp_path / "terminated"
-    process, stderr = start_and_signal(terminated, flags, signal.SIGTERM)
+    broken = tmp_path / "broken"
+    process, stderr = start_and_signal(broken, flags, signal.SIGTERM, after_checkpoint=10)
     assert process.returncode == 143, stderr[-3000:]
     stopped = re.search(r"Stopped by SIGTERM at step (\d+)/30", stderr)
     assert stopped and "Traceback" not in stderr, stderr[-3000:]
-    assert (terminated / "checkpoints" / f"ckpt-{stopped.group(1)}.index").exists()
-    assert not (terminated / "metrics.json").exists()
+    assert (broken / "checkpoints" / f"ckpt-{stopped.group(1)}.index").exists()
+    assert not (broken / "metrics.json").exists()
 
-    for model_dir in (killed, terminated):
-        resumed = run_ok(lm_command(model_dir, *flags))
-        assert "Resumed from" in resumed.stderr
-        got = metrics(model_dir)
-        assert got["global_step"] == want["global_step"] == 30
-        assert got["final_train_loss"] == pytest.approx(want["final_train_loss"], rel=1e-6)
-        assert got["valid_perplexity"] == pytest.approx(want["valid_perplexity"], rel=1e-6)
-    assert f"at step {stopped.group(1)}." in resumed.stderr
+    assert int(stopped.group(1)) < 25
+    process, stderr = start_and_signal(broken, flags, signal.SIGKILL, after_checkpoint=25)
+    assert "Resumed from" in stderr and f"at step {stopped.group(1)}." in stderr
+    assert not (broken / "metrics.json").exists()
+
+    resumed = run_ok(lm_command(broken, *flags))
+    assert "Resumed from" in resumed.stderr
+    got, want = metrics(broken), metrics(unbroken)
+    assert got["global_step"] == want["global_step"] == 30
+    assert got["final_train_loss"] == pytest.approx(want["final_train_loss"], rel=1e-6)
+    assert got["valid_perplexity"] == pytest.approx(want["valid_perplexity"], rel=1e-6)
 
 
 def test_incompatible_model_dir_is_refused_untouched(tmp_path):
