@@ -109,7 +109,7 @@ class ExpertSharding:
                 f"ExpertSharding: {num_tokens} tokens do not split evenly over the mesh's "
                 f"{self.num_batch_shards} batch x {self.num_expert_shards} expert shards "
                 f"({devices} devices); pad the batch to a multiple of {devices} rows.")
-        share = num_tokens // devices
+        share = self.tokens_per_device(num_tokens)
         group_size = token_group_size or share
         if share % group_size:
             raise ValueError(

@@ -43,6 +43,22 @@ def test_mirrored_matches_one_device(default_run, tmp_path):
     assert_same_run(metrics(tmp_path), default_run)
 
 
+def run_processes_ok(command, environments, *, timeout):
+    """Runs `command` once per environment (added to this one), all at once, as the
+    workers or clients of one job; each must succeed."""
+    processes = [subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, **environment),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True)
+                 for environment in environments]
+    try:
+        for process in processes:
+            _, stderr = process.communicate(timeout=timeout)
+            assert process.returncode == 0, stderr[-3000:]
+    finally:
+        for process in processes:
+            process.kill()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,20 +67,10 @@ def free_port():
 
 def test_multi_worker_on_localhost_matches_one_device(default_run, tmp_path):
     cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
-    processes = []
-    for index in range(2):
-        env = dict(os.environ, TF_CONFIG=json.dumps(
-            {"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        processes.append(subprocess.Popen(
-            lm_command(tmp_path, *EXACT, "--strategy=multi_worker"), cwd=ROOT, env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    try:
-        for process in processes:
-            _, stderr = process.communicate(timeout=300)
-            assert process.returncode == 0, stderr[-3000:]
-    finally:
-        for process in processes:
-            process.kill()
+    run_processes_ok(lm_command(tmp_path, *EXACT, "--strategy=multi_worker"),
+                     [{"TF_CONFIG": json.dumps({"cluster": cluster,
+                                                "task": {"type": "worker", "index": index}})}
+                      for index in range(2)], timeout=300)
     assert_same_run(metrics(tmp_path), default_run)
     # Only the chief (worker 0) writes into --model_dir.
     assert sorted(os.listdir(tmp_path / "checkpoints")).count("checkpoint") == 1
@@ -185,20 +191,9 @@ def test_two_dtensor_clients_on_localhost_match_one_device(capacity_run, tmp_pat
     ports = [free_port(), free_port()]
     command = lm_command(tmp_path, *EXACT, *CAPACITY, "--strategy=dtensor",
                          "--num_cpu_devices=2", "--mesh=batch:1,expert:4")
-    processes = []
-    for client in range(2):
-        env = dict(os.environ, DTENSOR_JOBS=",".join(f"127.0.0.1:{p}" for p in ports),
-                   DTENSOR_NUM_CLIENTS="2", DTENSOR_CLIENT_ID=str(client))
-        processes.append(subprocess.Popen(command, cwd=ROOT, env=env,
-                                          stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, text=True))
-    try:
-        for process in processes:
-            _, stderr = process.communicate(timeout=400)
-            assert process.returncode == 0, stderr[-3000:]
-    finally:
-        for process in processes:
-            process.kill()
+    run_processes_ok(command, [{"DTENSOR_JOBS": ",".join(f"127.0.0.1:{p}" for p in ports),
+                                "DTENSOR_NUM_CLIENTS": "2", "DTENSOR_CLIENT_ID": str(client)}
+                               for client in range(2)], timeout=400)
     two_clients = metrics(tmp_path)
     assert_same_run(two_clients, capacity_run, perplexity_rel=1e-4)
     # Every expert's shard is in the checkpoint: one device restores it whole.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.test_lm import ROOT, run_ok
+from tests.test_lm import run_ok
 
 LAYER_RUNNER = os.path.join(os.path.dirname(__file__), "dtensor_layer_runner.py")
 
