@@ -17,8 +17,8 @@ def global_dtype_policy():
 
 # Modules whose tests run the training binaries or other subprocesses end to end: every
 # test in them is `slow`. Slow tests elsewhere carry `@pytest.mark.slow` themselves.
-END_TO_END_MODULES = {"test_distribution", "test_lm", "test_lm_table", "test_nmt",
-                      "test_saved_model"}
+END_TO_END_MODULES = {"test_distribution", "test_faults", "test_lm", "test_lm_table",
+                      "test_nmt", "test_saved_model"}
 
 
 def pytest_collection_modifyitems(items):

@@ -78,3 +78,14 @@ def test_help_lists_the_flags(command):
                            text=True, timeout=300)
     # absl's help flags exit with status 1.
     assert "--model_dim" in shown.stdout, shown.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv,asks", [
+    ([], False), (["--verbosity=0"], False), (["--verbosity=1"], True),
+    (["--verbosity", "2"], True), (["-v", "1"], True), (["-v1"], True),
+    (["-v=-1"], False), (["--model_dir=/v1"], False),
+])
+def test_absl_verbosity_brings_tensorflow_logs_back(argv, asks):
+    from train.cli import asks_for_debug_logs
+
+    assert asks_for_debug_logs(["train.lm", *argv]) is asks

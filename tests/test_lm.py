@@ -1,17 +1,18 @@
 """The language-model binary end to end: data sources, resume, serving, flags."""
 
+import glob
 import gzip
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
+
+from tests.setup_errors_runner import check_refused, refused_setups_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TFDS_MOCK_RUNNER = os.path.join(os.path.dirname(__file__), "tfds_mock_runner.py")
@@ -23,14 +24,14 @@ def lm_command(model_dir, *flags):
             *flags]
 
 
-def run(command, timeout=300):
+def run(command, timeout=300, env=None):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout)
+                            timeout=timeout, env=env)
     return result
 
 
-def run_ok(command, timeout=300):
-    result = run(command, timeout)
+def run_ok(command, timeout=300, env=None):
+    result = run(command, timeout, env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -103,53 +104,6 @@ def test_baselines_train(model, tmp_path):
     check_metrics(metrics(tmp_path), 3)
 
 
-def start_and_signal(model_dir, flags, signal_number, after_checkpoint):
-    """Starts (or resumes) a run, sends it `signal_number` once its checkpoint of step
-    `after_checkpoint` exists, and returns the finished process and its stderr."""
-    process = subprocess.Popen(lm_command(model_dir, *flags), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if (model_dir / "checkpoints" / f"ckpt-{after_checkpoint}.index").exists():
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the run ended before it could be signalled"
-    process.send_signal(signal_number)
-    _, stderr = process.communicate(timeout=120)
-    return process, stderr
-
-
-def test_terminated_then_killed_run_resumes_to_the_same_loss(tmp_path):
-    """SIGTERM (preemption) checkpoints the step under way and exits 143; the same
-    command resumes there. kill -9 then loses only the steps since the last periodic
-    checkpoint. Resumed once more, the run reaches the unbroken run's loss."""
-    flags = ("--train_steps=30", "--checkpoint_every=5", "--log_every=10",
-             "--export_dir=", "--noisy_gating=true", "--dropout=0.1")
-    unbroken = tmp_path / "unbroken"
-    run_ok(lm_command(unbroken, *flags))
-
-    broken = tmp_path / "broken"
-    process, stderr = start_and_signal(broken, flags, signal.SIGTERM, after_checkpoint=10)
-    assert process.returncode == 143, stderr[-3000:]
-    stopped = re.search(r"Stopped by SIGTERM at step (\d+)/30", stderr)
-    assert stopped and "Traceback" not in stderr, stderr[-3000:]
-    assert (broken / "checkpoints" / f"ckpt-{stopped.group(1)}.index").exists()
-    assert not (broken / "metrics.json").exists()
-
-    assert int(stopped.group(1)) < 25
-    process, stderr = start_and_signal(broken, flags, signal.SIGKILL, after_checkpoint=25)
-    assert "Resumed from" in stderr and f"at step {stopped.group(1)}." in stderr
-    assert not (broken / "metrics.json").exists()
-
-    resumed = run_ok(lm_command(broken, *flags))
-    assert "Resumed from" in resumed.stderr
-    got, want = metrics(broken), metrics(unbroken)
-    assert got["global_step"] == want["global_step"] == 30
-    assert got["final_train_loss"] == pytest.approx(want["final_train_loss"], rel=1e-6)
-    assert got["valid_perplexity"] == pytest.approx(want["valid_perplexity"], rel=1e-6)
-
-
 def test_incompatible_model_dir_is_refused_untouched(tmp_path):
     run_ok(lm_command(tmp_path, "--train_steps=2", "--export_dir="))
     before = {name: os.path.getmtime(tmp_path / name) for name in os.listdir(tmp_path)}
@@ -161,7 +115,10 @@ def test_incompatible_model_dir_is_refused_untouched(tmp_path):
     assert before == after
 
 
-@pytest.mark.parametrize("flag,message", [
+# One of each way a set-up is refused (absl validators and enums, MoEConfig, the data
+# spec and files, the output directories, the placement), all before training. {tmp} is
+# the fixture's directory; each command line has a --model_dir of its own in it.
+REFUSED_SETUPS = [
     ("--k=0", "--k must be a positive integer; got 0"),
     ("--num_experts=4 --k=5", "--k (5) must be <= num_experts (4)"),
     ("--num_experts=6 --num_groups=4", "divisible by"),
@@ -169,9 +126,22 @@ def test_incompatible_model_dir_is_refused_untouched(tmp_path):
     ("--learning_rate=-1", "--learning_rate must be > 0"),
     ("--model=gpt", "--model"),
     ("--optimizer=sgd", "--optimizer"),
-    ("--data=hub:lm1b", "--data='hub:lm1b'"),
-    ("--data=builtin:fr", "--data=builtin:fr"),
-    ("--data=text:/nonexistent/file.txt", "data file not found: /nonexistent/file.txt"),
+    ("--nan_policy=ignore", "--nan_policy"),
+    ("--data=hub:lm1b", "Error: --data='hub:lm1b'"),
+    ("--data=builtin:fr", "Error: --data=builtin:fr"),
+    ("--data=text:/nonexistent/file.txt",
+     "Error: data file not found: /nonexistent/file.txt"),
+    ("--data=text:{tmp}/empty.txt",
+     "Error: --data=text:{tmp}/empty.txt: no valid training line"),
+    # 2 MB of random bytes: a few dozen short lines are valid UTF-8.
+    ("--data=text:{tmp}/random.bin", "valid training lines give"),
+    ("--model_dir={tmp}/a_file/run",
+     "Error: --model_dir={tmp}/a_file/run cannot be created: {tmp}/a_file is a file."),
+    ("--model_dir=/proc/sys/moe_tf_run",
+     "Error: --model_dir=/proc/sys/moe_tf_run cannot be written: /proc/sys is not "
+     "writable by this user."),
+    ("--export_dir=/proc/sys/moe_tf_export",
+     "Error: --export_dir=/proc/sys/moe_tf_export cannot be written"),
     ("--capacity_group_size=64",
      "--capacity_group_size only applies to dispatch='capacity'"),
     ("--dispatch=capacity --capacity_group_size=0",
@@ -182,19 +152,36 @@ def test_incompatible_model_dir_is_refused_untouched(tmp_path):
                       "dynamic shapes; --dispatch=capacity compiles)"),
     ("--jit_compile --dispatch=capacity --strategy=mirrored",
      "--jit_compile needs --strategy=default"),
-])
-def test_invalid_flags_are_rejected_by_name(flag, message, tmp_path):
-    result = run(lm_command(tmp_path / "run", *flag.split()))
-    assert result.returncode != 0
-    assert message in result.stderr, result.stderr[-1500:]
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+]
+refused_setups = refused_setups_fixture("train.lm", ["--preset=tiny"], REFUSED_SETUPS)
+
+
+@pytest.mark.parametrize("flag,message", REFUSED_SETUPS)
+def test_refused_setups_name_the_flag_or_file(flag, message, refused_setups):
+    check_refused(refused_setups, flag, message)
 
 
 def test_saved_model_serves_the_trained_model_in_fresh_process(tmp_path):
     model_dir = tmp_path / "run"
-    run_ok(lm_command(model_dir, "--train_steps=8"))
+    # As a user runs it: without the tests' TF_CPP_MIN_LOG_LEVEL.
+    env = {key: value for key, value in os.environ.items()
+           if key != "TF_CPP_MIN_LOG_LEVEL"}
+    trained = run_ok(lm_command(model_dir, "--train_steps=8"), env=env)
+    assert_only_project_lines(trained.stderr)
     assert_export_serves_the_checkpoint(model_dir, tmp_path)
+
+
+def assert_only_project_lines(stderr):
+    """Every line is an absl log line of one of the project's modules (train.cli keeps
+    TensorFlow's and Keras's INFO lines and C++ start-up lines out)."""
+    modules = {os.path.basename(path) for package in ("train", "models", "moe_tf")
+               for path in glob.glob(os.path.join(ROOT, package, "**", "*.py"),
+                                     recursive=True)}
+    lines = stderr.strip().splitlines()
+    assert lines
+    for line in lines:
+        logged = re.match(r"[IWE]\d{4} [\d:.]+ +\d+ (\S+\.py):\d+\] ", line)
+        assert logged and logged.group(1) in modules, line
 
 
 def assert_export_serves_the_checkpoint(model_dir, tmp_path):

@@ -23,6 +23,7 @@ from train.data import parallel, text
 from train.data.tokenizer import SubwordTokenizer
 from train.serving.nmt import TranslationServer
 from train.serving.trained_model import restore_trained_model
+from tests.setup_errors_runner import check_refused, refused_setups_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -141,7 +142,8 @@ def runs(tmp_path_factory):
                               "--bleu_sentences=0"),
         "tfds": [sys.executable, TFDS_MOCK_RUNNER, "train.nmt", "--preset=tiny",
                  "--data=tfds:wmt14_translate/fr-en", f"--model_dir={base / 'tfds'}",
-                 "--train_steps=3", "--export_dir=", "--bleu_sentences=0"],
+                 "--vocab_size=256", "--train_steps=3", "--export_dir=",
+                 "--bleu_sentences=0"],
     }
     return {name: (base / name, Run(command, base / "logs", name))
             for name, command in commands.items()}
@@ -398,7 +400,7 @@ def test_translate_binary_reads_stdin(runs, restored, tmp_path):
 # One of each way a bad value is caught (absl validators, enums, checks in main); the
 # data-spec messages themselves are checked in-process below.
 INVALID_FLAGS = [
-    ("--data=builtin:fr-en", "--data=builtin:fr-en"),
+    ("--data=builtin:fr-en", "Error: --data=builtin:fr-en"),
     ("--model_dim=33", "--model_dim must be even"),
     ("--num_groups=4", "--num_groups: the translation model's MoE layers are flat"),
     ("--length_penalty=-1", "--length_penalty must be >= 0"),
@@ -408,22 +410,12 @@ INVALID_FLAGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def invalid_flag_runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("invalid")
-    return {flag: (base / str(i), Run(nmt_command(base / str(i), *flag.split()),
-                                      base / "logs", str(i)))
-            for i, (flag, _) in enumerate(INVALID_FLAGS)}
+refused_setups = refused_setups_fixture("train.nmt", ["--preset=tiny"], INVALID_FLAGS)
 
 
 @pytest.mark.parametrize("flag,message", INVALID_FLAGS)
-def test_invalid_flags_are_rejected_by_name(flag, message, invalid_flag_runs):
-    model_dir, run = invalid_flag_runs[flag]
-    code, _, err = run.wait()
-    assert code != 0
-    assert message in err, err[-1500:]
-    assert "Traceback" not in err
-    assert not (model_dir / "checkpoints").exists()
+def test_invalid_flags_are_rejected_by_name(flag, message, refused_setups):
+    check_refused(refused_setups, flag, message)
 
 
 def test_incompatible_model_dir_is_refused_untouched(runs, tmp_path):

@@ -5,7 +5,8 @@ so a data-parallel step must take 1 / replicas of it, while a DTensor step (one 
 over the global batch) takes all of it. Here one training step of plain SGD (learning rate
 1, so a weight moves by exactly minus its gradient) is run under each placement on the
 same model and batch, and the gate weights' gradient is compared with one device's: the
-gradient of the auxiliary losses alone, and of the whole loss.
+gradient of the auxiliary losses alone, and of the whole loss. A third loss is NaN on one
+replica's slice only: every placement must then skip the whole update.
 
 The placements need the CPU split into 2 logical devices before TensorFlow starts, so the
 gradients are computed in a child process running this file, which prints them as JSON:
@@ -32,6 +33,7 @@ PLACEMENTS = {
     "dtensor_expert2": ("dtensor", "batch:1,expert:2"),
 }
 PARTS = ("auxiliary", "whole")
+NONFINITE = "nan_on_one_replica"
 VOCAB, DIM, ROWS, TIME = 11, 8, 4, 8
 
 
@@ -47,7 +49,8 @@ def _batch():
 
 def _loss_fn(part):
     """The task's `loss_fn`; for "auxiliary" its NLL is multiplied by 0, so the step's
-    gradient is that of the layers' auxiliary losses alone."""
+    gradient is that of the layers' auxiliary losses alone; for NONFINITE it is NaN
+    where the slice holds the row of 3 tokens (the second of two replicas' slices)."""
     import tensorflow as tf
 
     def loss_fn(model, batch, training):
@@ -58,6 +61,9 @@ def _loss_fn(part):
         nll_sum = tf.reduce_sum(nll * real)
         if part == "auxiliary":
             nll_sum *= 0.0
+        if part == NONFINITE:
+            has_row_of_3 = tf.reduce_any(tf.reduce_sum(tf.sign(tokens), axis=1) == 3)
+            nll_sum *= tf.where(has_row_of_3, float("nan"), 1.0)
         num_tokens = tf.reduce_sum(real)
         return nll_sum / tf.maximum(num_tokens, 1.0), nll_sum, num_tokens
 
@@ -83,7 +89,8 @@ def _build_model():
 
 
 def _gate_gradient(strategy, mesh, part):
-    """The gradient of the placement's differentiated loss w.r.t. the MoE gate weights."""
+    """The gradient of the placement's differentiated loss w.r.t. the MoE gate weights;
+    for NONFINITE, what the step did: its flags, and whether anything changed."""
     import keras
     import tensorflow as tf
 
@@ -94,20 +101,28 @@ def _gate_gradient(strategy, mesh, part):
         model = _build_model()
         optimizer = keras.optimizers.SGD(learning_rate=1.0)
     w_gate = model.get_layer("moe").w_gate
-    before = np.array(w_gate.numpy())
+    gate_before = np.array(w_gate.numpy())
+    before = [np.array(weight.numpy()) for weight in model.trainable_weights]
     placement.place(model, optimizer)
     step = placement.train_step(model, optimizer, _loss_fn(part))
     data = placement.input(tf.data.Dataset.from_tensors(_batch()))
-    _, num_tokens = step(next(iter(data)))
+    _, num_tokens, nonfinite = step(next(iter(data)))
     assert float(np.asarray(num_tokens)) == 24.0  # padding masked, nothing dropped
     placement.unplace(model)
-    return (before - w_gate.numpy()).tolist()
+    if part == NONFINITE:
+        return {"loss_flagged": bool(np.asarray(nonfinite)[0] > 0),
+                "steps": int(optimizer.iterations.numpy()),
+                "changed": [bool((b != w.numpy()).any())
+                            for b, w in zip(before, model.trainable_weights)]}
+    assert not np.asarray(nonfinite).any()
+    return (gate_before - w_gate.numpy()).tolist()
 
 
 def main():
     from train import distribution
     distribution.configure_cpu_devices(2)
-    gradients = {name: {part: _gate_gradient(strategy, mesh, part) for part in PARTS}
+    gradients = {name: {part: _gate_gradient(strategy, mesh, part)
+                        for part in PARTS + (NONFINITE,)}
                  for name, (strategy, mesh) in PLACEMENTS.items()}
     print(json.dumps(gradients))
     sys.stdout.flush()
@@ -130,6 +145,14 @@ def test_gate_gradient_matches_one_device(gradients, name, part):
     assert np.abs(reference).max() > 1e-3  # the comparison is not of zeros
     np.testing.assert_allclose(np.array(gradients[name][part]), reference, rtol=0,
                                atol=1e-5, err_msg=f"{name}, {part} loss")
+
+
+@pytest.mark.parametrize("name", list(PLACEMENTS))
+def test_a_step_nan_on_one_replica_changes_no_variable(gradients, name):
+    step = gradients[name][NONFINITE]
+    assert step["loss_flagged"]
+    assert step["steps"] == 0, "the optimizer counted a skipped step"
+    assert not any(step["changed"]), step["changed"]
 
 
 def test_differentiated_loss_on_one_device_is_mean_nll_plus_auxiliary_losses():

@@ -7,12 +7,9 @@
 Restarting with the same flags resumes from the latest checkpoint in --model_dir.
 """
 
-import os
+from train.cli import quiet_tensorflow
 
-# Set before this binary first imports TensorFlow: its C++ start-up chatter (CUDA probing
-# on CPU-only machines) would hide the progress lines; warnings and errors still show.
-if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+quiet_tensorflow()  # before this binary first imports TensorFlow
 
 import tensorflow as tf
 from absl import app, flags, logging
@@ -91,8 +88,9 @@ def main(argv):
         lines = text.clean_lines(splits.train).take(VOCAB_LINES).as_numpy_iterator()
         return (line.decode("utf-8") for line in lines)
 
-    tokenizer, config = from_flags.load_or_train_tokenizer(config, vocabulary_lines,
-                                                           is_chief=is_chief)
+    tokenizer = from_flags.load_or_train_tokenizer(vocabulary_lines, is_chief=is_chief)
+    from_flags.record_run_config(config, is_chief=is_chief)
+    config = from_flags.with_vocabulary(config, tokenizer)
 
     with placement.scope():
         model = build_language_model(config)

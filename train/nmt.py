@@ -11,10 +11,9 @@ Restarting with the same flags resumes from the latest checkpoint in --model_dir
 import functools
 import os
 
-# Set before this binary first imports TensorFlow: its C++ start-up chatter (CUDA probing
-# on CPU-only machines) would hide the progress lines; warnings and errors still show.
-if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+from train.cli import quiet_tensorflow
+
+quiet_tensorflow()  # before this binary first imports TensorFlow
 
 import statistics
 from typing import Dict, List
@@ -230,8 +229,10 @@ def main(argv):
         from_flags.check_run_config(config, is_chief=is_chief)
     from_flags.set_up_determinism(FLAGS.seed)
     skipped = count_skipped_pairs(corpora)
-    tokenizer, config = from_flags.load_or_train_tokenizer(
-        config, functools.partial(vocabulary_lines, corpora), is_chief=is_chief)
+    tokenizer = from_flags.load_or_train_tokenizer(
+        functools.partial(vocabulary_lines, corpora), is_chief=is_chief)
+    from_flags.record_run_config(config, is_chief=is_chief)
+    config = from_flags.with_vocabulary(config, tokenizer)
 
     with placement.scope():
         model = build_translator(config)

@@ -7,12 +7,9 @@ Prints one line per input line: perplexity, tokens, text (tab-separated). Needs 
 TensorFlow and tensorflow-text.
 """
 
-import os
+from train.cli import exit_with_error, quiet_tensorflow
 
-# Set before this binary first imports TensorFlow: its C++ start-up chatter (CUDA probing
-# on CPU-only machines) would hide the progress lines; warnings and errors still show.
-if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+quiet_tensorflow()  # before this binary first imports TensorFlow
 
 import sys
 
@@ -51,7 +48,7 @@ def score_lines(scorer, lines):
 def main(argv):
     del argv
     if not tf.saved_model.contains_saved_model(FLAGS.saved_model):
-        raise app.UsageError(f"--saved_model={FLAGS.saved_model}: no SavedModel there.")
+        exit_with_error(f"--saved_model={FLAGS.saved_model}: no SavedModel there.")
     loaded = tf.saved_model.load(FLAGS.saved_model)
     if FLAGS.prompt is not None:
         result = loaded.signatures["generate"](

@@ -8,12 +8,9 @@ Prints one translation per input line (an empty line for an empty one). A multil
 model needs --target_language. Needs only TensorFlow and tensorflow-text.
 """
 
-import os
+from train.cli import exit_with_error, quiet_tensorflow
 
-# Set before this binary first imports TensorFlow: its C++ start-up chatter (CUDA probing
-# on CPU-only machines) would hide the progress lines; warnings and errors still show.
-if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+quiet_tensorflow()  # before this binary first imports TensorFlow
 
 import re
 import sys
@@ -56,14 +53,14 @@ def translate_lines(translate, lines, target_language):
 def main(argv):
     del argv
     if not tf.saved_model.contains_saved_model(FLAGS.saved_model):
-        raise app.UsageError(f"--saved_model={FLAGS.saved_model}: no SavedModel there.")
+        exit_with_error(f"--saved_model={FLAGS.saved_model}: no SavedModel there.")
     translate = tf.saved_model.load(FLAGS.saved_model).signatures["serving_default"]
     multilingual = "target_language" in translate.structured_input_signature[1]
     if multilingual and not FLAGS.target_language:
-        raise app.UsageError("--target_language is required: this model is multilingual.")
+        exit_with_error("--target_language is required: this model is multilingual.")
     if not multilingual and FLAGS.target_language:
-        raise app.UsageError("--target_language: this model translates one language "
-                             "pair only.")
+        exit_with_error("--target_language: this model translates one language pair "
+                        "only.")
     lines = [line.rstrip("\n") for line in sys.stdin]
     try:
         for translation in translate_lines(translate, lines, FLAGS.target_language):
@@ -73,8 +70,8 @@ def main(argv):
         known = re.search(r"target_language must be one of [^\]]*", error.message)
         if known is None:
             raise
-        raise app.UsageError(f"--target_language={FLAGS.target_language}: "
-                             f"{known.group(0)}.") from None
+        exit_with_error(f"--target_language={FLAGS.target_language}: "
+                        f"{known.group(0)}.")
 
 
 def run(argv=None):

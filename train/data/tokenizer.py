@@ -7,7 +7,6 @@ SavedModels take raw strings.
 """
 
 import io
-import os
 from typing import Iterable
 
 import tensorflow as tf
@@ -37,7 +36,8 @@ class SubwordTokenizer(tf.Module):
             sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
             model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID,
             eos_id=EOS_ID, character_coverage=1.0, num_threads=2,
-            # A small corpus may not support the requested size: take what it has.
+            # A small corpus may not support the requested size: the caller sees how
+            # many pieces it got (train.training.from_flags refuses fewer).
             hard_vocab_limit=False, minloglevel=2)
         return cls(model.getvalue())
 
@@ -64,19 +64,3 @@ class SubwordTokenizer(tf.Module):
     def detokenize(self, ids) -> tf.Tensor:
         """int ragged or dense `[batch, (pieces)]` -> tf.string `[batch]`."""
         return self.tokenizer.detokenize(ids)
-
-
-def load_or_train(model_dir: str, lines_fn, *, vocab_size: int,
-                  model_type: str = "unigram", save: bool = True) -> SubwordTokenizer:
-    """The run's tokenizer: read from `model_dir`, or learnt from `lines_fn()` (and saved
-    there unless `save` is False: learning is deterministic, so processes of one run that
-    do not write get the same vocabulary)."""
-    path = os.path.join(model_dir, TOKENIZER_FILE)
-    if tf.io.gfile.exists(path):
-        return SubwordTokenizer.load(path)
-    tokenizer = SubwordTokenizer.train(lines_fn(), vocab_size=vocab_size,
-                                       model_type=model_type)
-    if save:
-        tf.io.gfile.makedirs(model_dir)
-        tokenizer.save(path)
-    return tokenizer

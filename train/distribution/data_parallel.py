@@ -8,7 +8,8 @@ import numpy as np
 import tensorflow as tf
 
 from train.distribution.devices import is_chief
-from train.distribution.placement import LossFn, Step, differentiated_loss
+from train.distribution.placement import (LossFn, Step, apply_if_finite,
+                                         differentiated_loss, nonfinite_flags)
 from train.distribution.replica_data import local_replica_slices, to_replicas
 
 
@@ -56,8 +57,13 @@ class DataParallel:
                 _, nll_sum, num_tokens = loss_fn(model, batch, training=True)
                 global_tokens = context.all_reduce(tf.distribute.ReduceOp.SUM, num_tokens)
                 loss = differentiated_loss(nll_sum, global_tokens, model)
-            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-            return nll_sum, num_tokens
+            grads = tape.gradient(loss, variables)
+            # Every replica skips the update if any replica's loss or gradient is not
+            # finite (the optimizer would sum its NaN into everyone's gradient).
+            nonfinite = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                           nonfinite_flags(loss, grads))
+            apply_if_finite(optimizer, grads, variables, tf.reduce_all(nonfinite == 0))
+            return nll_sum, num_tokens, nonfinite
 
         return _reduce_sum_step(self.strategy, replica_step, self.jit_compile)
 

@@ -14,7 +14,8 @@ from models.projected_lstm import ProjectedLSTM
 from moe_tf import SparselyGatedMoE
 from moe_tf.expert_sharding import ExpertSharding, is_expert_weight
 from train.distribution.devices import MESH_AXES
-from train.distribution.placement import LossFn, Step, differentiated_loss
+from train.distribution.placement import (LossFn, Step, differentiated_loss,
+                                         nonfinite_flags)
 from train.distribution.replica_data import local_replica_slices
 
 # Under DTensor the LSTMs are unrolled and every batch shape compiles its own program;
@@ -161,16 +162,19 @@ class ExpertParallel:
                 loss = differentiated_loss(nll_sum, num_tokens, model)
             grads = tape.gradient(loss, variables)
             return [dtensor.relayout(g, layout) for g, layout in zip(grads, layouts)], \
-                nll_sum, num_tokens
+                nll_sum, num_tokens, nonfinite_flags(loss, grads)
 
         @tf.function
         def apply(grads):
             optimizer.apply_gradients(zip(grads, variables))
 
         def step(local_slices):
-            grads, nll_sum, num_tokens = gradients(self._global_batch(local_slices))
-            apply(grads)
-            return self.to_host(nll_sum), self.to_host(num_tokens)
+            grads, nll_sum, num_tokens, nonfinite = gradients(
+                self._global_batch(local_slices))
+            nonfinite = self.to_host(nonfinite)
+            if not nonfinite.any():  # else the update is skipped
+                apply(grads)
+            return self.to_host(nll_sum), self.to_host(num_tokens), nonfinite
 
         return step
 

@@ -15,8 +15,9 @@ import tensorflow as tf
 # `loss_fn(model, batch, training) -> (mean_loss, nll_sum, num_tokens)`, supplied by a
 # task: the NLL summed over the batch's real (non-padding) tokens, and their count.
 LossFn = Callable[[keras.Model, Any, bool], Tuple[tf.Tensor, tf.Tensor, tf.Tensor]]
-# `step(local_slices) -> (nll_sum, num_tokens)`, summed over the global batch.
-Step = Callable[[Any], Tuple[Any, Any]]
+# `step(local_slices) -> (nll_sum, num_tokens)` summed over the global batch (a
+# training step also returns `nonfinite`, see `nonfinite_flags`).
+Step = Callable[[Any], Tuple[Any, ...]]
 
 
 class Placement(Protocol):
@@ -49,7 +50,10 @@ class Placement(Protocol):
     def train_step(self, model: keras.Model, optimizer: keras.optimizers.Optimizer,
                    loss_fn: LossFn) -> Step:
         """A step that applies the gradient of `differentiated_loss` over the global
-        batch and returns `(nll_sum, num_tokens)` summed over it."""
+        batch and returns `(nll_sum, num_tokens, nonfinite)`: the sums over it, and
+        `nonfinite_flags` of the loss and gradients (non-zero where any replica's was
+        NaN or Inf). A step with a non-zero flag changes no variable: its update is
+        skipped and the optimizer's step count stays where it was."""
 
     def eval_step(self, model: keras.Model, loss_fn: LossFn) -> Step:
         """A step that returns `(nll_sum, num_tokens)` over the global batch, no
@@ -90,3 +94,39 @@ def differentiated_loss(nll_sum: tf.Tensor, global_tokens: tf.Tensor,
     if model.losses:
         loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
     return loss
+
+
+def nonfinite_flags(loss: tf.Tensor, grads) -> tf.Tensor:
+    """float32 `[1 + len(grads)]`: 1 where the loss (first) or a gradient (in the order
+    of `grads`; a None gradient counts as finite) holds a NaN or an Inf, else 0."""
+    values = [loss] + [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads]
+    return tf.stack([
+        0.0 if value is None else
+        tf.cast(tf.logical_not(tf.reduce_all(tf.math.is_finite(value))), tf.float32)
+        for value in values])
+
+
+def apply_if_finite(optimizer: keras.optimizers.Optimizer, grads, variables,
+                    finite: tf.Tensor) -> None:
+    """`optimizer.apply_gradients` when the scalar `finite` holds, else nothing.
+
+    Call it in a replica context with `finite` equal on every replica. Where the
+    strategy aggregates gradients by `merge_call` (the default and mirrored ones), the
+    condition has to be taken in the cross-replica context: a `merge_call` inside a
+    replica's `tf.cond` is refused (as Keras's LossScaleOptimizer also does it).
+    """
+    def apply(grads):
+        optimizer.apply_gradients(zip(grads, variables))
+
+    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+        tf.cond(finite, lambda: apply(grads), lambda: None)
+        return
+
+    def in_cross_replica_context(strategy, grads, finite):
+        finite = strategy.experimental_local_results(finite)[0]
+        tf.cond(finite,
+                lambda: strategy.extended.call_for_each_replica(apply, args=(grads,)),
+                lambda: None)
+
+    tf.distribute.get_replica_context().merge_call(in_cross_replica_context,
+                                                   args=(grads, finite))

@@ -9,11 +9,13 @@ refuses a flag defined twice in one FlagValues).
 import contextlib
 import dataclasses
 
-from absl import app, flags
+from absl import flags
 
 from moe_tf import GATES, MoEConfig
 from moe_tf.config import DEFAULT_CAPACITY_FACTOR, DISPATCHES
+from train.cli import exit_with_error
 from train.distribution import STRATEGIES
+from train.training.loop import NAN_POLICIES
 from train.training.optimizer import OPTIMIZERS
 
 FLAGS = flags.FLAGS
@@ -80,6 +82,13 @@ def _define_loop_flags(flag_values: flags.FlagValues) -> None:
                          **where)
     flags.DEFINE_integer("log_every", 50, "Progress line and summaries period.", **where)
     flags.DEFINE_integer("checkpoint_every", 100, "Checkpoint period.", **where)
+    flags.DEFINE_enum("nan_policy", "stop", list(NAN_POLICIES),
+                      "A step whose loss or gradients hold a NaN or an Inf is never "
+                      "applied; then " + "; ".join(f"{name}: {text}" for name, text
+                                                   in NAN_POLICIES.items()) + ".", **where)
+    flags.DEFINE_integer("max_consecutive_skips", 10,
+                         "--nan_policy=skip_step: stop after this many skipped steps in a "
+                         "row.", **where)
 
 
 def _define_placement_flags(flag_values: flags.FlagValues) -> None:
@@ -106,7 +115,7 @@ def _register_checks(flag_values: flags.FlagValues) -> None:
     where = dict(flag_values=flag_values)
     require_at_least(1, ("vocab_size", "max_length", "batch_tokens", "length_multiple",
                          "train_steps",
-                         "log_every", "checkpoint_every", "shuffle_buffer",
+                         "log_every", "checkpoint_every", "shuffle_buffer", "max_consecutive_skips",
                          "num_cpu_devices"), flag_values)
     require_at_least(0, ("warmup_steps", "eval_every", "max_eval_batches", "clip_norm"),
                      flag_values)
@@ -225,8 +234,9 @@ def _in_flag_terms(message: str) -> str:
 
 @contextlib.contextmanager
 def usage_errors():
-    """Turns the ValueErrors of set-up checks into a usage message, not a traceback."""
+    """Turns the ValueErrors of set-up checks into one line and exit status 2, not a
+    traceback (`train.cli.exit_with_error`)."""
     try:
         yield
     except ValueError as error:
-        raise app.UsageError(str(error)) from None
+        exit_with_error(str(error))

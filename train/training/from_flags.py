@@ -12,7 +12,8 @@ import tensorflow as tf
 from absl import flags, logging
 
 from train import distribution
-from train.data.tokenizer import load_or_train
+from train.cli import exit_with_error
+from train.data.tokenizer import TOKENIZER_FILE, SubwordTokenizer
 from train.training import loop, optimizer, run_config
 from train.training.flags import usage_errors
 
@@ -38,27 +39,91 @@ def _apply_preset(preset_values: Dict) -> None:
 
 
 def check_run_config(model_config, *, is_chief: bool) -> None:
-    """`run_config.check_run_config` for the model's config, the data flags and the
-    optimizer; a run recorded by an earlier version is read as
-    `run_config.upgrade_run_config` reads it."""
-    run_config.check_run_config(FLAGS.model_dir, {
-        "model": dataclasses.asdict(model_config), "data": FLAGS.data,
-        "valid_data": FLAGS.valid_data, "test_data": FLAGS.test_data,
-        "max_length": FLAGS.max_length, "seed": FLAGS.seed,
-        "optimizer": FLAGS.optimizer}, write=is_chief,
-        upgrade=functools.partial(run_config.upgrade_run_config, type(model_config)))
+    """Checks, before anything is written, that the output directories can be written
+    (--model_dir, and --export_dir on the chief) and that --model_dir holds this run or
+    none (`run_config.check_run_config`; a run recorded by an earlier version is read as
+    `run_config.upgrade_run_config` reads it). `record_run_config` writes it later."""
+    if is_chief:
+        check_writable("model_dir", FLAGS.model_dir)
+        if export_dir():
+            check_writable("export_dir", export_dir())
+    run_config.check_run_config(FLAGS.model_dir, _run_config(model_config), write=False,
+                                upgrade=_upgrade(model_config))
 
 
-def load_or_train_tokenizer(model_config, vocabulary_lines, *, is_chief: bool):
-    """The run's subword tokenizer (see `train.data.tokenizer.load_or_train`) and the
-    model config with its vocab_size set to what the corpus supports."""
-    tokenizer = load_or_train(FLAGS.model_dir, vocabulary_lines,
-                              vocab_size=FLAGS.vocab_size, save=is_chief)
-    if tokenizer.vocab_size != model_config.vocab_size:
-        logging.info("The corpus supports %d subwords (asked for %d).",
-                     tokenizer.vocab_size, model_config.vocab_size)
-        model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
-    return tokenizer, model_config
+def record_run_config(model_config, *, is_chief: bool) -> None:
+    """Records the run's configuration in --model_dir (the chief), once the set-up has
+    passed every check (a refused run leaves nothing that a corrected one would
+    trip over)."""
+    run_config.check_run_config(FLAGS.model_dir, _run_config(model_config),
+                                write=is_chief, upgrade=_upgrade(model_config))
+
+
+def _run_config(model_config) -> Dict:
+    """The model's config, the data flags and the optimizer."""
+    return {"model": dataclasses.asdict(model_config), "data": FLAGS.data,
+            "valid_data": FLAGS.valid_data, "test_data": FLAGS.test_data,
+            "max_length": FLAGS.max_length, "seed": FLAGS.seed,
+            "optimizer": FLAGS.optimizer}
+
+
+def _upgrade(model_config):
+    return functools.partial(run_config.upgrade_run_config, type(model_config))
+
+
+def check_writable(flag: str, directory: str) -> None:
+    """Raises ValueError naming `--flag` if `directory` cannot be created or written by
+    this process (checked without writing; a remote file system, `scheme://...`, is
+    left to its first write)."""
+    if "://" in directory:
+        return
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--{flag}={directory} cannot be created: {existing} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--{flag}={directory} cannot be written: {existing} is not "
+                         f"writable by this user.")
+
+
+def load_or_train_tokenizer(vocabulary_lines, *, is_chief: bool) -> SubwordTokenizer:
+    """The run's subword tokenizer: read from --model_dir when the run has one, else
+    learnt from `vocabulary_lines()` (the valid training lines) and saved there by the
+    chief. Learning is deterministic, so processes of one run that do not write get the
+    same vocabulary. A corpus that cannot give --vocab_size subwords is refused, with
+    how many lines were valid."""
+    path = os.path.join(FLAGS.model_dir, TOKENIZER_FILE)
+    if tf.io.gfile.exists(path):
+        return SubwordTokenizer.load(path)
+    tokenizer = _learn_vocabulary(list(vocabulary_lines()))
+    if is_chief:
+        tf.io.gfile.makedirs(FLAGS.model_dir)
+        tokenizer.save(path)
+    return tokenizer
+
+
+def with_vocabulary(model_config, tokenizer: SubwordTokenizer):
+    """The model config with the tokenizer's vocab_size (smaller than --vocab_size in a
+    run learnt before fewer subwords were refused)."""
+    if tokenizer.vocab_size == model_config.vocab_size:
+        return model_config
+    logging.info("The run's vocabulary has %d subwords (asked for %d).",
+                 tokenizer.vocab_size, model_config.vocab_size)
+    return dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
+
+
+def _learn_vocabulary(lines) -> SubwordTokenizer:
+    if not lines:
+        exit_with_error(f"--data={FLAGS.data}: no valid training line (the lines are "
+                        f"empty or not well-formed UTF-8).")
+    tokenizer = SubwordTokenizer.train(lines, vocab_size=FLAGS.vocab_size)
+    if tokenizer.vocab_size < FLAGS.vocab_size:
+        exit_with_error(
+            f"--data={FLAGS.data}: its {len(lines):,} valid training lines give "
+            f"{tokenizer.vocab_size} subwords, fewer than --vocab_size={FLAGS.vocab_size}. "
+            f"Give more text or a --vocab_size of at most {tokenizer.vocab_size}.")
+    return tokenizer
 
 
 def set_up_determinism(seed: int) -> None:
@@ -81,17 +146,24 @@ def make_trainer(**trainer_arguments) -> loop.Trainer:
     config = loop.LoopConfig(model_dir=FLAGS.model_dir, train_steps=FLAGS.train_steps,
                              eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
                              checkpoint_every=FLAGS.checkpoint_every,
-                             max_eval_batches=FLAGS.max_eval_batches)
+                             max_eval_batches=FLAGS.max_eval_batches,
+                             nan_policy=FLAGS.nan_policy,
+                             max_consecutive_skips=FLAGS.max_consecutive_skips)
     with usage_errors():  # e.g. a model the --strategy cannot place
         return loop.Trainer(config=config, **trainer_arguments)
 
 
 def train(trainer: loop.Trainer, extra_metrics: Dict) -> Dict:
-    """`trainer.train`; a run stopped by SIGTERM or SIGINT (its step checkpointed) exits
-    with the signal's shell status (143, 130)."""
+    """`trainer.train`; a run stopped early exits with its one-line reason and a non-zero
+    status: the signal's shell status (143, 130) after SIGTERM or SIGINT (its step
+    checkpointed), 1 after a fault (a non-finite step, a checkpoint that cannot be
+    written or read)."""
     try:
         return trainer.train(extra_metrics=extra_metrics)
     except loop.StoppedBySignal as stop:
+        sys.exit(stop.exit_status)
+    except loop.RunStopped as stop:
+        logging.error("%s", stop)
         sys.exit(stop.exit_status)
 
 
