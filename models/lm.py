@@ -12,9 +12,10 @@ Every layer's output gets dropout and a residual add, so all widths equal `model
 
 import dataclasses
 import math
-from typing import Dict
+from typing import Dict, List, Tuple
 
 import keras
+import tensorflow as tf
 
 from models.recorded_config import check_shared_settings, model_config_from_dict
 from moe_tf import MoEConfig, SparselyGatedMoE
@@ -74,17 +75,32 @@ def _lstm(x, config: LanguageModelConfig, name: str):
     return _residual(x, y, config.dropout, name)
 
 
-def _middle_block(x, config: LanguageModelConfig):
-    """The layer between the two LSTMs: an MoE, or a dense stand-in for a baseline."""
+def _blocks(config: LanguageModelConfig) -> Tuple[str, ...]:
+    """The blocks between the embedding and the softmax, in order: the LSTMs by layer
+    name, and "middle" for the MoE (or its dense stand-in) with its sigmoid."""
+    if config.architecture == "4xlstm":
+        return tuple(f"lstm_{i + 1}" for i in range(4))
+    return ("lstm_1", "middle", "lstm_2")
+
+
+def _middle_layer_names(config: LanguageModelConfig) -> List[str]:
+    """The middle block's layers, in order: the MoE, or the hidden layers and output of
+    the dense stand-in of a baseline."""
     if config.architecture == "moe":
-        return SparselyGatedMoE(config=config.moe, name="moe")(x)
-    if config.architecture == "moe-1-wide":
-        widths, name = [config.wide_hidden_size], "wide_expert"
-    else:
-        widths, name = [config.deep_hidden_size] * DEEP_LAYERS, "deep_expert"
-    for i, width in enumerate(widths):
-        x = keras.layers.Dense(width, activation="relu", name=f"{name}_hidden_{i + 1}")(x)
-    return keras.layers.Dense(config.model_dim, name=f"{name}_output")(x)
+        return ["moe"]
+    name, layers = (("wide_expert", 1) if config.architecture == "moe-1-wide"
+                    else ("deep_expert", DEEP_LAYERS))
+    return [f"{name}_hidden_{i + 1}" for i in range(layers)] + [f"{name}_output"]
+
+
+def _middle_layer(config: LanguageModelConfig, name: str) -> keras.layers.Layer:
+    if name == "moe":
+        return SparselyGatedMoE(config=config.moe, name=name)
+    if name.endswith("_output"):
+        return keras.layers.Dense(config.model_dim, name=name)
+    width = (config.wide_hidden_size if config.architecture == "moe-1-wide"
+             else config.deep_hidden_size)
+    return keras.layers.Dense(width, activation="relu", name=name)
 
 
 def build_language_model(config: LanguageModelConfig) -> keras.Model:
@@ -93,17 +109,63 @@ def build_language_model(config: LanguageModelConfig) -> keras.Model:
     x = keras.layers.Embedding(config.vocab_size, config.model_dim, mask_zero=True,
                                name="embedding")(ids)
     x = keras.layers.Dropout(config.dropout, name="embedding_dropout")(x)
-    if config.architecture == "4xlstm":
-        for i in range(4):
-            x = _lstm(x, config, f"lstm_{i + 1}")
-    else:
-        x = _lstm(x, config, "lstm_1")
-        middle = _middle_block(x, config)
-        x = _residual(x, keras.layers.Activation("sigmoid", name="middle_sigmoid")(middle),
-                      config.dropout, "middle")
-        x = _lstm(x, config, "lstm_2")
+    for block in _blocks(config):
+        if block == "middle":
+            middle = x
+            for name in _middle_layer_names(config):
+                middle = _middle_layer(config, name)(middle)
+            x = _residual(x, keras.layers.Activation("sigmoid", name="middle_sigmoid")(
+                middle), config.dropout, "middle")
+        else:
+            x = _lstm(x, config, block)
     logits = keras.layers.Dense(config.vocab_size, name="softmax", dtype="float32")(x)
     return keras.Model(ids, logits, name=f"lm_{config.architecture.replace('-', '_')}")
+
+
+# A model's recurrent state for `language_model_step`: each LSTM's name -> [h, c].
+RecurrentState = Dict[str, List[tf.Tensor]]
+
+
+def initial_state(model: keras.Model, config: LanguageModelConfig,
+                  batch_size) -> RecurrentState:
+    """The zero state of every LSTM of `model` (built by `build_language_model(config)`)
+    for `batch_size` sequences: `[batch, model_dim]` each."""
+    return {block: [tf.zeros([batch_size, config.model_dim],
+                             model.get_layer(block).compute_dtype)] * 2
+            for block in _blocks(config) if block != "middle"}
+
+
+def language_model_step(model: keras.Model, config: LanguageModelConfig, ids: tf.Tensor,
+                        state: RecurrentState):
+    """One position of `model` at inference: the next-token logits and the new state.
+
+    The same computation as `model(...)[:, t]` given the state after positions `< t`,
+    at the cost of one position. Rows whose id is padding (0) keep their state, as the
+    model's masking does.
+
+    Args:
+        ids: int32 `[batch]`, each sequence's token at this position.
+        state: the state after the previous positions (`initial_state` at the start).
+
+    Returns:
+        float32 logits `[batch, vocab]` and the new state.
+    """
+    real = (ids != 0)[:, None]
+    # A new tensor, without the padding mask Keras attaches (which the cells refuse).
+    x = tf.identity(model.get_layer("embedding")(ids))
+    new_state = {}
+    for block in _blocks(config):
+        if block == "middle":
+            middle = x
+            for name in _middle_layer_names(config):
+                middle = model.get_layer(name)(middle)
+            x = x + tf.sigmoid(middle)
+            continue
+        output, (h, c) = model.get_layer(block).cell(x, state[block], training=False)
+        new_state[block] = [tf.where(real, h, state[block][0]),
+                            tf.where(real, c, state[block][1])]
+        x = x + output
+    return model.get_layer("softmax")(x), new_state
 
 
 def lstm_ops(input_dim: int, units: int) -> int:

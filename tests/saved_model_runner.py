@@ -1,9 +1,10 @@
 """Runs a SavedModel's `serving_default` signature in a process without this project.
 
-Usage: python saved_model_runner.py SAVED_MODEL_DIR INPUT.npy OUTPUT.npy
-The input array (numbers, or strings as an object array) is passed as the signature's one
-input; the outputs are saved stacked in the order of their sorted names. Only TensorFlow
-and tensorflow_text (whose ops the language models' tokenizers use) are imported.
+Usage: python saved_model_runner.py SAVED_MODEL_DIR INPUT.npy OUTPUT.npy [INPUT OUTPUT...]
+Each input array (numbers, or an object array of str or bytes) is passed as the
+signature's one input; the outputs are saved stacked in the order of their sorted names.
+Only TensorFlow and tensorflow_text (whose ops the language models' tokenizers use) are
+imported.
 """
 
 import importlib.abc
@@ -21,7 +22,7 @@ class _BlockProjectPackages(importlib.abc.MetaPathFinder):
         return None
 
 
-def main(saved_model_dir, input_path, output_path):
+def main(saved_model_dir, *paths):
     sys.meta_path.insert(0, _BlockProjectPackages())
     import numpy as np
     import tensorflow as tf
@@ -29,12 +30,15 @@ def main(saved_model_dir, input_path, output_path):
 
     signature = tf.saved_model.load(saved_model_dir).signatures["serving_default"]
     (input_name,) = signature.structured_input_signature[1]
-    values = np.load(input_path, allow_pickle=True)
-    if values.dtype == object:
-        values = values.astype(str).astype(bytes)
-    outputs = signature(**{input_name: tf.constant(values)})
-    np.save(output_path, np.stack([np.asarray(outputs[name], np.float64)
-                                   for name in sorted(outputs)]))
+    for input_path, output_path in zip(paths[::2], paths[1::2]):
+        values = np.load(input_path, allow_pickle=True)
+        if values.dtype == object:
+            values = tf.constant([value if isinstance(value, bytes) else
+                                  str(value).encode("utf-8") for value in values],
+                                 tf.string, shape=[len(values)])
+        outputs = signature(**{input_name: tf.constant(values)})
+        np.save(output_path, np.stack([np.asarray(outputs[name], np.float64)
+                                       for name in sorted(outputs)]))
     assert not any(m.split(".")[0] in PROJECT_PACKAGES for m in sys.modules)
 
 

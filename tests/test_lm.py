@@ -92,8 +92,10 @@ def test_text_source_with_explicit_held_out_files(tmp_path):
 
 
 def test_tfds_lm1b_source_with_mock_data(tmp_path):
+    # 64 mock sentences of random words: fewer than 512 subwords.
     run_ok([sys.executable, TFDS_MOCK_RUNNER, "--preset=tiny", "--data=tfds:lm1b",
-            f"--model_dir={tmp_path}", "--train_steps=4", "--export_dir="])
+            f"--model_dir={tmp_path}", "--vocab_size=128", "--train_steps=4",
+            "--export_dir="])
     check_metrics(metrics(tmp_path), 4)
 
 
@@ -186,18 +188,23 @@ def assert_only_project_lines(stderr):
 
 def assert_export_serves_the_checkpoint(model_dir, tmp_path):
     """model_dir/export, served in a fresh process, scores sentences as the model of the
-    run's last checkpoint does in this process (through the training loss)."""
-    sentences = ["In the beginning God created the heavens and the earth.",
-                 "And God said, Let there be light.",
-                 "zzzz qqqq unknownword",
-                 " ".join(["the"] * 40)]  # longer than max_length: cut, no eos
+    run's last checkpoint does in this process (through the training loss); and answers
+    an empty batch, a sentence that is not UTF-8 and a 20,000-word one as documented."""
+    sentences = [b"In the beginning God created the heavens and the earth.",
+                 b"And God said, Let there be light.",
+                 b"zzzz qqqq unknownword",
+                 b"the " * 20_000,  # longer than max_length: cut, scored without eos
+                 b"caf\xe9 \xff\xfe not UTF-8"]
     np.save(tmp_path / "text.npy", np.array(sentences, dtype=object))
+    np.save(tmp_path / "empty.npy", np.array([], dtype=object))
     served = subprocess.run(
         [sys.executable, SAVED_MODEL_RUNNER, str(model_dir / "export"),
-         str(tmp_path / "text.npy"), str(tmp_path / "out.npy")],
+         str(tmp_path / "text.npy"), str(tmp_path / "out.npy"),
+         str(tmp_path / "empty.npy"), str(tmp_path / "empty_out.npy")],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert served.returncode == 0, served.stderr[-3000:]
-    log_prob, num_tokens = np.load(tmp_path / "out.npy")
+    log_prob, num_tokens, truncated, valid_utf8 = np.load(tmp_path / "out.npy")
+    assert np.load(tmp_path / "empty_out.npy").shape == (4, 0)
 
     # The same sentences through the training loss, in this process, from the checkpoint,
     # as one batch as the server scores them (a capacity-dispatch layer's drops depend on
@@ -212,29 +219,45 @@ def assert_export_serves_the_checkpoint(model_dir, tmp_path):
     batch = sentence_sequences(tokenizer.tokenize(tf.constant(sentences)),
                                max_length=run_config["max_length"]).to_tensor()
     logits = model(batch[:, :-1], training=False)
-    for i in range(len(sentences)):
+    for i in range(4):
         _, nll_sum, tokens = masked_nll_sums(logits[i], batch[i, 1:])
         assert num_tokens[i] == int(tokens)
         np.testing.assert_allclose(log_prob[i], -float(nll_sum), rtol=1e-5)
     assert num_tokens[3] == run_config["max_length"]
+    assert truncated.tolist() == [0, 0, 0, 1, 0]
+    assert valid_utf8.tolist() == [1, 1, 1, 1, 0]
+    assert np.isnan(log_prob[4]) and num_tokens[4] == 0
 
 
-def test_score_binary_reads_stdin_and_samples(tmp_path):
+def test_score_binary_and_serving_bench_read_the_export(tmp_path):
     run_ok(lm_command(tmp_path, "--train_steps=2"))
     scored = subprocess.run(
         [sys.executable, "-m", "train.score", f"--saved_model={tmp_path / 'export'}"],
-        input="In the beginning\n\nAnd God said\n", cwd=ROOT, capture_output=True,
-        text=True, timeout=300)
+        input=b"In the beginning\n\nAnd God said\n\xff\xfe\n" + b"the " * 50 + b"\n",
+        cwd=ROOT, capture_output=True, timeout=300)
     assert scored.returncode == 0, scored.stderr[-2000:]
-    rows = [line.split("\t") for line in scored.stdout.strip().splitlines()]
-    assert [row[2] for row in rows] == ["In the beginning", "And God said"]
-    assert all(float(row[0]) > 1.0 and int(row[1]) > 0 for row in rows)
+    rows = [line.split("\t") for line in scored.stdout.decode().strip().splitlines()]
+    assert [row[2] for row in rows[:2]] == ["In the beginning", "And God said"]
+    assert all(float(row[0]) > 1.0 and int(row[1]) > 0 and len(row) == 3
+               for row in rows[:2])
+    assert rows[2][0] == "nan" and rows[2][3] == "invalid UTF-8"
+    assert rows[3][3] == "truncated"
     sampled = subprocess.run(
         [sys.executable, "-m", "train.score", f"--saved_model={tmp_path / 'export'}",
          "--prompt=And God", "--max_new_tokens=5"], cwd=ROOT, capture_output=True,
         text=True, timeout=300)
     assert sampled.returncode == 0, sampled.stderr[-2000:]
     assert sampled.stdout.startswith("And God")
+
+    bench = run_ok([sys.executable, "-m", "benchmarks.serving_bench",
+                    f"--model=tiny={tmp_path / 'export'}", "--batch_sizes=1,8",
+                    "--sentences=16", "--generate_batch_sizes=2", "--generate_calls=2",
+                    "--new_tokens=4", f"--json={tmp_path / 'serving.json'}"])
+    results = json.loads((tmp_path / "serving.json").read_text())["tiny"]
+    assert set(results["scoring"]) == {"1", "8"} and set(results["generate"]) == {"2"}
+    for numbers in [*results["scoring"].values(), *results["generate"].values()]:
+        assert numbers["per_second"] > 0 and 0 < numbers["p50_ms"] <= numbers["p99_ms"]
+    assert "| tiny | sentences scored | 8 |" in bench.stdout
 
 
 def test_restore_trained_model_names_what_is_missing(tmp_path):

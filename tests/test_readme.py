@@ -28,6 +28,7 @@ SOURCE_COMMANDS = {
     "benchmarks.profile_layer": "benchmarks/profile_layer.py",
     "benchmarks.lm_table": "benchmarks/lm_table.py",
     "benchmarks.dtensor_comm": "benchmarks/dtensor_comm.py",
+    "benchmarks.serving_bench": "benchmarks/serving_bench.py",
     "train.data.bible_corpus": "train/data/bible_corpus.py",
     "benchmarks/gpu_check.sh": "benchmarks/gpu_check.sh",
 }
@@ -66,10 +67,17 @@ def defined_flags(module):
     return {name: isinstance(flag_values[name], flags.BooleanFlag) for name in flag_values}
 
 
+# The flags absl.app adds to every binary (logging and help), real in the binaries'
+# command lines though no module of the project defines them.
+ABSL_APP_FLAGS = {"verbosity", "logger_levels", "helpfull", "helpshort"}
+
+
 def absl_flags(module):
-    """The flags `module` takes: those it defines, and --noNAME for a boolean NAME."""
+    """The flags `module` takes: those it defines, --noNAME for a boolean NAME, and
+    absl.app's own."""
     defined = defined_flags(module)
-    return set(defined) | {"no" + name for name, boolean in defined.items() if boolean}
+    return (set(defined) | {"no" + name for name, boolean in defined.items() if boolean}
+            | ABSL_APP_FLAGS)
 
 
 @functools.lru_cache(maxsize=None)

@@ -84,11 +84,8 @@ def main(argv):
     if any(skipped.values()):
         logging.warning("Skipping invalid (empty or non-UTF-8) lines: %s", skipped)
 
-    def vocabulary_lines():
-        lines = text.clean_lines(splits.train).take(VOCAB_LINES).as_numpy_iterator()
-        return (line.decode("utf-8") for line in lines)
-
-    tokenizer = from_flags.load_or_train_tokenizer(vocabulary_lines, is_chief=is_chief)
+    tokenizer = from_flags.load_or_train_tokenizer(
+        lambda: text.first_clean_lines(splits.train, VOCAB_LINES), is_chief=is_chief)
     from_flags.record_run_config(config, is_chief=is_chief)
     config = from_flags.with_vocabulary(config, tokenizer)
 
@@ -112,7 +109,7 @@ def main(argv):
 
     path = from_flags.export_dir()
     if path and is_chief:
-        LanguageModelServer(model, tokenizer, FLAGS.max_length).save(path)
+        LanguageModelServer(model, config, tokenizer, FLAGS.max_length).save(path)
         print(f"SavedModel: {path}")
 
 

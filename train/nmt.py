@@ -182,8 +182,8 @@ def count_skipped_pairs(corpora: List[parallel.ParallelCorpus]) -> Dict:
 
 def vocabulary_lines(corpora: List[parallel.ParallelCorpus]):
     """Both sides of the first direction's pairs: builtin:multi's directions share them."""
-    pairs = text.clean_lines(corpora[0].splits.train).take(FLAGS.vocab_pairs)
-    return (line.decode("utf-8") for pair in pairs.as_numpy_iterator() for line in pair)
+    pairs = text.first_clean_lines(corpora[0].splits.train, FLAGS.vocab_pairs)
+    return [line for pair in pairs for line in pair]
 
 
 def model_sizes(model, config: TranslationConfig, placement) -> Dict:

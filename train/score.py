@@ -3,8 +3,10 @@
     echo "In the beginning God created" | python -m train.score --saved_model DIR
     python -m train.score --saved_model DIR --prompt "And God said"
 
-Prints one line per input line: perplexity, tokens, text (tab-separated). Needs only
-TensorFlow and tensorflow-text.
+Prints one line per non-empty input line: perplexity, tokens, text, tab-separated, and a
+fourth column "truncated" (longer than the model's max_length: scored on its start) or
+"invalid UTF-8" (not scored; perplexity nan) where that applies. Needs only TensorFlow
+and tensorflow-text.
 """
 
 from train.cli import exit_with_error, quiet_tensorflow
@@ -13,6 +15,7 @@ quiet_tensorflow()  # before this binary first imports TensorFlow
 
 import sys
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  (registers the tokenizer ops the SavedModel uses)
 from absl import app, flags
@@ -36,13 +39,19 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 
 def score_lines(scorer, lines):
-    """Yields (perplexity, num_tokens, line) for each line."""
+    """Yields (perplexity, num_tokens, note, line) for each line (bytes): the note says
+    "truncated" (scored on its first max_length tokens) or "invalid UTF-8" (not scored:
+    perplexity nan), else is empty."""
     for start in range(0, len(lines), FLAGS.batch_size):
         batch = lines[start:start + FLAGS.batch_size]
-        result = scorer(text=tf.constant(batch))
-        for line, log_prob, tokens in zip(batch, result["log_prob"].numpy(),
-                                          result["num_tokens"].numpy()):
-            yield float(tf.exp(-log_prob / max(int(tokens), 1))), int(tokens), line
+        result = {name: value.numpy() for name, value in
+                  scorer(text=tf.constant(batch, tf.string)).items()}
+        for i, line in enumerate(batch):
+            tokens = int(result["num_tokens"][i])
+            note = ("invalid UTF-8" if not result["valid_utf8"][i] else
+                    "truncated" if result["truncated"][i] else "")
+            perplexity = float(np.exp(-result["log_prob"][i] / max(tokens, 1)))
+            yield perplexity, tokens, note, line
 
 
 def main(argv):
@@ -52,15 +61,17 @@ def main(argv):
     loaded = tf.saved_model.load(FLAGS.saved_model)
     if FLAGS.prompt is not None:
         result = loaded.signatures["generate"](
-            prompt=tf.constant(FLAGS.prompt),
+            prompt=tf.constant([FLAGS.prompt]),
             max_new_tokens=tf.constant(FLAGS.max_new_tokens),
             temperature=tf.constant(FLAGS.temperature), seed=tf.constant(FLAGS.seed))
-        print(FLAGS.prompt, result["text"].numpy().decode("utf-8"))
+        print(FLAGS.prompt, result["text"].numpy()[0].decode("utf-8"))
         return
-    lines = [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    for perplexity, tokens, line in score_lines(loaded.signatures["serving_default"],
-                                                lines):
-        print(f"{perplexity:.2f}\t{tokens}\t{line}")
+    # Bytes: a line that is not UTF-8 is reported, not a crash of the reader.
+    lines = [line.rstrip(b"\r\n") for line in sys.stdin.buffer if line.strip()]
+    for perplexity, tokens, note, line in score_lines(
+            loaded.signatures["serving_default"], lines):
+        print(f"{perplexity:.2f}\t{tokens}\t{line.decode('utf-8', 'replace')}"
+              + (f"\t{note}" if note else ""))
 
 
 def run(argv=None):

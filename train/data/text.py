@@ -14,7 +14,7 @@ target, train/data/parallel.py): such an element is kept only if every line of i
 """
 
 import os
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import tensorflow as tf
 
@@ -44,7 +44,8 @@ def is_valid_line(line: tf.Tensor) -> tf.Tensor:
 
 
 def _is_valid_element(*lines) -> tf.Tensor:
-    return tf.reduce_all(tf.stack([is_valid_line(line) for line in lines]))
+    """Whether every line of an element is valid (elementwise over a batch of them)."""
+    return tf.reduce_all(tf.stack([is_valid_line(line) for line in lines]), axis=0)
 
 
 def _strip(*lines):
@@ -57,13 +58,32 @@ def clean_lines(lines: tf.data.Dataset) -> tf.data.Dataset:
     return lines.filter(_is_valid_element).map(_strip)
 
 
+# Elements read at once by the one-pass helpers below (the checks are vectorized).
+_READ_BATCH = 4096
+
+
 def count_invalid_lines(lines: tf.data.Dataset) -> int:
     """How many elements `clean_lines` drops (one pass over the data)."""
-    def add_invalid(count, element):
-        valid = _is_valid_element(*tf.nest.flatten(element))
-        return count + tf.cast(tf.logical_not(valid), tf.int64)
+    def add_invalid(count, batch):
+        valid = _is_valid_element(*tf.nest.flatten(batch))
+        return count + tf.reduce_sum(tf.cast(tf.logical_not(valid), tf.int64))
 
-    return int(lines.reduce(tf.constant(0, tf.int64), add_invalid))
+    return int(lines.batch(_READ_BATCH).reduce(tf.constant(0, tf.int64), add_invalid))
+
+
+def first_clean_lines(lines: tf.data.Dataset, count: int) -> List:
+    """The first `count` elements `clean_lines` keeps, decoded: str (or tuples of str)."""
+    def keep_valid(*batch):
+        valid = _is_valid_element(*batch)
+        return tuple(tf.boolean_mask(tf.strings.strip(side), valid) for side in batch)
+
+    decoded = []
+    for batch in lines.batch(_READ_BATCH).map(keep_valid).as_numpy_iterator():
+        decoded += [tuple(side.decode("utf-8") for side in element) if len(element) > 1
+                    else element[0].decode("utf-8") for element in zip(*batch)]
+        if len(decoded) >= count:
+            break
+    return decoded[:count]
 
 
 def _text_file(path: str) -> tf.data.Dataset:

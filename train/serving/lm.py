@@ -1,18 +1,28 @@
 """A language model with its tokenizer, as a SavedModel that takes raw sentences.
 
 Signatures:
-- `serving_default(text: tf.string [batch])` -> `log_prob` float32 `[batch]` (the sum of
-  the sentence's token log-probabilities, end-of-sentence included) and `num_tokens`
-  int32 `[batch]` (the tokens scored: pieces + end-of-sentence, at most `max_length`,
-  exactly as in training: a longer sentence is cut and scored without end-of-sentence);
-- `generate(prompt: tf.string [], max_new_tokens: int32 [], temperature: float32 [],
-  seed: int32 [])` -> `text` tf.string `[]`, a sampled continuation.
+- `serving_default(text: tf.string [batch])` ->
+  - `log_prob` float32 `[batch]`: the sum of the sentence's token log-probabilities,
+    end-of-sentence included;
+  - `num_tokens` int32 `[batch]`: the tokens scored, pieces + end-of-sentence, at most
+    `max_length`, exactly as in training;
+  - `truncated` bool `[batch]`: the sentence had more pieces than `max_length` allows; it
+    was cut and scored without its end-of-sentence (training cuts it the same way);
+  - `valid_utf8` bool `[batch]`: False for bytes that are not well-formed UTF-8, which
+    training skips: such a sentence is not scored (`log_prob` NaN, `num_tokens` 0).
+  An empty batch gives empty outputs.
+- `generate(prompt: tf.string [batch], max_new_tokens: int32 [], temperature: float32
+  [], seed: int32 [])` -> `text` tf.string `[batch]`, a sampled continuation of each
+  prompt, and `num_tokens` int32 `[batch]`, the tokens drawn for it (its end-of-sentence
+  included). The LSTMs' state is carried from token to token, so each new token costs one
+  position of the model, not a rerun of the prefix.
 Loading needs `import tensorflow_text` (its ops tokenize) and nothing of this project.
 """
 
 import keras
 import tensorflow as tf
 
+from models.lm import LanguageModelConfig, initial_state, language_model_step
 from models.special_tokens import BOS_ID, EOS_ID
 from train.data.text import sentence_sequences
 from train.data.tokenizer import SubwordTokenizer
@@ -20,51 +30,121 @@ from train.serving.export import save_atomically
 
 
 class LanguageModelServer(tf.Module):
+    """`model` (built by `build_language_model(config)`) with its tokenizer, for export."""
 
-    def __init__(self, model: keras.Model, tokenizer: SubwordTokenizer, max_length: int):
+    def __init__(self, model: keras.Model, config: LanguageModelConfig,
+                 tokenizer: SubwordTokenizer, max_length: int):
         super().__init__(name="language_model_server")
         self.model = model
+        # The model up to its softmax layer: scoring computes the logits of the real
+        # positions only (the softmax is most of a step; padding is about half of a
+        # batch of mixed lengths).
+        self.hidden_states = keras.Model(model.input, model.get_layer("softmax").input)
+        self.config = config
         self.tokenizer = tokenizer
         self.max_length = max_length
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
     def score(self, text):
-        sequences = sentence_sequences(self.tokenizer.tokenize(text),
-                                       max_length=self.max_length).to_tensor(0)
+        count = tf.shape(text)[0]
+        # One placeholder row makes an empty batch a batch of one (the LSTMs cannot run
+        # on none); the outputs are cut back to `count` rows.
+        text = tf.concat([text, [""]], axis=0)[:tf.maximum(count, 1)]
+        valid = tf.equal(tf.strings.unicode_transcode(text, "UTF-8", "UTF-8",
+                                                      errors="replace"), text)
+        pieces = self.tokenizer.tokenize(text)
+        sequences = sentence_sequences(pieces, max_length=self.max_length).to_tensor(0)
         inputs, targets = sequences[:, :-1], sequences[:, 1:]
-        log_probs = tf.nn.log_softmax(self.model(inputs, training=False), axis=-1)
-        token_log_probs = tf.gather(log_probs, targets, batch_dims=2)
-        real = tf.cast(targets != 0, tf.float32)
-        return {"log_prob": tf.reduce_sum(token_log_probs * real, axis=-1),
-                "num_tokens": tf.cast(tf.reduce_sum(real, axis=-1), tf.int32)}
+        real = tf.where(targets != 0)                                  # [tokens, 2]
+        logits = self.model.get_layer("softmax")(
+            tf.gather_nd(self.hidden_states(inputs, training=False), real))
+        # -log p(target): cheaper than sparse_softmax_cross_entropy_with_logits, which
+        # also writes its gradient, a [tokens, vocab] tensor.
+        nll = (tf.reduce_logsumexp(logits, axis=-1)
+               - tf.gather(logits, tf.gather_nd(targets, real), batch_dims=1))  # [tokens]
+        rows = tf.shape(text)[0]
+        log_prob = -tf.math.unsorted_segment_sum(nll, real[:, 0], rows)
+        num_tokens = tf.math.unsorted_segment_sum(tf.ones_like(nll, tf.int32), real[:, 0],
+                                                  rows)
+        return {"log_prob": tf.where(valid, log_prob, float("nan"))[:count],
+                "num_tokens": tf.where(valid, num_tokens, 0)[:count],
+                "truncated": (pieces.row_lengths() + 1 > self.max_length)[:count],
+                "valid_utf8": valid[:count]}
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string, name="prompt"),
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompt"),
                                   tf.TensorSpec([], tf.int32, name="max_new_tokens"),
                                   tf.TensorSpec([], tf.float32, name="temperature"),
                                   tf.TensorSpec([], tf.int32, name="seed")])
     def generate(self, prompt, max_new_tokens, temperature, seed):
-        prompt_ids = self.tokenizer.tokenize(prompt[None])[0]
-        start = tf.concat([[BOS_ID], prompt_ids], axis=0)[None]        # [1, n]
+        # bos + prompt, left-padded: padding keeps the state, so every row ends its
+        # prompt at the same position.
+        starts = tf.concat([tf.fill([tf.shape(prompt)[0], 1], BOS_ID),
+                            self.tokenizer.tokenize(prompt)], axis=1)
+        logits, state = self.read_prompts(left_padded(starts))
+        new_ids = generate_ids(
+            lambda ids, state: language_model_step(self.model, self.config, ids, state),
+            logits, state, max_new_tokens, temperature, seed)
+        return {"text": self.tokenizer.detokenize(
+                    tf.ragged.boolean_mask(new_ids, new_ids > EOS_ID)),  # no special ids
+                "num_tokens": tf.reduce_sum(tf.cast(new_ids != 0, tf.int32), axis=1)}
 
-        def not_done(i, ids):
-            return tf.logical_and(i < max_new_tokens, ids[0, -1] != EOS_ID)
+    def read_prompts(self, ids):
+        """int32 `[batch, n]` (left-padded) -> the next-token logits `[batch, vocab]`
+        after the last position, and the state there."""
+        def read(t, logits, state):
+            logits, state = language_model_step(self.model, self.config, ids[:, t], state)
+            return t + 1, logits, state
 
-        def sample_next(i, ids):
-            logits = self.model(ids, training=False)[:, -1]
-            next_id = tf.random.stateless_categorical(
-                logits / tf.maximum(temperature, 1e-4), 1, seed=tf.stack([seed, i]),
-                dtype=tf.int32)
-            return i + 1, tf.concat([ids, next_id], axis=1)
-
-        _, ids = tf.while_loop(not_done, sample_next, (0, start),
-                               shape_invariants=(tf.TensorShape([]),
-                                                 tf.TensorShape([1, None])))
-        new_ids = ids[0, tf.shape(start)[1]:]
-        new_ids = tf.boolean_mask(new_ids, new_ids > EOS_ID)  # drop the special ids
-        return {"text": self.tokenizer.detokenize(new_ids[None])[0]}
+        batch = tf.shape(ids)[0]
+        _, logits, state = tf.while_loop(
+            lambda t, *_: t < tf.shape(ids)[1], read,
+            (0, tf.zeros([batch, self.config.vocab_size]),
+             initial_state(self.model, self.config, batch)))
+        return logits, state
 
     def save(self, path: str) -> None:
         """Writes the SavedModel to `path` (atomically, see `save_atomically`)."""
         save_atomically(self, path, signatures={
             "serving_default": self.score.get_concrete_function(),
             "generate": self.generate.get_concrete_function()})
+
+
+def sample_next(logits, temperature, seed, position):
+    """int32 `[batch]`: a token drawn from each row of `logits` `[batch, vocab]` at
+    `temperature` (about greedy near 0), the same for the same seed and position."""
+    return tf.random.stateless_categorical(
+        logits / tf.maximum(temperature, 1e-4), 1, seed=tf.stack([seed, position]),
+        dtype=tf.int32)[:, 0]
+
+
+def generate_ids(step, logits, state, max_new_tokens, temperature, seed):
+    """Samples up to `max_new_tokens` tokens per row from `logits` `[batch, vocab]` on:
+    `step(ids [batch], state) -> (logits, state)` reads each drawn token. A row ends at
+    its end-of-sentence; after it, its ids are padding (0).
+
+    Returns:
+        int32 `[batch, max_new_tokens]` (fewer columns if every row ended earlier).
+    """
+    batch = tf.shape(logits)[0]
+
+    def draw(i, logits, state, ended, drawn):
+        ids = tf.where(ended, 0, sample_next(logits, temperature, seed, i))
+        logits, state = step(ids, state)
+        return i + 1, logits, state, ended | (ids == EOS_ID), drawn.write(i, ids)
+
+    _, _, _, _, drawn = tf.while_loop(
+        lambda i, logits, state, ended, drawn: (i < max_new_tokens)
+        & ~tf.reduce_all(ended), draw,
+        (0, logits, state, tf.zeros([batch], tf.bool),
+         tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None])))
+    return tf.transpose(tf.reshape(drawn.stack(), [-1, batch]))
+
+
+def left_padded(rows: tf.RaggedTensor) -> tf.Tensor:
+    """int32 ragged `[batch, (n)]` -> `[batch, max n]`, each row's ids at its end and
+    padding (0) before them."""
+    dense = rows.to_tensor(0)
+    width = tf.shape(dense)[1]
+    source = tf.range(width)[None, :] - (width - tf.cast(rows.row_lengths(),
+                                                          tf.int32))[:, None]
+    return tf.where(source >= 0, tf.gather(dense, tf.maximum(source, 0), batch_dims=1), 0)
