@@ -33,15 +33,16 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                       flag_values=flag_values)
     flags.DEFINE_integer("model_dim", 128, "Embedding and LSTM width.",
                          flag_values=flag_values)
-    training_flags.require_at_least(1, ("model_dim",), flag_values)
+    flags.DEFINE_integer("vocab_lines", 200_000,
+                         "Training lines the subword vocabulary is learnt from (the "
+                         "built-in corpus has 27,648).", flag_values=flag_values)
+    training_flags.require_at_least(1, ("model_dim", "vocab_lines"), flag_values)
 
 
 TINY_PRESET = dict(model_dim=32, num_experts=4, k=2, hidden_size=32, vocab_size=512,
                    max_length=24, batch_tokens=512, train_steps=20, warmup_steps=5,
                    eval_every=0, log_every=5, checkpoint_every=10, max_eval_batches=4,
-                   shuffle_buffer=1000)
-# Lines the vocabulary is learnt from (the whole built-in training split fits).
-VOCAB_LINES = 200_000
+                   shuffle_buffer=1000, vocab_lines=5000)
 
 
 def model_config() -> LanguageModelConfig:
@@ -85,7 +86,7 @@ def main(argv):
         logging.warning("Skipping invalid (empty or non-UTF-8) lines: %s", skipped)
 
     tokenizer = from_flags.load_or_train_tokenizer(
-        lambda: text.first_clean_lines(splits.train, VOCAB_LINES), is_chief=is_chief)
+        lambda: text.first_clean_lines(splits.train, FLAGS.vocab_lines), is_chief=is_chief)
     from_flags.record_run_config(config, is_chief=is_chief)
     config = from_flags.with_vocabulary(config, tokenizer)
 
