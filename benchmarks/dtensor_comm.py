@@ -81,7 +81,7 @@ def traced_step_collectives(args, dump_dir):
                 for g, layout in zip(gradients, layouts)] + gradients[-1:]
 
     tokens = np.random.default_rng(0).normal(size=(args.tokens, args.model_dim))
-    tokens = placement._to_dtensor(tf.constant(tokens, tf.float32),
+    tokens = placement.to_dtensor(tf.constant(tokens, tf.float32),
                                    placement.sharding.batch_sharded(2))
     tf.function(moe_training_step)(tokens)
     return _collectives_of(_device_program(dump_dir)), placement.sharding

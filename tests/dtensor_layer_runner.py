@@ -74,7 +74,7 @@ def compare(mesh_spec, gate, group_size):
     want_dropped = float(reference.balance_statistics()["dropped_fraction"])
 
     placement.place(model, keras.optimizers.SGD())
-    x_placed = placement._to_dtensor(x, sharding.batch_sharded(3))
+    x_placed = placement.to_dtensor(x, sharding.batch_sharded(3))
     got = tf.function(lambda x: loss_and_gradients(model, x, weights))(x_placed)
     got_dropped = float(placement.to_host(layer.dropped_fraction_metric.result()))
 

@@ -112,10 +112,11 @@ class ExpertParallel:
 
     def _place_variable(self, variable: keras.Variable, layout: dtensor.Layout) -> None:
         value = _storage(variable).read_value()
-        _back_with_dvariable(variable, self._to_dtensor(value, layout))
+        _back_with_dvariable(variable, self.to_dtensor(value, layout))
         self._placed_variables.append(variable)
 
-    def _to_dtensor(self, value: tf.Tensor, layout: dtensor.Layout) -> tf.Tensor:
+    def to_dtensor(self, value: tf.Tensor, layout: dtensor.Layout) -> tf.Tensor:
+        """A one-device tensor as a DTensor with `layout` on this placement's mesh."""
         on_mesh = dtensor.copy_to_mesh(value, self.sharding.replicated(value.shape.rank))
         return dtensor.relayout(on_mesh, layout)
 
@@ -146,7 +147,7 @@ class ExpertParallel:
             padding = [[0, -rows % multiple], [0, -length % DTENSOR_LENGTH_MULTIPLE]]
             padding += [[0, 0]] * (tensor.shape.rank - 2)
             tensor = tf.pad(tensor, padding)
-            return self._to_dtensor(tensor, self.sharding.batch_sharded(tensor.shape.rank))
+            return self.to_dtensor(tensor, self.sharding.batch_sharded(tensor.shape.rank))
 
         return tf.nest.map_structure(place, local_slices)
 
@@ -200,7 +201,7 @@ class ExpertParallel:
     def reset_metrics(self, layer: keras.layers.Layer) -> None:
         # Keras assigns host zeros; a DVariable takes only DTensors (beyond scalars).
         for variable in layer.metrics_variables:
-            variable.assign(self._to_dtensor(tf.zeros(variable.shape, variable.dtype),
+            variable.assign(self.to_dtensor(tf.zeros(variable.shape, variable.dtype),
                                              self.layout_of(variable)))
 
     def unplace(self, model: keras.Model) -> None:

@@ -14,7 +14,7 @@ from absl import flags
 from moe_tf import GATES, MoEConfig
 from moe_tf.config import DEFAULT_CAPACITY_FACTOR, DISPATCHES
 from train.cli import exit_with_error
-from train.distribution import STRATEGIES
+from train.distribution import DTENSOR_LENGTH_MULTIPLE, STRATEGIES
 from train.training.loop import NAN_POLICIES
 from train.training.optimizer import OPTIMIZERS
 
@@ -42,8 +42,9 @@ def _define_data_flags(default_data: str, flag_values: flags.FlagValues) -> None
     flags.DEFINE_integer("max_length", 64, "Subword pieces per sentence kept.", **where)
     flags.DEFINE_integer("batch_tokens", 4096, "Target tokens per batch.", **where)
     flags.DEFINE_integer("length_multiple", 1,
-                         "Pads every batch's length to a multiple of this (8 gives one "
-                         "device the token layout of --strategy=dtensor).", **where)
+                         "Pads every batch's length to a multiple of this "
+                         f"({DTENSOR_LENGTH_MULTIPLE} gives one device the token layout of "
+                         "--strategy=dtensor).", **where)
     flags.DEFINE_integer("shuffle_buffer", 10000, "Lines in the shuffle buffer.", **where)
 
 
