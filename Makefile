@@ -13,12 +13,14 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 # The layer's compiled CPU kernels (nothing is built on a CPU without AVX-512; the
-# layer then runs TensorFlow ops only).
-KERNELS := moe_tf/kernels/_moe_kernels.so
-$(KERNELS): $(wildcard moe_tf/kernels/*.cc) moe_tf/kernels/build.py $(STAMP)
+# layer then runs TensorFlow ops only). The stamp records the attempt, so that a machine
+# that cannot build them does not start TensorFlow to say so at every make.
+KERNELS_STAMP := $(VENV)/.kernels
+$(KERNELS_STAMP): $(wildcard moe_tf/kernels/*.cc) moe_tf/kernels/build.py $(STAMP)
 	$(PY) -m moe_tf.kernels.build
+	touch $(KERNELS_STAMP)
 
-install: $(STAMP) $(KERNELS)
+install: $(STAMP) $(KERNELS_STAMP)
 
 # Two pytest processes: the end-to-end tests spend much of their time starting
 # TensorFlow in subprocesses, which two workers overlap (see docs/development.md).
@@ -35,4 +37,4 @@ train: install
 		$(PY) -m train.score --saved_model=$(RUN_DIR)/export
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(KERNELS)
+	rm -rf $(VENV) build *.egg-info moe_tf/kernels/_moe_kernels.so
