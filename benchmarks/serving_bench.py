@@ -75,16 +75,13 @@ def measure(path: str, args) -> Dict:
     for batch_size in args.batch_sizes:
         batches = [tf.constant(sentences[i:i + batch_size])
                    for i in range(0, len(sentences) - batch_size + 1, batch_size)]
-        if is_translator:
-            def call(batch):
-                extra = ({"target_language": tf.fill([len(batch)], "es")}
-                         if "target_language" in inputs else {})
-                serve(text=batch, **extra)
-                return int(batch.shape[0])
-        else:
-            def call(batch):
-                serve(text=batch)
-                return int(batch.shape[0])
+        def call(batch):
+            # A multilingual translator also takes each sentence's target language.
+            extra = ({"target_language": tf.fill([len(batch)], "es")}
+                     if "target_language" in inputs else {})
+            serve(text=batch, **extra)
+            return int(batch.shape[0])
+
         key = "translation" if is_translator else "scoring"
         results[key][batch_size] = time_calls(call, batches)
 

@@ -75,7 +75,8 @@ def first_clean_lines(lines: tf.data.Dataset, count: int) -> List:
     """The first `count` elements `clean_lines` keeps, decoded: str (or tuples of str)."""
     def keep_valid(*batch):
         valid = _is_valid_element(*batch)
-        return tuple(tf.boolean_mask(tf.strings.strip(side), valid) for side in batch)
+        stripped = tf.nest.flatten(_strip(*batch))
+        return tuple(tf.boolean_mask(side, valid) for side in stripped)
 
     decoded = []
     for batch in lines.batch(_READ_BATCH).map(keep_valid).as_numpy_iterator():

@@ -12,7 +12,6 @@ import tensorflow as tf
 from absl import flags, logging
 
 from train import distribution
-from train.cli import exit_with_error
 from train.data.tokenizer import TOKENIZER_FILE, SubwordTokenizer
 from train.training import loop, optimizer, run_config
 from train.training.flags import usage_errors
@@ -96,7 +95,8 @@ def load_or_train_tokenizer(vocabulary_lines, *, is_chief: bool) -> SubwordToken
     path = os.path.join(FLAGS.model_dir, TOKENIZER_FILE)
     if tf.io.gfile.exists(path):
         return SubwordTokenizer.load(path)
-    tokenizer = _learn_vocabulary(list(vocabulary_lines()))
+    with usage_errors():
+        tokenizer = _learn_vocabulary(list(vocabulary_lines()))
     if is_chief:
         tf.io.gfile.makedirs(FLAGS.model_dir)
         tokenizer.save(path)
@@ -114,12 +114,14 @@ def with_vocabulary(model_config, tokenizer: SubwordTokenizer):
 
 
 def _learn_vocabulary(lines) -> SubwordTokenizer:
+    """A vocabulary of --vocab_size subwords from `lines`; ValueError if they cannot
+    give it."""
     if not lines:
-        exit_with_error(f"--data={FLAGS.data}: no valid training line (the lines are "
-                        f"empty or not well-formed UTF-8).")
+        raise ValueError(f"--data={FLAGS.data}: no valid training line (the lines are "
+                         f"empty or not well-formed UTF-8).")
     tokenizer = SubwordTokenizer.train(lines, vocab_size=FLAGS.vocab_size)
     if tokenizer.vocab_size < FLAGS.vocab_size:
-        exit_with_error(
+        raise ValueError(
             f"--data={FLAGS.data}: its {len(lines):,} valid training lines give "
             f"{tokenizer.vocab_size} subwords, fewer than --vocab_size={FLAGS.vocab_size}. "
             f"Give more text or a --vocab_size of at most {tokenizer.vocab_size}.")

@@ -146,15 +146,20 @@ class Trainer:
             self.manager.save(checkpoint_number=step)
         except (tf.errors.OpError, OSError) as error:
             self._remove_partial_checkpoint(step)
-            kept = (f"the checkpoint of step {self.saved_step} is kept"
-                    if self.saved_step is not None else "no checkpoint was written before")
             raise RunStopped(
                 f"Cannot write the checkpoint of step {step} in "
                 f"{os.path.dirname(self.manager.directory.rstrip('/'))}: "
-                f"{_first_line(error)}. Nothing earlier is lost ({kept}); fix the "
+                f"{_first_line(error)}. Nothing earlier is lost ({self._kept}); fix the "
                 f"directory or free space, then rerun the same command to resume.") \
                 from error
         self.saved_step = step
+
+    @property
+    def _kept(self) -> str:
+        """What a stop keeps, in words: the last checkpoint written or restored."""
+        if self.saved_step is None:
+            return "no checkpoint was written yet"
+        return f"the checkpoint of step {self.saved_step} is kept"
 
     def _remove_partial_checkpoint(self, step: int) -> None:
         """Removes what a failed save of `step` left (TensorFlow writes a checkpoint in a
@@ -323,9 +328,7 @@ class Trainer:
         else:
             reason = (f"Step {step} has a NaN or an Inf in {what} (--nan_policy=stop); "
                       f"its update was not applied")
-        kept = (f"the checkpoint of step {self.saved_step} is kept"
-                if self.saved_step is not None else "no checkpoint was written")
-        raise RunStopped(f"{reason}. Training stops; {kept}. Lower --learning_rate or "
+        raise RunStopped(f"{reason}. Training stops; {self._kept}. Lower --learning_rate or "
                          f"raise --warmup_steps, or pass --nan_policy=skip_step.")
 
     def _stop(self, signal_number: int) -> None:
@@ -353,12 +356,12 @@ class Trainer:
         seconds = max(time.time() - window_start, 1e-9)
         rate = tokens / seconds
         eta = seconds / max(step - window_first_step, 1) * (self.config.train_steps - step)
+        perplexity = _perplexity(loss)
         logging.info("step %d/%d  loss %.4f  ppl %.2f  %.0f tokens/s  eta %s", step,
-                     self.config.train_steps, loss, _perplexity(loss), rate,
-                     _duration(eta))
+                     self.config.train_steps, loss, perplexity, rate, _duration(eta))
         with self.writer.as_default(step=step):
             tf.summary.scalar("loss", loss)
-            tf.summary.scalar("perplexity", _perplexity(loss))
+            tf.summary.scalar("perplexity", perplexity)
             tf.summary.scalar("learning_rate", float(self.optimizer.learning_rate))
             tf.summary.scalar("tokens_per_second", rate)
             self._log_balance()
