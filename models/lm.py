@@ -1,26 +1,31 @@
-"""The paper's language models (Appendix C) and their compute-matched baselines (Table 7).
+"""The paper's language models (Appendix C), their compute-matched baselines (Table 7),
+and the (MoE) Transformer of `models.transformer`.
 
-All four share the embedding, the residual/dropout wiring and the softmax; they differ in
-what stands between the embedding and the softmax:
+The paper's four share the embedding, the residual/dropout wiring and the softmax; they
+differ in what stands between the embedding and the softmax:
 - `moe`: LSTM -> MoE (sigmoid on its output) -> LSTM;
 - `4xlstm`: four LSTMs;
 - `moe-1-wide`: LSTM -> one expert of hidden k * hidden_size -> LSTM;
 - `moe-1-deep`: LSTM -> one expert of four hidden layers, as wide as keeps the ops equal ->
   LSTM.
 Every layer's output gets dropout and a residual add, so all widths equal `model_dim`.
+`transformer` and `transformer-moe` are built, stepped and counted by
+`models.transformer`; this module's functions dispatch to it.
 """
 
 import dataclasses
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import keras
 import tensorflow as tf
 
+from models import transformer
 from models.recorded_config import check_shared_settings, model_config_from_dict
 from moe_tf import MoEConfig, SparselyGatedMoE
 
-ARCHITECTURES = ("moe", "4xlstm", "moe-1-wide", "moe-1-deep")
+LSTM_ARCHITECTURES = ("moe", "4xlstm", "moe-1-wide", "moe-1-deep")
+ARCHITECTURES = LSTM_ARCHITECTURES + transformer.TRANSFORMER_ARCHITECTURES
 DEEP_LAYERS = 4
 
 
@@ -29,7 +34,10 @@ class LanguageModelConfig:
     """Sizes of a language model. Defaults are the paper's, scaled by 1/4 for a CPU.
 
     `moe` holds the MoE layer's settings (expert hidden width 256; paper: 1024); the
-    baselines read `moe.k`, `moe.num_groups` and `moe.hidden_size` for their widths.
+    baselines read `moe.k`, `moe.num_groups` and `moe.hidden_size` for their widths, and
+    so do the Transformers' dense FFNs (k * hidden_size wide). `num_layers` and
+    `num_heads` are the Transformers' (blocks, attention heads); the LSTM models have
+    none.
     """
 
     architecture: str = "moe"
@@ -37,9 +45,17 @@ class LanguageModelConfig:
     model_dim: int = 128           # embedding and LSTM width (paper: 512)
     moe: MoEConfig = MoEConfig()
     dropout: float = 0.1
+    num_layers: int = 4
+    num_heads: int = 4
 
     def __post_init__(self):
         check_shared_settings(self, ARCHITECTURES)
+        if self.is_transformer:
+            _check_transformer_sizes(self)
+
+    @property
+    def is_transformer(self) -> bool:
+        return self.architecture in transformer.TRANSFORMER_ARCHITECTURES
 
     @classmethod
     def from_dict(cls, values: Dict) -> "LanguageModelConfig":
@@ -63,6 +79,18 @@ class LanguageModelConfig:
         d, target = self.model_dim, 2 * self.model_dim * self.wide_hidden_size
         a, b = DEEP_LAYERS - 1, 2 * d
         return round((-b + math.sqrt(b * b + 4 * a * target)) / (2 * a))
+
+
+def _check_transformer_sizes(config: LanguageModelConfig) -> None:
+    for name in ("num_layers", "num_heads"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1; got {getattr(config, name)}.")
+    if config.model_dim % config.num_heads:
+        raise ValueError(f"model_dim ({config.model_dim}) must be divisible by num_heads "
+                         f"({config.num_heads}).")
+    if config.architecture == "transformer-moe" and config.num_layers < 2:
+        raise ValueError("transformer-moe puts the MoE in every second block: num_layers "
+                         f"must be >= 2; got {config.num_layers}.")
 
 
 def _residual(x, y, dropout: float, name: str):
@@ -105,6 +133,8 @@ def _middle_layer(config: LanguageModelConfig, name: str) -> keras.layers.Layer:
 
 def build_language_model(config: LanguageModelConfig) -> keras.Model:
     """int32 token ids `[batch, time]` (0 = padding) -> float32 logits `[batch, time, vocab]`."""
+    if config.is_transformer:
+        return transformer.build_transformer_lm(config)
     ids = keras.Input(shape=(None,), dtype="int32", name="ids")
     x = keras.layers.Embedding(config.vocab_size, config.model_dim, mask_zero=True,
                                name="embedding")(ids)
@@ -122,14 +152,18 @@ def build_language_model(config: LanguageModelConfig) -> keras.Model:
     return keras.Model(ids, logits, name=f"lm_{config.architecture.replace('-', '_')}")
 
 
-# A model's recurrent state for `language_model_step`: each LSTM's name -> [h, c].
+# A model's state for `language_model_step`: for the LSTM models each LSTM's name ->
+# [h, c]; for the Transformers a `transformer.TransformerState` (key/value caches).
 RecurrentState = Dict[str, List[tf.Tensor]]
 
 
-def initial_state(model: keras.Model, config: LanguageModelConfig,
-                  batch_size) -> RecurrentState:
-    """The zero state of every LSTM of `model` (built by `build_language_model(config)`)
-    for `batch_size` sequences: `[batch, model_dim]` each."""
+def initial_state(model: keras.Model, config: LanguageModelConfig, batch_size,
+                  length) -> RecurrentState:
+    """The state of `model` (built by `build_language_model(config)`) before any position,
+    for `batch_size` sequences of up to `length` positions: every LSTM's zero state,
+    `[batch, model_dim]` each, or a Transformer's empty key/value caches."""
+    if config.is_transformer:
+        return transformer.transformer_initial_state(model, config, batch_size, length)
     return {block: [tf.zeros([batch_size, config.model_dim],
                              model.get_layer(block).compute_dtype)] * 2
             for block in _blocks(config) if block != "middle"}
@@ -150,6 +184,8 @@ def language_model_step(model: keras.Model, config: LanguageModelConfig, ids: tf
     Returns:
         float32 logits `[batch, vocab]` and the new state.
     """
+    if config.is_transformer:
+        return transformer.transformer_step(model, config, ids, state)
     real = (ids != 0)[:, None]
     # A new tensor, without the padding mask Keras attaches (which the cells refuse).
     x = tf.identity(model.get_layer("embedding")(ids))
@@ -173,23 +209,26 @@ def lstm_ops(input_dim: int, units: int) -> int:
     return 4 * units * (input_dim + units)
 
 
-def ops_per_timestep(config: LanguageModelConfig) -> int:
+def ops_per_timestep(config: LanguageModelConfig,
+                     sequence_length: Optional[int] = None) -> int:
     """Forward multiply-adds per token, excluding embedding and softmax, as Table 7 counts.
 
     The gate counts: x W_g over all experts (or over the groups plus the group_k selected
     groups' secondary gates), and x W_noise as much again with noisy gating, as the paper's
-    8.6M for MoE-256 does.
+    8.6M for MoE-256 does (`MoEConfig.ops_per_token`). A Transformer's count includes its
+    attention over the mean causal context of `sequence_length` positions (required for
+    the Transformers, see `transformer.transformer_ops`).
     """
-    d, moe = config.model_dim, config.moe
+    if config.is_transformer:
+        if sequence_length is None:
+            raise ValueError("ops_per_timestep: a Transformer's count needs the "
+                             "sequence_length its attention spans.")
+        return transformer.transformer_ops(config, sequence_length)
+    d = config.model_dim
     if config.architecture == "4xlstm":
         return 4 * lstm_ops(d, d)
     if config.architecture == "moe":
-        if moe.is_hierarchical:
-            gate = d * moe.num_groups + moe.primary_k * d * moe.experts_per_group
-        else:
-            gate = d * moe.num_experts
-        gate *= 2 if moe.noisy_gating else 1
-        middle = gate + config.experts_per_token * 2 * d * moe.hidden_size
+        middle = config.moe.ops_per_token(d)
     elif config.architecture == "moe-1-wide":
         middle = 2 * d * config.wide_hidden_size
     else:

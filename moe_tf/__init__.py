@@ -6,9 +6,11 @@ from moe_tf.experts import FeedForwardExperts
 from moe_tf.gates import (GATES, Gate, GateOutput, HierarchicalNoisyTopKGate, NoisyTopKGate,
                           StrictlyBalancedGate, register_gate)
 from moe_tf.metrics import ExpertLoadFraction
+from moe_tf.router_gates import ExpertChoiceGate, SwitchGate, TopPGate
 from moe_tf.sparsely_gated_moe import SparselyGatedMoE
 
 __all__ = [
+    "ExpertChoiceGate",
     "ExpertLoadFraction",
     "ExpertSharding",
     "FeedForwardExperts",
@@ -20,5 +22,7 @@ __all__ = [
     "NoisyTopKGate",
     "SparselyGatedMoE",
     "StrictlyBalancedGate",
+    "SwitchGate",
+    "TopPGate",
     "register_gate",
 ]

@@ -4,15 +4,18 @@ The layer (`SparselyGatedMoE(config=...)` or its keyword arguments), the model c
 (`LanguageModelConfig.moe`, `TranslationConfig.moe`) and the training binaries' flags all
 hold this one object; its field defaults are the project's defaults, written once here.
 
-Gate-specific settings (`noisy_gating`, `noise_epsilon`, `threshold_loss_weight`) are
-None until a config is built: then the chosen gate's defaults fill them in, and a setting
-that the gate does not read is refused, naming both. A built config therefore always
-holds resolved values, and `MoEConfig(**dataclasses.asdict(config)) == config`.
+Gate-specific settings (`noisy_gating`, `noise_epsilon`, `bias_update_rate`,
+`threshold_loss_weight`, `switch_loss_weight`, `top_p_threshold`) are None until a config
+is built: then the chosen gate's defaults fill them in, and a setting that the gate does
+not read is refused, naming both. So are the paper's loss weights `importance_weight` and
+`load_weight`: 0.1 each, or 0 with a gate balanced otherwise. A built config therefore
+always holds resolved values, and `MoEConfig(**dataclasses.asdict(config)) == config`.
 """
 
 import dataclasses
 from typing import Optional, Union
 
+from moe_tf import router_gates  # noqa: F401  (registers the later routers' gates)
 from moe_tf.gates import GATES, gate_option_names
 
 DISPATCHES = ("sparse", "capacity")
@@ -39,15 +42,26 @@ class MoEConfig:
         group_k: groups per token at the primary level of a hierarchical MoE; defaults to
             `k`.
         gating: the gate, a name of `moe_tf.gates.GATES`: "top_k" (noisy top-k, flat or
-            hierarchical) or "balanced" (the strictly balanced gating of Appendix F).
+            hierarchical), "balanced" (the strictly balanced gating of Appendix F),
+            "switch" (top-1, Switch Transformer), "top_p" (dynamic k) or
+            "expert_choice" (each expert picks its tokens).
         noisy_gating: top_k only: add the trained Gaussian noise of Eq. 4 while training
             (default True).
         noise_epsilon: top_k only: the floor added to the noise scale softplus(x W_noise)
             (default 1e-2).
+        bias_update_rate: top_k only (flat): > 0 balances without a loss (DeepSeek-V3's
+            selection bias, moved by this rate after every training call); default 0.
         threshold_loss_weight: balanced only: the weight of the threshold loss
             (default 1.0).
-        importance_weight: w_importance, the weight of CV(Importance)^2.
-        load_weight: w_load, the weight of CV(Load)^2.
+        switch_loss_weight: switch and top_p: alpha, the weight of the Switch balancing
+            loss (default 0.01).
+        top_p_threshold: top_p only: p, the probability mass a token's experts must reach
+            (default 0.4); `k` caps their number.
+        router_z_loss_weight: every gate: the weight of the router z-loss (ST-MoE), the
+            mean of logsumexp(logits)^2; default 0 (off).
+        importance_weight: w_importance, the weight of CV(Importance)^2 (default 0.1, or
+            0 for the switch, top_p and expert_choice gates and with bias_update_rate).
+        load_weight: w_load, the weight of CV(Load)^2 (default as importance_weight).
         dispatch: "sparse" (dropless, sort-based) or "capacity" (fixed-size expert
             buffers, static shapes).
         capacity_factor: capacity only: slots per expert as a multiple of the even share,
@@ -71,9 +85,13 @@ class MoEConfig:
     gating: str = "top_k"
     noisy_gating: Optional[bool] = None
     noise_epsilon: Optional[float] = None
+    bias_update_rate: Optional[float] = None
     threshold_loss_weight: Optional[float] = None
-    importance_weight: float = 0.1
-    load_weight: float = 0.1
+    switch_loss_weight: Optional[float] = None
+    top_p_threshold: Optional[float] = None
+    router_z_loss_weight: float = 0.0
+    importance_weight: Optional[float] = None
+    load_weight: Optional[float] = None
     dispatch: str = "sparse"
     capacity_factor: Optional[float] = None
     capacity_group_size: Optional[int] = None
@@ -84,7 +102,11 @@ class MoEConfig:
         _check_gating(self)
         _check_sizes(self)
         _check_dispatch(self)
-        for name in ("importance_weight", "load_weight"):
+        self._fill_defaults()
+        problem = GATES[self.gating].config_problem(self)
+        if problem:
+            _refuse(problem)
+        for name in ("importance_weight", "load_weight", "router_z_loss_weight"):
             if not getattr(self, name) >= 0:
                 _refuse(f"`{name}` must be >= 0; got {getattr(self, name)!r}.")
         if not isinstance(self.recompute_activations, bool):
@@ -93,15 +115,19 @@ class MoEConfig:
         if not (isinstance(self.compiled_kernels, bool) or self.compiled_kernels == "auto"):
             _refuse(f"`compiled_kernels` must be 'auto', True or False; got "
                     f"{self.compiled_kernels!r}.")
-        self._fill_defaults()
 
     def _fill_defaults(self):
-        defaults = dict(GATES[self.gating].options)
+        gate = GATES[self.gating]
+        defaults = dict(gate.options)
         if self.dispatch == "capacity":
             defaults["capacity_factor"] = DEFAULT_CAPACITY_FACTOR
         for name, default in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
+        # The loss weights' default depends on the gate's own settings, filled above.
+        for name in ("importance_weight", "load_weight"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, gate.default_cv_loss_weight(self))
 
     @property
     def is_hierarchical(self) -> bool:
@@ -123,6 +149,20 @@ class MoEConfig:
         """Experts each token is sent to: k, or group_k * k when hierarchical (the
         balanced gate sends k per token on average)."""
         return self.primary_k * self.k
+
+    def ops_per_token(self, input_dim: int) -> int:
+        """Forward multiply-adds per token, as the paper's Table 7 counts them: the gate's
+        x W_g over all experts (or over the groups plus the `group_k` picked groups'
+        secondary gates), as much again for x W_noise with noisy gating, and
+        `assignments_per_token` experts of 2 input_dim hidden_size each (an expert's
+        output width taken equal to its input's)."""
+        d = input_dim
+        if self.is_hierarchical:
+            gate = d * self.num_groups + self.primary_k * d * self.experts_per_group
+        else:
+            gate = d * self.num_experts
+        gate *= 2 if self.noisy_gating else 1
+        return gate + self.assignments_per_token * 2 * d * self.hidden_size
 
     def replace(self, **changes) -> "MoEConfig":
         """A copy with `changes`; gate- and dispatch-specific settings are re-derived

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar, Dict, Mapping, NamedTuple, Optional,
 import keras
 import tensorflow as tf
 
-from moe_tf import gating
+from moe_tf import gating, routers
 from moe_tf.routing import DenseRouting, SlotRouting
 
 
@@ -28,11 +28,16 @@ class GateOutput(NamedTuple):
         importance: float32 `[experts]`, Importance(X).
         load: float32 `[experts]`, Load(X): the smooth estimator of Eq. 10 while training
             with noise, otherwise the number of tokens each expert receives.
+        router_z: float32 `[tokens]`, each token's router z-loss term (ST-MoE),
+            logsumexp(logits)^2 (summed over the levels of a hierarchical gate); 0 for
+            masked tokens. The layer averages it over the batch when it adds the loss.
+            None for a gate without logits.
     """
 
     routing: Union[SlotRouting, DenseRouting]
     importance: tf.Tensor
     load: tf.Tensor
+    router_z: Optional[tf.Tensor] = None
 
 
 def _mask_as_float(mask: Optional[tf.Tensor], num_tokens) -> tf.Tensor:
@@ -44,6 +49,9 @@ def _mask_as_float(mask: Optional[tf.Tensor], num_tokens) -> tf.Tensor:
 
 if TYPE_CHECKING:
     from moe_tf.config import MoEConfig
+
+# The paper's balancing: w_importance = w_load = 0.1 unless a gate balances otherwise.
+DEFAULT_CV_LOSS_WEIGHT = 0.1
 
 # The layer's `gating` name -> the gate class (see `register_gate`).
 GATES: Dict[str, type] = {}
@@ -68,19 +76,27 @@ class Gate(keras.layers.Layer):
     A gate's contract:
     - `call(tokens, *, training, token_mask)`: float32 `[tokens, input_dim]` and bool
       `[tokens]` (or None) -> `GateOutput`: the routing the dispatcher moves tokens by,
-      and Importance and Load `[experts]`, from which the layer adds the balancing loss
-      and records its statistics. Masked tokens get gate 0 and count in neither.
+      Importance and Load `[experts]`, from which the layer adds the balancing loss
+      and records its statistics, and each token's router z term `[tokens]`. Masked
+      tokens get gate 0 and count in none of them.
     - A loss of the gate's own (the balanced gate's threshold loss) goes through
       `add_loss` inside `call`, while training.
     - `assignments_per_token`: expert slots per token, which sizes the capacity
       dispatch's buffers.
 
-    Class attributes describe what it reads of an `MoEConfig`:
+    - `adapt(expert_counts)`: called by the layer once per training call with the
+      tokens each expert received over all replicas; gates that balance by state
+      rather than by a loss (the aux-loss-free bias) update it here.
+
+    Class attributes and class methods describe what it reads of an `MoEConfig`:
     - `options`: the gate-specific settings it reads, with their defaults (MoEConfig
       refuses the others' settings for this gate);
     - `supports_hierarchy`: whether `num_groups` may be set;
     - `supports_expert_sharding`: whether DTensor can split its batch (see
-      `SparselyGatedMoE.shard_experts`).
+      `SparselyGatedMoE.shard_experts`);
+    - `config_problem(config)`: what the gate refuses in a config, or None;
+    - `default_cv_loss_weight(config)`: the default of the paper's `importance_weight`
+      and `load_weight` with this gate (0 for gates balanced otherwise).
     Gates compute in float32 whatever the policy; `seed` seeds their noise.
     """
 
@@ -96,6 +112,23 @@ class Gate(keras.layers.Layer):
         # Set by SparselyGatedMoE.shard_experts while the tokens are split over devices
         # (DTensor); a runtime placement, not configuration.
         self.batch_sharded = False
+
+    @classmethod
+    def config_problem(cls, config: "MoEConfig") -> Optional[str]:
+        """Why this gate cannot run `config` (a sentence), or None."""
+        return None
+
+    @classmethod
+    def default_cv_loss_weight(cls, config: "MoEConfig") -> float:
+        return DEFAULT_CV_LOSS_WEIGHT
+
+    def adapt(self, expert_counts: tf.Tensor) -> None:
+        """expert_counts: float32 `[experts]` of one training call (all replicas)."""
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(seed=self.seed)
+        return config
 
     @classmethod
     def from_moe_config(cls, config: "MoEConfig", *, seed: Optional[int],
@@ -124,15 +157,17 @@ class _NoisyTopKBase(Gate):
     supports_expert_sharding = True
 
     def _noisy_top_k(self, clean_logits: tf.Tensor, raw_noise_logits: Optional[tf.Tensor],
-                     k: int) -> gating.TopKGating:
+                     k: int, selection_bias: Optional[tf.Tensor] = None
+                     ) -> gating.TopKGating:
         """Noisy top-k over the last axis; `raw_noise_logits` None means no noise."""
         if raw_noise_logits is None:
             return gating.noisy_top_k_gating(clean_logits, k,
+                                             selection_bias=selection_bias,
                                              batch_sharded=self.batch_sharded)
         return gating.noisy_top_k_gating(
             clean_logits, k, noise=self._normal(tf.shape(clean_logits)),
             stddev=gating.noise_stddev(raw_noise_logits, self.noise_epsilon),
-            batch_sharded=self.batch_sharded)
+            selection_bias=selection_bias, batch_sharded=self.batch_sharded)
 
 
 @register_gate("top_k")
@@ -143,17 +178,28 @@ class NoisyTopKGate(_NoisyTopKBase):
     Registered as gating="top_k"; with `num_groups` the layer gets the
     `HierarchicalNoisyTopKGate` instead.
 
-    Weights: `w_gate` and `w_noise`, `[input_dim, num_experts]`, zero-initialised.
+    With `bias_update_rate` > 0 it balances without a loss, as DeepSeek-V3 does: a
+    per-expert bias b `[experts]` (a non-trainable weight, in checkpoints) is added to the
+    logits to choose the top k and nothing else (the gates are the softmax of the chosen
+    experts' unbiased logits), and after every training call b_i += rate *
+    sign(mean load - load_i), the loads counted over all replicas. The paper's CV losses
+    then default to weight 0.
+
+    Weights: `w_gate` and `w_noise`, `[input_dim, num_experts]`, zero-initialised, and
+    `expert_bias` `[num_experts]` when `bias_update_rate` > 0.
     """
+
+    options = {**_NoisyTopKBase.options, "bias_update_rate": 0.0}
 
     def __init__(self, *, num_experts: int, k: int, noisy_gating: bool = True,
                  noise_epsilon: float = gating.DEFAULT_NOISE_EPSILON,
-                 seed: Optional[int] = None, **kwargs):
-        super().__init__(seed=seed, **kwargs)
+                 bias_update_rate: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
         self.num_experts = num_experts
         self.k = k
         self.noisy_gating = noisy_gating
         self.noise_epsilon = noise_epsilon
+        self.bias_update_rate = bias_update_rate
 
     @classmethod
     def from_moe_config(cls, config, *, seed, name):
@@ -161,32 +207,59 @@ class NoisyTopKGate(_NoisyTopKBase):
             return HierarchicalNoisyTopKGate.from_moe_config(config, seed=seed, name=name)
         return cls(num_experts=config.num_experts, k=config.k,
                    noisy_gating=config.noisy_gating, noise_epsilon=config.noise_epsilon,
+                   bias_update_rate=config.bias_update_rate,
                    seed=seed, name=name)
+
+    @classmethod
+    def config_problem(cls, config):
+        if config.bias_update_rate and config.is_hierarchical:
+            return ("`bias_update_rate` (aux-loss-free balancing) applies to flat top_k "
+                    "gating; a hierarchical layer balances by its losses.")
+        if not config.bias_update_rate >= 0:
+            return f"`bias_update_rate` must be >= 0; got {config.bias_update_rate!r}."
+        return None
+
+    @classmethod
+    def default_cv_loss_weight(cls, config):
+        return 0.0 if config.bias_update_rate else DEFAULT_CV_LOSS_WEIGHT
 
     def build(self, input_shape):
         input_dim = input_shape[-1]
         self.w_gate = self._gate_weight("w_gate", (input_dim, self.num_experts))
         self.w_noise = (self._gate_weight("w_noise", (input_dim, self.num_experts))
                         if self.noisy_gating else None)
+        # Replicas compute the same update from all-reduced loads: the first one's
+        # assignment stands for all.
+        self.expert_bias = (self.add_weight(
+            name="expert_bias", shape=(self.num_experts,), initializer="zeros",
+            trainable=False, autocast=False, aggregation="only_first_replica")
+            if self.bias_update_rate else None)
 
     def call(self, inputs, *, training=None, token_mask=None) -> GateOutput:
         """inputs: float32 `[tokens, input_dim]`; token_mask: bool `[tokens]` or None."""
         token_weight = _mask_as_float(token_mask, tf.shape(inputs)[0])
         noisy = bool(training) and self.noisy_gating
+        clean_logits = tf.matmul(inputs, self.w_gate)
         result = self._noisy_top_k(
-            tf.matmul(inputs, self.w_gate),
-            tf.matmul(inputs, self.w_noise) if noisy else None, self.k)
+            clean_logits, tf.matmul(inputs, self.w_noise) if noisy else None, self.k,
+            selection_bias=self.expert_bias)
         routing = SlotRouting(expert_index=result.index,
                               gate=result.gate * token_weight[:, None],
                               num_experts=self.num_experts)
         load = tf.reduce_sum(result.load * token_weight[:, None], axis=0)
-        return GateOutput(routing=routing, importance=routing.importance(), load=load)
+        return GateOutput(routing=routing, importance=routing.importance(), load=load,
+                          router_z=routers.router_z(clean_logits) * token_weight)
+
+    def adapt(self, expert_counts):
+        if self.expert_bias is not None:
+            self.expert_bias.assign_add(self.bias_update_rate * tf.sign(
+                tf.reduce_mean(expert_counts) - expert_counts))
 
     def get_config(self):
         config = super().get_config()
         config.update(num_experts=self.num_experts, k=self.k,
                       noisy_gating=self.noisy_gating, noise_epsilon=self.noise_epsilon,
-                      seed=self.seed)
+                      bias_update_rate=self.bias_update_rate)
         return config
 
 
@@ -205,9 +278,8 @@ class HierarchicalNoisyTopKGate(_NoisyTopKBase):
 
     def __init__(self, *, num_groups: int, experts_per_group: int, group_k: int, k: int,
                  noisy_gating: bool = True,
-                 noise_epsilon: float = gating.DEFAULT_NOISE_EPSILON,
-                 seed: Optional[int] = None, **kwargs):
-        super().__init__(seed=seed, **kwargs)
+                 noise_epsilon: float = gating.DEFAULT_NOISE_EPSILON, **kwargs):
+        super().__init__(**kwargs)
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group
         self.group_k = group_k
@@ -219,7 +291,8 @@ class HierarchicalNoisyTopKGate(_NoisyTopKBase):
     def from_moe_config(cls, config, *, seed, name):
         return cls(num_groups=config.num_groups, experts_per_group=config.experts_per_group,
                    group_k=config.primary_k, k=config.k, noisy_gating=config.noisy_gating,
-                   noise_epsilon=config.noise_epsilon, seed=seed, name=name)
+                   noise_epsilon=config.noise_epsilon,
+                   seed=seed, name=name)
 
     @property
     def num_experts(self) -> int:
@@ -245,8 +318,9 @@ class HierarchicalNoisyTopKGate(_NoisyTopKBase):
         """inputs: float32 `[tokens, input_dim]`; token_mask: bool `[tokens]` or None."""
         token_weight = _mask_as_float(token_mask, tf.shape(inputs)[0])
         noisy = bool(training) and self.noisy_gating
+        primary_logits = tf.matmul(inputs, self.w_gate)
         primary = self._noisy_top_k(
-            tf.matmul(inputs, self.w_gate),
+            primary_logits,
             tf.matmul(inputs, self.w_noise) if noisy else None, self.group_k)
 
         def secondary_logits(weights):
@@ -254,8 +328,9 @@ class HierarchicalNoisyTopKGate(_NoisyTopKBase):
             all_groups = tf.einsum("td,gde->tge", inputs, weights)
             return tf.gather(all_groups, primary.index, batch_dims=1)
 
+        clean_secondary_logits = secondary_logits(self.w_gate_secondary)
         secondary = self._noisy_top_k(
-            secondary_logits(self.w_gate_secondary),
+            clean_secondary_logits,
             secondary_logits(self.w_noise_secondary) if noisy else None, self.k)
 
         slots = self.group_k * self.k
@@ -277,15 +352,18 @@ class HierarchicalNoisyTopKGate(_NoisyTopKBase):
                                                    self.num_groups)     # |X^(i)|
         load = tf.math.divide_no_nan(primary_load[:, None] * secondary_load,
                                      group_sizes[:, None])
+        # Both levels' z terms, the secondary's averaged over the token's picked groups.
+        router_z = (routers.router_z(primary_logits) + tf.reduce_mean(
+            routers.router_z(clean_secondary_logits), axis=-1)) * token_weight
         return GateOutput(routing=routing, importance=routing.importance(),
-                          load=tf.reshape(load, [-1]))
+                          load=tf.reshape(load, [-1]), router_z=router_z)
 
     def get_config(self):
         config = super().get_config()
         config.update(num_groups=self.num_groups,
                       experts_per_group=self.experts_per_group, group_k=self.group_k,
                       k=self.k, noisy_gating=self.noisy_gating,
-                      noise_epsilon=self.noise_epsilon, seed=self.seed)
+                      noise_epsilon=self.noise_epsilon)
         return config
 
 
@@ -309,8 +387,8 @@ class StrictlyBalancedGate(Gate):
     supports_expert_sharding = True
 
     def __init__(self, *, num_experts: int, k: int, threshold_loss_weight: float = 1.0,
-                 seed: Optional[int] = None, **kwargs):
-        super().__init__(seed=seed, **kwargs)
+                 **kwargs):
+        super().__init__(**kwargs)
         self.num_experts = num_experts
         self.k = k
         self.threshold_loss_weight = threshold_loss_weight
@@ -318,8 +396,8 @@ class StrictlyBalancedGate(Gate):
     @classmethod
     def from_moe_config(cls, config, *, seed, name):
         return cls(num_experts=config.num_experts, k=config.k,
-                   threshold_loss_weight=config.threshold_loss_weight, seed=seed,
-                   name=name)
+                   threshold_loss_weight=config.threshold_loss_weight,
+                   seed=seed, name=name)
 
     def build(self, input_shape):
         self.w_gate = self._gate_weight("w_gate", (input_shape[-1], self.num_experts))
@@ -329,10 +407,11 @@ class StrictlyBalancedGate(Gate):
         """inputs: float32 `[tokens, input_dim]`; token_mask: bool `[tokens]` or None."""
         num_tokens = tf.shape(inputs)[0]
         token_weight = _mask_as_float(token_mask, num_tokens)
-        probs = tf.nn.softmax(tf.matmul(inputs, self.w_gate), axis=-1)   # X, [T, E]
+        logits = tf.matmul(inputs, self.w_gate)
+        probs = tf.nn.softmax(logits, axis=-1)                          # X, [T, E]
         threshold_mask = tf.cast(probs > self.threshold, tf.float32)
         if training:
-            batch_mask = self._batchwise_mask(probs, token_weight)
+            batch_mask = gating.batchwise_mask(probs, token_weight, self.k)
             disagreement = (threshold_mask - batch_mask) * (
                 tf.stop_gradient(probs) - self.threshold)
             threshold_loss = tf.math.divide_no_nan(
@@ -347,35 +426,11 @@ class StrictlyBalancedGate(Gate):
         gate = tf.math.divide_no_nan(kept, tf.reduce_sum(kept, axis=-1, keepdims=True))
         routing = DenseRouting(gate=gate)
         return GateOutput(routing=routing, importance=routing.importance(),
-                          load=routing.expert_counts())
-
-    def _batchwise_mask(self, probs, token_weight):
-        """M_batchwise: 1 where a token is among its expert's top m; `[tokens, experts]`.
-
-        Each expert's m-th best (score, token) found by a top-k over its column; the mask
-        is then a comparison with it, ties going to earlier tokens as in `tf.math.top_k`
-        (no scatter of the top-k's indices, which DTensor cannot run on a split batch).
-        """
-        num_valid = tf.reduce_sum(token_weight)
-        m = tf.cast(tf.math.ceil(self.k * num_valid / self.num_experts), tf.int32)
-        m = tf.minimum(m, tf.cast(num_valid, tf.int32))
-        # Masked tokens score below every softmax value, so they are never picked.
-        scores = tf.where(token_weight[:, None] > 0, probs, -1.0)          # [T, E]
-        num_tokens = tf.shape(scores)[0]
-        top_values, top_tokens = tf.math.top_k(
-            tf.transpose(scores), k=tf.minimum(tf.maximum(m, 1), num_tokens))
-        # The last of each column; above every score for a batch without tokens.
-        last = tf.maximum(tf.shape(top_values)[1] - 1, 0)
-        last_value = tf.gather(tf.concat([top_values, tf.fill([self.num_experts, 1], 2.0)],
-                                         axis=1), last, axis=1)                  # [E]
-        last_token = tf.gather(tf.concat([top_tokens, tf.fill([self.num_experts, 1], -1)],
-                                         axis=1), last, axis=1)
-        token = tf.range(num_tokens)[:, None]
-        picked = (scores > last_value) | ((scores == last_value) & (token <= last_token))
-        return tf.cast(picked & (m > 0), tf.float32)
+                          load=routing.expert_counts(),
+                          router_z=routers.router_z(logits) * token_weight)
 
     def get_config(self):
         config = super().get_config()
         config.update(num_experts=self.num_experts, k=self.k,
-                      threshold_loss_weight=self.threshold_loss_weight, seed=self.seed)
+                      threshold_loss_weight=self.threshold_loss_weight)
         return config

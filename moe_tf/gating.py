@@ -100,6 +100,7 @@ def smooth_load(clean_logits: tf.Tensor, noisy_logits: tf.Tensor,
 def noisy_top_k_gating(clean_logits: tf.Tensor, k: int, *,
                        noise: Optional[tf.Tensor] = None,
                        stddev: Optional[tf.Tensor] = None,
+                       selection_bias: Optional[tf.Tensor] = None,
                        batch_sharded: bool = False) -> TopKGating:
     """G(x) = softmax(KeepTopK(H(x), k)), Eqs. 3-5, with each token's share of Load(X).
 
@@ -109,6 +110,10 @@ def noisy_top_k_gating(clean_logits: tf.Tensor, k: int, *,
         noise: standard normal samples `[..., n]`, only while training with noisy
             gating; None for plain top-k (evaluation, or `noisy_gating=False`).
         stddev: `[..., n]` noise scale (see `noise_stddev`), required with `noise`.
+        selection_bias: `[n]`, added to the logits to choose the top k and nothing else:
+            the gates are the softmax of the chosen experts' unbiased logits (the
+            aux-loss-free balancing of DeepSeek-V3), and Load(X) is that of the biased
+            choice. None: no bias.
         batch_sharded: the tokens are split across devices by DTensor. The gradient of
             `tf.math.top_k` scatters into the tokens with global indices, which DTensor
             cannot run on a shard; instead the selected logits are read with a one-hot
@@ -122,6 +127,9 @@ def noisy_top_k_gating(clean_logits: tf.Tensor, k: int, *,
     if noisy and stddev is None:
         raise ValueError("noisy_top_k_gating: `stddev` is required with `noise`.")
     logits = clean_logits + noise * stddev if noisy else clean_logits
+    if selection_bias is not None:
+        clean_logits = clean_logits + selection_bias
+        logits = logits + selection_bias
     # One top-k call serves both the selection and the load estimator's threshold.
     if batch_sharded:
         _, top_index = tf.math.top_k(tf.stop_gradient(logits), k=min(k + 1, n))
@@ -130,8 +138,11 @@ def noisy_top_k_gating(clean_logits: tf.Tensor, k: int, *,
                                    * logits[..., None, :], axis=-1)
     else:
         top_values, top_index = tf.math.top_k(logits, k=min(k + 1, n))
-    gate = tf.nn.softmax(top_values[..., :k], axis=-1)
     index = top_index[..., :k]
+    chosen = top_values[..., :k]
+    if selection_bias is not None:
+        chosen -= tf.gather(selection_bias, index)
+    gate = tf.nn.softmax(chosen, axis=-1)
     if noisy and k < n:
         threshold = _kth_excluding_from_top(logits, top_values, k)
         load = normal_cdf((clean_logits - threshold) / stddev)
@@ -160,3 +171,47 @@ def balancing_loss(importance: tf.Tensor, load: tf.Tensor, *,
     """w_importance * CV(Importance)^2 + w_load * CV(Load)^2 (Eqs. 6-7 and 11)."""
     return (importance_weight * cv_squared(importance)
             + load_weight * cv_squared(load))
+
+
+def batchwise_mask(scores: tf.Tensor, token_weight: tf.Tensor, k: int) -> tf.Tensor:
+    """M_batchwise (Appendix F): each expert takes the m tokens of its group with the
+    largest scores, m = ceil(k |X| / n), |X| the group's tokens that count.
+
+    Ties go to earlier tokens, as in `tf.math.top_k`. Each expert's m-th best (score,
+    token) is found by a top-k over its column and the mask is a comparison with it (no
+    scatter of the top-k's indices, which DTensor cannot run on a split batch).
+
+    Args:
+        scores: float32 `[*groups, tokens, n]` in [0, 1] (softmax probabilities); `groups`
+            may be empty (the batch is one group).
+        token_weight: float32 `[*groups, tokens]`, 1 for the tokens that count, 0 for
+            masked ones (never picked, and not in |X|).
+        k: the mean choices per token.
+
+    Returns:
+        float32 `[*groups, tokens, n]`, 1 where a token is among its expert's top m.
+    """
+    n = scores.shape[-1]
+    num_valid = tf.reduce_sum(token_weight, axis=-1)                        # [*G]
+    m = tf.cast(tf.math.ceil(k * num_valid / n), tf.int32)
+    m = tf.minimum(m, tf.cast(num_valid, tf.int32))
+    # Masked tokens score below every probability, so they are never picked.
+    scores = tf.where(tf.expand_dims(token_weight, -1) > 0, scores, -1.0)
+    rank = scores.shape.rank
+    by_expert = tf.transpose(scores, list(range(rank - 2)) + [rank - 1, rank - 2])
+    num_tokens = tf.shape(scores)[-2]
+    top_values, top_tokens = tf.math.top_k(
+        by_expert, k=tf.minimum(tf.maximum(tf.reduce_max(m), 1), num_tokens))  # [*G, n, M]
+    # Each group's m-th; above every score (and no token) for a group without tokens.
+    last = tf.broadcast_to(tf.expand_dims(tf.maximum(m - 1, 0), -1),
+                           tf.shape(top_values)[:-1])
+    pad = tf.concat([tf.shape(top_values)[:-1], [1]], axis=0)
+    last_value = tf.gather(tf.concat([top_values, tf.fill(pad, 2.0)], axis=-1), last,
+                           axis=rank - 1, batch_dims=rank - 1)                  # [*G, n]
+    last_token = tf.gather(tf.concat([top_tokens, tf.fill(pad, -1)], axis=-1), last,
+                           axis=rank - 1, batch_dims=rank - 1)
+    token = tf.range(num_tokens)[:, None]
+    last_value, last_token = tf.expand_dims(last_value, -2), tf.expand_dims(last_token, -2)
+    picked = (scores > last_value) | ((scores == last_value) & (token <= last_token))
+    has_tokens = tf.expand_dims(tf.expand_dims(m > 0, -1), -1)
+    return tf.cast(picked & has_tokens, tf.float32)

@@ -30,7 +30,8 @@ class SparselyGatedMoE(keras.layers.Layer):
     same names (`SparselyGatedMoE(32, 4, 256, gating="balanced")`), not both; a keyword
     left at None takes MoEConfig's default. See `MoEConfig` for each setting: num_experts,
     k, hidden_size, num_groups, group_k, gating, noisy_gating, noise_epsilon,
-    threshold_loss_weight, importance_weight, load_weight, dispatch, capacity_factor,
+    bias_update_rate, threshold_loss_weight, switch_loss_weight, top_p_threshold,
+    router_z_loss_weight, importance_weight, load_weight, dispatch, capacity_factor,
     capacity_group_size, recompute_activations, compiled_kernels.
 
     Args (beyond the MoE settings):
@@ -48,8 +49,10 @@ class SparselyGatedMoE(keras.layers.Layer):
     Returns:
         `[..., output_size]` in the layer's compute dtype.
 
-    While training, the balancing loss is added with `add_loss` and the balance
-    statistics are recorded in the layer's metrics (`balance_statistics()`).
+    While training, the balancing losses (the paper's, and the gate's own) are added with
+    `add_loss`, the balance statistics are recorded in the layer's metrics
+    (`balance_statistics()`), and a gate that balances by state (the aux-loss-free bias)
+    updates it from the batch's loads.
 
     Under a tf.distribute strategy the balancing loss is that of the global batch:
     Importance and Load are summed over the replicas before their CV is taken, so every
@@ -65,7 +68,11 @@ class SparselyGatedMoE(keras.layers.Layer):
                  num_groups: Optional[int] = None, group_k: Optional[int] = None,
                  gating: Optional[str] = None, noisy_gating: Optional[bool] = None,
                  noise_epsilon: Optional[float] = None,
+                 bias_update_rate: Optional[float] = None,
                  threshold_loss_weight: Optional[float] = None,
+                 switch_loss_weight: Optional[float] = None,
+                 top_p_threshold: Optional[float] = None,
+                 router_z_loss_weight: Optional[float] = None,
                  importance_weight: Optional[float] = None,
                  load_weight: Optional[float] = None, dispatch: Optional[str] = None,
                  capacity_factor: Optional[float] = None,
@@ -78,8 +85,10 @@ class SparselyGatedMoE(keras.layers.Layer):
         settings = {name: value for name, value in dict(
             num_experts=num_experts, k=k, hidden_size=hidden_size, num_groups=num_groups,
             group_k=group_k, gating=gating, noisy_gating=noisy_gating,
-            noise_epsilon=noise_epsilon, threshold_loss_weight=threshold_loss_weight,
-            importance_weight=importance_weight, load_weight=load_weight,
+            noise_epsilon=noise_epsilon, bias_update_rate=bias_update_rate,
+            threshold_loss_weight=threshold_loss_weight,
+            switch_loss_weight=switch_loss_weight, top_p_threshold=top_p_threshold,
+            router_z_loss_weight=router_z_loss_weight, importance_weight=importance_weight, load_weight=load_weight,
             dispatch=dispatch, capacity_factor=capacity_factor,
             capacity_group_size=capacity_group_size,
             recompute_activations=recompute_activations,
@@ -110,6 +119,8 @@ class SparselyGatedMoE(keras.layers.Layer):
         self.max_mean_load_metric = keras.metrics.Mean(name=f"{self.name}_max_mean_load")
         self.dropped_fraction_metric = keras.metrics.Mean(
             name=f"{self.name}_dropped_fraction")
+        self.experts_per_token_metric = keras.metrics.Mean(
+            name=f"{self.name}_experts_per_token")
         self.load_fraction_metric = ExpertLoadFraction(
             self.config.num_experts, name=f"{self.name}_load_fraction")
 
@@ -160,7 +171,8 @@ class SparselyGatedMoE(keras.layers.Layer):
         outputs, dropped_fraction = self._dispatch(tokens, gate_output.routing,
                                                    training=training)
         if training:
-            self._record_balance(gate_output, dropped_fraction)
+            self._record_balance(gate_output, dropped_fraction,
+                                 self._tokens_that_count(tokens, token_mask))
         output_shape = tf.concat([tf.shape(inputs)[:-1], [self.experts.output_size]], 0)
         return tf.reshape(outputs, output_shape)
 
@@ -234,29 +246,39 @@ class SparselyGatedMoE(keras.layers.Layer):
         estimator with noisy gating, else token counts), `max_mean_load` (max over mean
         of the tokens each expert was routed, before any drop), `dropped_fraction` (the
         share of the assignments the capacity dispatch dropped; 0 for the sparse
-        dispatch) and `load_fraction` `[experts]`.
+        dispatch), `experts_per_token` (the mean experts a token that counts was routed
+        to, before any drop) and `load_fraction` `[experts]`.
         """
         return {
             "cv_importance": self.cv_importance_metric.result(),
             "cv_load": self.cv_load_metric.result(),
             "max_mean_load": self.max_mean_load_metric.result(),
             "dropped_fraction": self.dropped_fraction_metric.result(),
+            "experts_per_token": self.experts_per_token_metric.result(),
             "load_fraction": self.load_fraction_metric.result(),
         }
 
-    def _record_balance(self, gate_output, dropped_fraction):
-        """Adds the balancing loss and updates the balance metrics (training only).
+    def _record_balance(self, gate_output, dropped_fraction, num_tokens):
+        """Adds the balancing loss, updates the balance metrics and lets the gate adapt
+        (training only).
 
         Under a tf.distribute strategy Importance, Load and the counts are summed over the
         replicas first, so every replica adds the loss of the global batch (see the class
-        docstring for how a training step scales it).
+        docstring for how a training step scales it) and every gate adapts alike.
         """
         importance, load = gate_output.importance, gate_output.load
         counts = gate_output.routing.expert_counts()
         context = tf.distribute.get_replica_context()
+        router_z = (tf.zeros([]) if gate_output.router_z is None
+                    else tf.reduce_sum(gate_output.router_z))
         if context is not None and context.num_replicas_in_sync > 1:
-            importance, load, counts = context.all_reduce(
-                tf.distribute.ReduceOp.SUM, [importance, load, counts])
+            importance, load, counts, num_tokens, router_z = context.all_reduce(
+                tf.distribute.ReduceOp.SUM,
+                [importance, load, counts, num_tokens, router_z])
+        self.gate.adapt(counts)
+        if self.router_z_loss_weight:
+            self.add_loss(self.router_z_loss_weight
+                          * tf.math.divide_no_nan(router_z, num_tokens))
         if self.importance_weight or self.load_weight:
             self.add_loss(balancing_loss(
                 importance, load, importance_weight=self.importance_weight,
@@ -267,6 +289,15 @@ class SparselyGatedMoE(keras.layers.Layer):
             tf.math.divide_no_nan(tf.reduce_max(counts), tf.reduce_mean(counts)))
         self.load_fraction_metric.update_state(counts)
         self.dropped_fraction_metric.update_state(dropped_fraction)
+        self.experts_per_token_metric.update_state(
+            tf.math.divide_no_nan(tf.reduce_sum(counts), num_tokens))
+
+    @staticmethod
+    def _tokens_that_count(tokens, token_mask) -> tf.Tensor:
+        """float32 scalar: the unmasked tokens of `[tokens, d]`."""
+        if token_mask is None:
+            return tf.cast(tf.shape(tokens)[0], tf.float32)
+        return tf.reduce_sum(tf.cast(token_mask, tf.float32))
 
     def _flatten(self, inputs, mask):
         """`[..., d]` inputs and `[...]` mask -> `[tokens, d]` and `[tokens]` (or None)."""

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.setup_errors_runner import check_refused, refused_setups_fixture
+from tests.binary_runner import (check_refused, command_lines_fixture,
+                                 refused_setups_fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TFDS_MOCK_RUNNER = os.path.join(os.path.dirname(__file__), "tfds_mock_runner.py")
@@ -99,11 +100,47 @@ def test_tfds_lm1b_source_with_mock_data(tmp_path):
     check_metrics(metrics(tmp_path), 4)
 
 
-@pytest.mark.parametrize("model", ["4xlstm", "moe-1-wide", "moe-1-deep"])
-def test_baselines_train(model, tmp_path):
-    run_ok(lm_command(tmp_path, f"--model={model}", "--train_steps=3", "--export_dir=",
-                      "--log_every=1"))
-    check_metrics(metrics(tmp_path), 3)
+# Tiny runs of every other architecture and router through the binary, in one process;
+# each line has its --model_dir under the fixture's directory. The Transformer with an MoE
+# is trained 3 steps, exported, and resumed to 5.
+TRANSFORMER_MOE = ("--model=transformer-moe --num_layers=2 --model_dir={tmp}/transformer_moe "
+                   "--export_dir={tmp}/transformer_moe/export")
+TINY_RUNS = {
+    **{f"--model={model}": 1.0 for model in ("4xlstm", "moe-1-wide", "moe-1-deep")},
+    "--model=transformer --num_layers=2": 1.0,
+    "--model=transformer-moe --num_layers=2 --gating=switch --k=1": 1.0,
+    "--model=transformer-moe --num_layers=2 --gating=top_p --top_p_threshold=0.5": 2.0,
+    "--model=transformer-moe --num_layers=2 --gating=expert_choice --dispatch=capacity "
+    "--capacity_group_size=64": 2.0,
+    "--model=transformer-moe --num_layers=2 --bias_update_rate=0.01 "
+    "--router_z_loss_weight=0.001": 2.0,
+}  # flags -> the most experts per token (4 experts, k = 2 in the tiny preset)
+tiny_runs = command_lines_fixture(
+    "train.lm", ["--preset=tiny", "--train_steps=3", "--log_every=1", "--export_dir="],
+    [[*flags.split(), f"--model_dir={{tmp}}/{i}"] for i, flags in enumerate(TINY_RUNS)]
+    + [TRANSFORMER_MOE.split(), [*TRANSFORMER_MOE.split(), "--train_steps=5", "--verbosity=0"]])
+
+
+@pytest.mark.parametrize("flags", list(TINY_RUNS))
+def test_every_model_and_router_trains_through_the_binary(flags, tiny_runs):
+    (end, tmp) = tiny_runs[f"{flags} --model_dir={{tmp}}/{list(TINY_RUNS).index(flags)}"]
+    assert end["status"] == 0, end["stderr"][-3000:]
+    values = metrics(tmp / str(list(TINY_RUNS).index(flags)))
+    check_metrics(values, 3)
+    if "transformer-moe" in flags:
+        per_token = values["balance"]["block_2_moe/experts_per_token"]
+        assert 0 < per_token <= TINY_RUNS[flags]
+        if "switch" in flags:
+            assert per_token == 1.0
+
+
+def test_transformer_resumes_and_exports_the_trained_model(tiny_runs, tmp_path):
+    (first, tmp), (resumed, _) = (tiny_runs[TRANSFORMER_MOE],
+                                  tiny_runs[f"{TRANSFORMER_MOE} --train_steps=5 --verbosity=0"])
+    assert first["status"] == resumed["status"] == 0, resumed["stderr"][-3000:]
+    assert "at step 3." in resumed["stderr"]
+    check_metrics(metrics(tmp / "transformer_moe"), 5)
+    assert_export_serves_the_checkpoint(tmp / "transformer_moe", tmp_path)
 
 
 def test_incompatible_model_dir_is_refused_untouched(tmp_path):

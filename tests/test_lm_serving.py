@@ -1,5 +1,6 @@
-"""The language model's export, in process: stateful generation equals recomputing the
-whole prefix for every token (the fresh-process checks are in tests/test_lm.py)."""
+"""The language model's export, in process: stateful generation (the LSTMs' state, the
+Transformers' key/value cache) equals recomputing the whole prefix for every token (the
+fresh-process checks are in tests/test_lm.py)."""
 
 import gzip
 import os
@@ -38,7 +39,8 @@ def tokenizer(vocabulary):
 def make_server(architecture, tokenizer):
     config = LanguageModelConfig(
         architecture=architecture, vocab_size=tokenizer.vocab_size, model_dim=16,
-        moe=MoEConfig(num_experts=4, k=2, hidden_size=8), dropout=0.0)
+        moe=MoEConfig(num_experts=4, k=2, hidden_size=8), dropout=0.0, num_layers=2,
+        num_heads=2)
     model = build_language_model(config)
     rng = np.random.default_rng(0)
     for weight in model.weights:  # far from the initial near-uniform predictions
@@ -51,13 +53,20 @@ def prompt_ids(tokenizer):
     return left_padded(tf.concat([tf.fill([len(PROMPTS), 1], BOS_ID), pieces], axis=1))
 
 
+def last_logits_of_whole_prefixes(model, ids):
+    """`[batch, vocab]`: the model run over each row's prefix alone, without its
+    padding (the reference the stepped state must reproduce)."""
+    return tf.concat([model(row[row != 0][None], training=False)[:, -1]
+                      for row in np.asarray(ids)], axis=0)
+
+
 def generated_by_recomputing(server, ids, max_new_tokens, temperature, seed):
-    """The reference: every token from the model run over the whole (left-padded)
-    prefix, as the export generated before it carried the state."""
+    """The reference: every token from the model run over the whole prefix, as the
+    export generated before it carried the state."""
     ended = np.zeros(len(PROMPTS), bool)
     new = []
     for i in range(max_new_tokens):
-        logits = server.model(ids, training=False)[:, -1]
+        logits = last_logits_of_whole_prefixes(server.model, ids)
         next_ids = np.where(ended, 0, sample_next(logits, temperature, seed, i).numpy())
         ended |= next_ids == EOS_ID
         new.append(next_ids)
@@ -67,18 +76,20 @@ def generated_by_recomputing(server, ids, max_new_tokens, temperature, seed):
     return np.stack(new, axis=1)
 
 
-@pytest.mark.parametrize("architecture", ["moe", "4xlstm", "moe-1-deep"])
+@pytest.mark.parametrize("architecture", ["moe", "4xlstm", "moe-1-deep",
+                                          "transformer-moe"])
 def test_stepping_the_state_gives_the_logits_of_the_whole_prefix(architecture, tokenizer):
     server = make_server(architecture, tokenizer)
     ids = prompt_ids(tokenizer)
     logits, _ = server.read_prompts(ids)
-    expected = server.model(ids, training=False)[:, -1]
+    expected = last_logits_of_whole_prefixes(server.model, ids)
     assert float(tf.reduce_max(tf.abs(expected))) > 1.0
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_generate_with_state_equals_recomputing_the_prefix(tokenizer):
-    server = make_server("moe", tokenizer)
+@pytest.mark.parametrize("architecture", ["moe", "transformer-moe"])
+def test_generate_with_state_equals_recomputing_the_prefix(architecture, tokenizer):
+    server = make_server(architecture, tokenizer)
     ids = prompt_ids(tokenizer)
     want = generated_by_recomputing(server, ids, max_new_tokens=12, temperature=1.0,
                                     seed=7)
@@ -95,8 +106,19 @@ def test_generate_with_state_equals_recomputing_the_prefix(tokenizer):
 
 def test_padding_keeps_the_state(tokenizer):
     server = make_server("moe", tokenizer)
-    state = initial_state(server.model, server.config, 2)
+    state = initial_state(server.model, server.config, 2, 1)
     _, after_token = language_model_step(server.model, server.config,
                                          tf.constant([5, 0]), state)
     np.testing.assert_array_equal(after_token["lstm_1"][0][1], 0.0)
     assert float(tf.reduce_max(tf.abs(after_token["lstm_1"][0][0]))) > 0
+
+
+def test_transformer_padding_rows_stay_unread(tokenizer):
+    """A padding id neither advances a row's position nor becomes a readable slot."""
+    server = make_server("transformer-moe", tokenizer)
+    state = initial_state(server.model, server.config, 2, 3)
+    _, state = language_model_step(server.model, server.config, tf.constant([5, 0]), state)
+    np.testing.assert_array_equal(state["position"], [1, 0])
+    np.testing.assert_array_equal(state["readable"], [[True, False, False],
+                                                      [False, False, False]])
+    assert int(state["slot"]) == 1

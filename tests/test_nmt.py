@@ -23,7 +23,7 @@ from train.data import parallel, text
 from train.data.tokenizer import SubwordTokenizer
 from train.serving.nmt import TranslationServer
 from train.serving.trained_model import restore_trained_model
-from tests.setup_errors_runner import check_refused, refused_setups_fixture
+from tests.binary_runner import check_refused, refused_setups_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))

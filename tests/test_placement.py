@@ -5,8 +5,10 @@ so a data-parallel step must take 1 / replicas of it, while a DTensor step (one 
 over the global batch) takes all of it. Here one training step of plain SGD (learning rate
 1, so a weight moves by exactly minus its gradient) is run under each placement on the
 same model and batch, and the gate weights' gradient is compared with one device's: the
-gradient of the auxiliary losses alone, and of the whole loss. A third loss is NaN on one
-replica's slice only: every placement must then skip the whole update.
+gradient of the auxiliary losses alone (the CV losses and the router z-loss), and of the
+whole loss; so is the aux-loss-free bias after the step, which every replica must move
+alike. A third loss is NaN on one replica's slice only: every placement must then skip
+the whole update.
 
 The placements need the CPU split into 2 logical devices before TensorFlow starts, so the
 gradients are computed in a child process running this file, which prints them as JSON:
@@ -80,10 +82,12 @@ def _build_model():
     tokens = keras.Input((None,), dtype="int32")
     x = keras.layers.Embedding(VOCAB, DIM, mask_zero=True)(tokens)
     x = SparselyGatedMoE(4, 2, 8, noisy_gating=False, dispatch="capacity",
-                         capacity_factor=2.0, name="moe")(x)
+                         capacity_factor=2.0, bias_update_rate=0.125,
+                         importance_weight=0.1, load_weight=0.1,
+                         router_z_loss_weight=0.05, name="moe")(x)
     model = keras.Model(tokens, keras.layers.Dense(VOCAB)(x))
     rng = np.random.default_rng(0)
-    for weight in model.weights:
+    for weight in model.trainable_weights:
         weight.assign(rng.normal(0.0, 0.5, weight.shape).astype(np.float32))
     return model
 
@@ -115,7 +119,8 @@ def _gate_gradient(strategy, mesh, part):
                 "changed": [bool((b != w.numpy()).any())
                             for b, w in zip(before, model.trainable_weights)]}
     assert not np.asarray(nonfinite).any()
-    return (gate_before - w_gate.numpy()).tolist()
+    return {"gradient": (gate_before - w_gate.numpy()).tolist(),
+            "bias": model.get_layer("moe").gate.expert_bias.numpy().tolist()}
 
 
 def main():
@@ -141,10 +146,12 @@ def gradients():
 @pytest.mark.parametrize("part", PARTS)
 @pytest.mark.parametrize("name", [name for name in PLACEMENTS if name != "one_device"])
 def test_gate_gradient_matches_one_device(gradients, name, part):
-    reference = np.array(gradients["one_device"][part])
-    assert np.abs(reference).max() > 1e-3  # the comparison is not of zeros
-    np.testing.assert_allclose(np.array(gradients[name][part]), reference, rtol=0,
-                               atol=1e-5, err_msg=f"{name}, {part} loss")
+    reference = gradients["one_device"][part]
+    for key in ("gradient", "bias"):
+        assert np.abs(reference[key]).max() > 1e-3  # the comparison is not of zeros
+        np.testing.assert_allclose(np.array(gradients[name][part][key]),
+                                   np.array(reference[key]), rtol=0, atol=1e-5,
+                                   err_msg=f"{name}, {part} loss, {key}")
 
 
 @pytest.mark.parametrize("name", list(PLACEMENTS))

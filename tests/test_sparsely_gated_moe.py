@@ -310,7 +310,7 @@ def test_mask_skips_positions_everywhere(dispatch):
     np.testing.assert_allclose(fraction, (dense > 0).sum(0) / 8.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("gating", ["top_k", "balanced"])
+@pytest.mark.parametrize("gating", ["top_k", "balanced", "top_p", "expert_choice"])
 @pytest.mark.parametrize("dispatch", [
     dict(compiled_kernels="auto"), dict(compiled_kernels=False),
     dict(dispatch="capacity"), dict(dispatch="capacity", capacity_group_size=3)])
@@ -323,7 +323,7 @@ def test_batches_without_tokens_train(gating, dispatch):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = layer(x, training=True, mask=mask)
-            loss = tf.reduce_sum(y) + tf.add_n(layer.losses)
+            loss = tf.reduce_sum(y) + tf.add_n([0.0, *layer.losses])
         grads = tape.gradient(loss, [x] + layer.experts.trainable_weights)
         assert y.shape == x.shape
         np.testing.assert_array_equal(y.numpy(), 0.0)
@@ -437,7 +437,7 @@ def test_thousands_of_tiny_experts():
         def step(x):
             with tf.GradientTape() as tape:
                 y = layer(x, training=True)
-                loss = tf.reduce_sum(y) + tf.add_n(layer.losses)
+                loss = tf.reduce_sum(y) + tf.add_n([0.0, *layer.losses])
             return y, tape.gradient(loss, layer.trainable_weights)
 
         y, grads = step(x)
@@ -467,7 +467,7 @@ CONSTRUCTOR_ERRORS = [
     (dict(num_experts=8, k=2, hidden_size=3, num_groups=4, group_k=5), "`group_k`"),
     (dict(num_experts=8, k=2, hidden_size=3, group_k=1), "`group_k`"),
     (dict(num_experts=8, k=2, hidden_size=3, dispatch="dense"), "`dispatch`"),
-    (dict(num_experts=8, k=2, hidden_size=3, gating="switch"), "`gating`"),
+    (dict(num_experts=8, k=2, hidden_size=3, gating="hash"), "`gating`"),
     (dict(num_experts=8, k=2, hidden_size=3, capacity_factor=1.0), "`capacity_factor`"),
     (dict(num_experts=8, k=2, hidden_size=3, dispatch="capacity", capacity_factor=0),
      "`capacity_factor`"),

@@ -2,6 +2,7 @@
 
     python -m train.lm --model_dir=/tmp/lm            # MoE LM on the built-in English
     python -m train.lm --model=4xlstm --model_dir=/tmp/lm_4xlstm
+    python -m train.lm --model=transformer-moe --gating=switch --k=1 --model_dir=/tmp/tm
     python -m train.lm --preset=tiny --model_dir=/tmp/smoke
 
 Restarting with the same flags resumes from the latest checkpoint in --model_dir.
@@ -29,14 +30,21 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """The common training flags and this binary's own, in `flag_values`; `run` defines
     them in absl's FLAGS (importing this module defines nothing)."""
     training_flags.define_common_flags(default_data="builtin:en", flag_values=flag_values)
-    flags.DEFINE_enum("model", "moe", list(ARCHITECTURES), "Architecture (Table 7).",
+    flags.DEFINE_enum("model", "moe", list(ARCHITECTURES),
+                      "Architecture: the paper's (Table 7), or a decoder-only Transformer "
+                      "with dense FFNs or an MoE in every second block.",
                       flag_values=flag_values)
-    flags.DEFINE_integer("model_dim", 128, "Embedding and LSTM width.",
+    flags.DEFINE_integer("model_dim", 128, "Embedding, LSTM and Transformer width.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("num_layers", 4, "--model=transformer*: blocks.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("num_heads", 4, "--model=transformer*: attention heads.",
                          flag_values=flag_values)
     flags.DEFINE_integer("vocab_lines", 200_000,
                          "Training lines the subword vocabulary is learnt from (the "
                          "built-in corpus has 27,648).", flag_values=flag_values)
-    training_flags.require_at_least(1, ("model_dim", "vocab_lines"), flag_values)
+    training_flags.require_at_least(1, ("model_dim", "vocab_lines", "num_layers",
+                                        "num_heads"), flag_values)
 
 
 TINY_PRESET = dict(model_dim=32, num_experts=4, k=2, hidden_size=32, vocab_size=512,
@@ -48,7 +56,8 @@ TINY_PRESET = dict(model_dim=32, num_experts=4, k=2, hidden_size=32, vocab_size=
 def model_config() -> LanguageModelConfig:
     return LanguageModelConfig(
         architecture=FLAGS.model, vocab_size=FLAGS.vocab_size, model_dim=FLAGS.model_dim,
-        moe=training_flags.moe_config_from_flags(), dropout=FLAGS.dropout)
+        moe=training_flags.moe_config_from_flags(), dropout=FLAGS.dropout,
+        num_layers=FLAGS.num_layers, num_heads=FLAGS.num_heads)
 
 
 def lm_loss(model, batch, training):
@@ -94,7 +103,7 @@ def main(argv):
         model = build_language_model(config)
         optimizer = from_flags.make_optimizer()
     params = params_excluding_embedding_softmax(model)
-    ops = ops_per_timestep(config)
+    ops = ops_per_timestep(config, sequence_length=FLAGS.max_length)
     logging.info("%s: %d params excluding embedding and softmax, %d ops/timestep; %s",
                  model.name, params, ops, placement.describe())
     train_data, eval_data = make_datasets(splits, tokenizer)

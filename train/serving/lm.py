@@ -14,8 +14,9 @@ Signatures:
 - `generate(prompt: tf.string [batch], max_new_tokens: int32 [], temperature: float32
   [], seed: int32 [])` -> `text` tf.string `[batch]`, a sampled continuation of each
   prompt, and `num_tokens` int32 `[batch]`, the tokens drawn for it (its end-of-sentence
-  included). The LSTMs' state is carried from token to token, so each new token costs one
-  position of the model, not a rerun of the prefix.
+  included). The model's state is carried from token to token (the LSTMs' recurrent
+  state, or a Transformer's key/value cache), so each new token costs one position of the
+  model, not a rerun of the prefix.
 Loading needs `import tensorflow_text` (its ops tokenize) and nothing of this project.
 """
 
@@ -78,9 +79,9 @@ class LanguageModelServer(tf.Module):
     def generate(self, prompt, max_new_tokens, temperature, seed):
         # bos + prompt, left-padded: padding keeps the state, so every row ends its
         # prompt at the same position.
-        starts = tf.concat([tf.fill([tf.shape(prompt)[0], 1], BOS_ID),
-                            self.tokenizer.tokenize(prompt)], axis=1)
-        logits, state = self.read_prompts(left_padded(starts))
+        starts = left_padded(tf.concat([tf.fill([tf.shape(prompt)[0], 1], BOS_ID),
+                                        self.tokenizer.tokenize(prompt)], axis=1))
+        logits, state = self.read_prompts(starts, tf.shape(starts)[1] + max_new_tokens)
         new_ids = generate_ids(
             lambda ids, state: language_model_step(self.model, self.config, ids, state),
             logits, state, max_new_tokens, temperature, seed)
@@ -88,9 +89,10 @@ class LanguageModelServer(tf.Module):
                     tf.ragged.boolean_mask(new_ids, new_ids > EOS_ID)),  # no special ids
                 "num_tokens": tf.reduce_sum(tf.cast(new_ids != 0, tf.int32), axis=1)}
 
-    def read_prompts(self, ids):
+    def read_prompts(self, ids, length=None):
         """int32 `[batch, n]` (left-padded) -> the next-token logits `[batch, vocab]`
-        after the last position, and the state there."""
+        after the last position, and the state there, with room for `length` positions
+        in all (default n)."""
         def read(t, logits, state):
             logits, state = language_model_step(self.model, self.config, ids[:, t], state)
             return t + 1, logits, state
@@ -99,7 +101,8 @@ class LanguageModelServer(tf.Module):
         _, logits, state = tf.while_loop(
             lambda t, *_: t < tf.shape(ids)[1], read,
             (0, tf.zeros([batch, self.config.vocab_size]),
-             initial_state(self.model, self.config, batch)))
+             initial_state(self.model, self.config, batch,
+                           tf.shape(ids)[1] if length is None else length)))
         return logits, state
 
     def save(self, path: str) -> None:

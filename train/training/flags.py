@@ -158,6 +158,7 @@ def define_moe_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """The MoE flags (`moe_config_from_flags` reads them) in `flag_values`."""
     default, where = _MOE_DEFAULTS, dict(flag_values=flag_values)
     top_k, balanced = GATES["top_k"].options, GATES["balanced"].options
+    top_p = GATES["top_p"].options
     flags.DEFINE_integer("num_experts", default["num_experts"], "Experts in each MoE layer.",
                          **where)
     flags.DEFINE_integer("k", default["k"],
@@ -171,20 +172,36 @@ def define_moe_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("group_k", default["group_k"],
                          "Groups per token of a hierarchical MoE; default: --k.", **where)
     flags.DEFINE_enum("gating", default["gating"], list(GATES),
-                      "MoE gating: top_k (noisy top-k, Eq. 3-5) or balanced (strictly "
-                      "balanced, Appendix F).", **where)
+                      "MoE gating: top_k (noisy top-k, Eq. 3-5), balanced (strictly "
+                      "balanced, Appendix F), switch (top-1, needs --k=1), top_p (dynamic "
+                      "k, at most --k) or expert_choice (each expert takes its top "
+                      "tokens, --k per token on average).", **where)
     flags.DEFINE_boolean("noisy_gating", default["noisy_gating"],
                          "--gating=top_k: trained gating noise (Eq. 4); default "
                          f"{top_k['noisy_gating']}.", **where)
     flags.DEFINE_float("noise_epsilon", default["noise_epsilon"],
                        "--gating=top_k: floor of the noise scale; default "
                        f"{top_k['noise_epsilon']}.", **where)
+    flags.DEFINE_float("bias_update_rate", default["bias_update_rate"],
+                       "--gating=top_k (flat): > 0 balances without a loss (DeepSeek-V3's "
+                       "selection bias, moved by this much per step); default "
+                       f"{top_k['bias_update_rate']}.", **where)
     flags.DEFINE_float("threshold_loss_weight", default["threshold_loss_weight"],
                        "--gating=balanced: weight of the threshold loss; default "
                        f"{balanced['threshold_loss_weight']}.", **where)
-    flags.DEFINE_float("importance_weight", default["importance_weight"], "w_importance.",
-                       **where)
-    flags.DEFINE_float("load_weight", default["load_weight"], "w_load.", **where)
+    flags.DEFINE_float("switch_loss_weight", default["switch_loss_weight"],
+                       "--gating=switch or top_p: weight of the Switch balancing loss; "
+                       f"default {top_p['switch_loss_weight']}.", **where)
+    flags.DEFINE_float("top_p_threshold", default["top_p_threshold"],
+                       "--gating=top_p: the probability mass a token's experts reach; "
+                       f"default {top_p['top_p_threshold']}.", **where)
+    flags.DEFINE_float("router_z_loss_weight", default["router_z_loss_weight"],
+                       "Weight of the router z-loss (ST-MoE), any gating.", **where)
+    flags.DEFINE_float("importance_weight", default["importance_weight"],
+                       "w_importance; default 0.1, or 0 with a gate balanced otherwise "
+                       "(switch, top_p, expert_choice, --bias_update_rate).", **where)
+    flags.DEFINE_float("load_weight", default["load_weight"],
+                       "w_load; default as --importance_weight.", **where)
     flags.DEFINE_enum("dispatch", default["dispatch"], list(DISPATCHES),
                       "MoE dispatch: sparse (dropless) or capacity (fixed-size expert "
                       "buffers; needed by --strategy=dtensor).", **where)

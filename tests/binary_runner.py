@@ -1,14 +1,15 @@
-"""The tests of refused set-ups (bad flags, data files, directories): each command line
-ends before training, so one process (one TensorFlow start) runs them all.
+"""Many command lines of a training binary in one process (one TensorFlow start): the
+tests of refused set-ups (bad flags, data files, directories), and tiny training runs.
 
-Run as a script, it calls a training binary's `main` once per command line and prints
-how each ended, as JSON: `[{"status": ..., "stderr": ...}, ...]`:
+Run as a script, it calls a training binary's `main` once per command line, in order, and
+prints how each ended, as JSON: `[{"status": ..., "stderr": ...}, ...]`:
 
-    python tests/setup_errors_runner.py MODULE '[["--flag=value", ...], ...]'
+    python tests/binary_runner.py MODULE '[["--flag=value", ...], ...]'
 
 The flags are parsed and `main` is called as `absl.app.run` does it; a flag that absl
 itself refuses is reported as app.run reports it ("FATAL Flags parsing error: ...",
-status 1). Imported, it gives the tests `refused_setups_fixture` and `check_refused`.
+status 1). Imported, it gives the tests `refused_setups_fixture` and `check_refused`,
+and `command_lines_fixture`.
 """
 
 import contextlib
@@ -42,13 +43,34 @@ def refused_setups_fixture(module, base_flags, cases):
         command_lines = [[*base_flags, f"--model_dir={tmp / str(i)}",
                           *flag.format(tmp=tmp).split()]
                          for i, (flag, _) in enumerate(cases)]
-        result = subprocess.run([sys.executable, os.path.abspath(__file__), module,
-                                 json.dumps(command_lines)], cwd=ROOT,
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        ended = json.loads(result.stdout.strip().splitlines()[-1])
+        ended = run_command_lines(module, command_lines)
         return {flag: (tmp / str(i), end["status"], end["stderr"], tmp)
                 for i, ((flag, _), end) in enumerate(zip(cases, ended))}
+
+    return fixture
+
+
+def run_command_lines(module, command_lines):
+    """Each command line's end, `{"status": ..., "stderr": ...}`, run in one child
+    process."""
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), module,
+                             json.dumps(command_lines)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def command_lines_fixture(module, base_flags, command_lines):
+    """A module fixture running `command_lines` (lists of flags) of binary `module` in
+    order, in one process: maps each command line's flags joined by spaces to (its end,
+    the fixture's directory). `{tmp}` in the flags is that directory."""
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory):
+        tmp = tmp_path_factory.mktemp("runs")
+        ends = run_command_lines(module, [
+            [*base_flags, *(flag.format(tmp=tmp) for flag in line)]
+            for line in command_lines])
+        return {" ".join(line): (end, tmp) for line, end in zip(command_lines, ends)}
 
     return fixture
 
