@@ -137,14 +137,20 @@ def matched_hidden_size(spec: ModelSpec, *, model_dim: int) -> Tuple[int, int]:
     target = ops_per_timestep(_config(FAMILY[0], model_dim=model_dim, hidden_size=1))
     if spec.architecture == "4xlstm":
         return 0, target
+    return solve_hidden_size(
+        lambda hidden: ops_per_timestep(_config(spec, model_dim=model_dim,
+                                                hidden_size=hidden)),
+        target, high=64 * model_dim,
+        refusal=f"{spec.name} does not fit the 4xLSTM's {target} ops/timestep at "
+                f"model_dim={model_dim}: its gate alone costs too much.")
 
-    def ops(hidden):
-        return ops_per_timestep(_config(spec, model_dim=model_dim, hidden_size=hidden))
 
-    low, high = 1, 64 * model_dim
+def solve_hidden_size(ops, target: int, *, high: int, refusal: str) -> Tuple[int, int]:
+    """The hidden size in [1, high] whose `ops(hidden)` (increasing) is closest to
+    `target`, and those ops; ValueError(`refusal`) if even 1 costs more."""
+    low = 1
     if ops(low) > target:
-        raise ValueError(f"{spec.name} does not fit the 4xLSTM's {target} ops/timestep "
-                         f"at model_dim={model_dim}: its gate alone costs too much.")
+        raise ValueError(refusal)
     while high - low > 1:  # invariant: ops(low) <= target < ops(high)
         middle = (low + high) // 2
         low, high = (middle, high) if ops(middle) <= target else (low, middle)
@@ -180,15 +186,22 @@ def read_metrics(model_dir: str, train_steps: int) -> Optional[Dict]:
 def run_model(spec: ModelSpec, *, output_dir: str, preset: Dict, train_steps: int) -> bool:
     """Trains one model in a subprocess (resuming its checkpoint); True if it completed."""
     model_dir = os.path.join(output_dir, spec.directory)
+    return run_training(
+        f"[lm_table] {spec.name} ({spec.directory})", model_dir,
+        train_flags(spec, preset=preset, train_steps=train_steps, model_dir=model_dir),
+        train_steps)
+
+
+def run_training(label: str, model_dir: str, flags: List[str], train_steps: int) -> bool:
+    """Runs `python -m train.lm` with `flags` in a subprocess, its output appended to
+    model_dir/train.log, unless model_dir holds a run complete for `train_steps` (a
+    rerun resumes a partial one from its checkpoint); True if the run is complete."""
     if read_metrics(model_dir, train_steps) is not None:
-        print(f"[lm_table] {spec.name} ({spec.directory}): complete, skipped", flush=True)
+        print(f"{label}: complete, skipped", flush=True)
         return True
     os.makedirs(model_dir, exist_ok=True)
-    command = [sys.executable, "-m", "train.lm",
-               *train_flags(spec, preset=preset, train_steps=train_steps,
-                            model_dir=model_dir)]
-    print(f"[lm_table] {spec.name} ({spec.directory}): training; log "
-          f"{model_dir}/train.log", flush=True)
+    command = [sys.executable, "-m", "train.lm", *flags]
+    print(f"{label}: training; log {model_dir}/train.log", flush=True)
     start = time.time()
     with open(os.path.join(model_dir, "train.log"), "a", encoding="utf-8") as log:
         log.write(" ".join(command) + "\n")
@@ -197,7 +210,7 @@ def run_model(spec: ModelSpec, *, output_dir: str, preset: Dict, train_steps: in
         returncode = subprocess.run(command, cwd=REPO_ROOT, stdout=log,
                                     stderr=subprocess.STDOUT, check=False).returncode
     done = returncode == 0 and read_metrics(model_dir, train_steps) is not None
-    print(f"[lm_table] {spec.name}: {'done' if done else f'FAILED ({returncode})'} in "
+    print(f"{label}: {'done' if done else f'FAILED ({returncode})'} in "
           f"{(time.time() - start) / 60:.1f} min", flush=True)
     return done
 
@@ -462,14 +475,16 @@ def markdown(rows: Sequence[Dict], ablation: Sequence[Dict], specialisation: Opt
     return "\n".join(out)
 
 
-def replace_block(document: str, block: str) -> str:
-    """`document` with the marked block replaced by `block` (appended when unmarked)."""
-    begin, end = document.find(BEGIN_MARKER), document.find(END_MARKER)
+def replace_block(document: str, block: str,
+                  markers: Tuple[str, str] = (BEGIN_MARKER, END_MARKER)) -> str:
+    """`document` with the block between `markers` replaced by `block` (which starts and
+    ends with them; appended when the document has none)."""
+    begin, end = document.find(markers[0]), document.find(markers[1])
     if begin == -1 or end < begin:
         separator = "" if not document or document.endswith("\n\n") else (
             "\n" if document.endswith("\n") else "\n\n")
         return document + separator + block + "\n"
-    return document[:begin] + block + document[end + len(END_MARKER):]
+    return document[:begin] + block + document[end + len(markers[1]):]
 
 
 def write_text_atomically(path: str, text: str) -> None:
@@ -479,12 +494,13 @@ def write_text_atomically(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def update_markdown(path: str, block: str) -> None:
+def update_markdown(path: str, block: str,
+                    markers: Tuple[str, str] = (BEGIN_MARKER, END_MARKER)) -> None:
     document = ""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             document = f.read()
-    write_text_atomically(path, replace_block(document, block))
+    write_text_atomically(path, replace_block(document, block, markers))
 
 
 # ------------------------------------------------------------------------------- main
