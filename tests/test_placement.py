@@ -1,4 +1,5 @@
-"""Every placement differentiates the same loss (`train.distribution.differentiated_loss`).
+"""Every placement differentiates the same loss (`train.distribution.differentiated_loss`),
+on a Transformer block whose feed-forward sublayer is an MoE (models.transformer).
 
 The MoE layer adds the balancing loss of the GLOBAL batch on every tf.distribute replica,
 so a data-parallel step must take 1 / replicas of it, while a DTensor step (one program
@@ -73,18 +74,20 @@ def _loss_fn(part):
 
 
 def _build_model():
-    """Embedding -> deterministic MoE (capacity dispatch dropping no token) -> logits,
-    every weight random (the same under every placement)."""
+    """Embedding -> a Transformer block whose FFN is a deterministic MoE (capacity
+    dispatch dropping no token) -> logits, every weight random (the same under every
+    placement)."""
     import keras
 
-    from moe_tf import SparselyGatedMoE
+    from models.transformer import TransformerBlock
+    from moe_tf import MoEConfig
 
     tokens = keras.Input((None,), dtype="int32")
     x = keras.layers.Embedding(VOCAB, DIM, mask_zero=True)(tokens)
-    x = SparselyGatedMoE(4, 2, 8, noisy_gating=False, dispatch="capacity",
-                         capacity_factor=2.0, bias_update_rate=0.125,
-                         importance_weight=0.1, load_weight=0.1,
-                         router_z_loss_weight=0.05, name="moe")(x)
+    x = TransformerBlock(num_heads=2, hidden_size=8, name="block", moe=MoEConfig(
+        num_experts=4, k=2, hidden_size=8, noisy_gating=False, dispatch="capacity",
+        capacity_factor=2.0, bias_update_rate=0.125, importance_weight=0.1,
+        load_weight=0.1, router_z_loss_weight=0.05))(x)
     model = keras.Model(tokens, keras.layers.Dense(VOCAB)(x))
     rng = np.random.default_rng(0)
     for weight in model.trainable_weights:
@@ -104,7 +107,8 @@ def _gate_gradient(strategy, mesh, part):
     with placement.scope():
         model = _build_model()
         optimizer = keras.optimizers.SGD(learning_rate=1.0)
-    w_gate = model.get_layer("moe").w_gate
+    moe = model.get_layer("block").ffn_moe
+    w_gate = moe.w_gate
     gate_before = np.array(w_gate.numpy())
     before = [np.array(weight.numpy()) for weight in model.trainable_weights]
     placement.place(model, optimizer)
@@ -120,7 +124,7 @@ def _gate_gradient(strategy, mesh, part):
                             for b, w in zip(before, model.trainable_weights)]}
     assert not np.asarray(nonfinite).any()
     return {"gradient": (gate_before - w_gate.numpy()).tolist(),
-            "bias": model.get_layer("moe").gate.expert_bias.numpy().tolist()}
+            "bias": moe.gate.expert_bias.numpy().tolist()}
 
 
 def main():

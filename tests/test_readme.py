@@ -29,6 +29,7 @@ SOURCE_COMMANDS = {
     "benchmarks.lm_table": "benchmarks/lm_table.py",
     "benchmarks.dtensor_comm": "benchmarks/dtensor_comm.py",
     "benchmarks.serving_bench": "benchmarks/serving_bench.py",
+    "benchmarks.router_table": "benchmarks/router_table.py",
     "train.data.bible_corpus": "train/data/bible_corpus.py",
     "benchmarks/gpu_check.sh": "benchmarks/gpu_check.sh",
 }

@@ -53,11 +53,14 @@ TINY_PRESET = dict(model_dim=32, num_experts=4, k=2, hidden_size=32, vocab_size=
                    shuffle_buffer=1000, vocab_lines=5000)
 
 
-def model_config() -> LanguageModelConfig:
+def model_config(flag_values: flags.FlagValues = FLAGS) -> LanguageModelConfig:
+    """The model of the flags (parsed in `flag_values`)."""
     return LanguageModelConfig(
-        architecture=FLAGS.model, vocab_size=FLAGS.vocab_size, model_dim=FLAGS.model_dim,
-        moe=training_flags.moe_config_from_flags(), dropout=FLAGS.dropout,
-        num_layers=FLAGS.num_layers, num_heads=FLAGS.num_heads)
+        architecture=flag_values.model, vocab_size=flag_values.vocab_size,
+        model_dim=flag_values.model_dim,
+        moe=training_flags.moe_config_from_flags(flag_values),
+        dropout=flag_values.dropout, num_layers=flag_values.num_layers,
+        num_heads=flag_values.num_heads)
 
 
 def lm_loss(model, batch, training):
