@@ -89,7 +89,7 @@ def test_capacity_settings_reach_the_moe_layer():
 
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="architecture"):
-        LanguageModelConfig(architecture="transformer")
+        LanguageModelConfig(architecture="gpt")
     with pytest.raises(ValueError, match="dropout"):
         LanguageModelConfig(dropout=1.0)
     with pytest.raises(ValueError, match="moe must be a moe_tf.MoEConfig"):

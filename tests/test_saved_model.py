@@ -55,3 +55,28 @@ def test_exported_model_serves_identically_in_fresh_process(kwargs, tmp_path):
     np.testing.assert_allclose(
         serve_in_fresh_process(saved_dir, x, tmp_path),
         expected, rtol=1e-6, atol=1e-6)
+
+
+def test_every_later_router_serves_identically_in_fresh_process(tmp_path):
+    """One model with a layer of each router after the paper (and the aux-loss-free bias
+    and z-loss options), exported and served without moe_tf."""
+    inputs = keras.Input(shape=(5, 4))
+    x = inputs
+    for i, settings in enumerate([
+            dict(num_experts=4, k=1, gating="switch"),
+            dict(num_experts=4, k=2, gating="top_p", top_p_threshold=0.5,
+                 dispatch="capacity"),
+            dict(num_experts=4, k=2, gating="expert_choice"),
+            dict(num_experts=4, k=2, bias_update_rate=0.1, router_z_loss_weight=0.01)]):
+        moe = SparselyGatedMoE(hidden_size=6, seed=0, name=f"moe_{i}", **settings)
+        x = x + moe(x)
+        randomize(moe, seed=i)
+        if settings.get("bias_update_rate"):
+            moe.gate.expert_bias.assign([0.5, -0.5, 0.0, 1.0])
+    model = keras.Model(inputs, x)
+    x = np.random.default_rng(2).normal(size=(3, 5, 4)).astype(np.float32)
+    expected = model(x, training=False).numpy()
+    export_dir = tmp_path / "export"
+    model.export(str(export_dir), verbose=False)
+    np.testing.assert_allclose(serve_in_fresh_process(export_dir, x, tmp_path),
+                               expected, rtol=1e-5, atol=1e-5)
