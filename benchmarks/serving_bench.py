@@ -9,14 +9,17 @@ tensorflow_text and NumPy (as a serving process would), on the built-in test sen
 (train/data/bible/en.test.txt.gz, read directly):
 
 - a language model (`train.lm` export): scoring throughput (sentences/s) and the p50 /
-  p99 latency of one call, at each `--batch_sizes`; and `generate` tokens/s for
-  `--generate_batch_sizes` prompts of `--new_tokens` tokens;
+  p99 latency of one call, at each `--batch_sizes`; `generate` tokens/s for
+  `--generate_batch_sizes` prompts of `--new_tokens` tokens; and the test perplexity of
+  the export over the whole built-in test split (so that exports of one model with
+  experts stored in float32, bfloat16 or int8, `--export_expert_dtype`, compare);
 - a translation model (`train.nmt` export): translation sentences/s and latency at each
   batch size (at the beam width the model was exported with).
 
 Every batch size is warmed up by one call (tracing) before it is timed. The sentences are
-taken in corpus order, so a batch holds sentences of mixed length, as requests do.
-Prints a Markdown table; `--json` writes the numbers.
+taken in corpus order, so a batch holds sentences of mixed length, as requests do. The
+export's size on disk is reported for every model. Prints a Markdown table; `--json`
+writes the numbers.
 """
 
 import argparse
@@ -33,10 +36,31 @@ TEST_SENTENCES = os.path.join(ROOT, "train", "data", "bible", "en.test.txt.gz")
 _RESULT_PREFIX = "SERVING_BENCH_RESULT "
 
 
-def test_sentences(count: int) -> List[bytes]:
+def test_sentences(count: int = 0) -> List[bytes]:
+    """`count` built-in test sentences in corpus order, repeated if needed; 0: each once."""
     with gzip.open(TEST_SENTENCES, "rb") as f:
         lines = [line.strip() for line in f if line.strip()]
-    return (lines * (count // len(lines) + 1))[:count]
+    return (lines * (count // len(lines) + 1))[:count or len(lines)]
+
+
+def directory_mib(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path) for name in names) / 2**20
+
+
+def test_perplexity(serve, batch_size: int = 256) -> float:
+    """exp(mean NLL per scored token) of a language-model export over the test split."""
+    import numpy as np
+    import tensorflow as tf
+
+    sentences = test_sentences()
+    log_prob = num_tokens = 0.0
+    for i in range(0, len(sentences), batch_size):
+        out = serve(text=tf.constant(sentences[i:i + batch_size]))
+        valid = out["valid_utf8"].numpy()
+        log_prob += float(np.sum(out["log_prob"].numpy()[valid]))
+        num_tokens += float(np.sum(out["num_tokens"].numpy()[valid]))
+    return float(np.exp(-log_prob / num_tokens))
 
 
 def percentile(values: List[float], share: float) -> float:
@@ -70,7 +94,10 @@ def measure(path: str, args) -> Dict:
     sentences = test_sentences(args.sentences)
     is_translator = "translation" in serve.structured_outputs
     results = {"kind": "translation" if is_translator else "language_model",
-               "scoring" if not is_translator else "translation": {}}
+               "scoring" if not is_translator else "translation": {},
+               "size_mib": directory_mib(path)}
+    if not is_translator:
+        results["test_perplexity"] = test_perplexity(serve)
 
     for batch_size in args.batch_sizes:
         batches = [tf.constant(sentences[i:i + batch_size])
@@ -114,7 +141,12 @@ def run_child(name: str, path: str, argv: List[str]) -> Dict:
 
 
 def markdown(results: Dict[str, Dict]) -> str:
-    rows = ["| model | measurement | batch | per second | p50 ms | p99 ms |",
+    sizes = ["| model | export MiB | test perplexity |", "| --- | --- | --- |"]
+    for name, result in results.items():
+        perplexity = result.get("test_perplexity")
+        sizes.append(f"| {name} | {result['size_mib']:.2f} | "
+                     f"{'-' if perplexity is None else f'{perplexity:.3f}'} |")
+    rows = ["", "| model | measurement | batch | per second | p50 ms | p99 ms |",
             "| --- | --- | --- | --- | --- | --- |"]
     units = {"scoring": "sentences scored", "translation": "sentences translated",
              "generate": "tokens generated"}
@@ -123,7 +155,7 @@ def markdown(results: Dict[str, Dict]) -> str:
             for batch, numbers in result.get(key, {}).items():
                 rows.append(f"| {name} | {unit} | {batch} | {numbers['per_second']:.1f} "
                             f"| {numbers['p50_ms']:.1f} | {numbers['p99_ms']:.1f} |")
-    return "\n".join(rows)
+    return "\n".join(sizes + rows)
 
 
 def parse_args(argv=None):

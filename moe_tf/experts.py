@@ -17,6 +17,10 @@ import tensorflow as tf
 from moe_tf import kernels
 
 
+# How FeedForwardExperts stores its kernels; the first is the trainable one.
+KERNEL_STORAGES = ("float32", "bfloat16", "int8")
+
+
 def _per_expert_initializer(initializer, num_experts: int):
     """An initializer for `[experts, fan_in, fan_out]` kernels with per-expert fans.
 
@@ -443,14 +447,24 @@ class FeedForwardExperts(keras.layers.Layer):
     rows; True runs them in every such call and raises a ValueError naming the reason
     where they cannot run; False never runs them. Inference calls always use TensorFlow
     ops, so that exported SavedModels load without this package's op library.
+
+    `kernel_storage` is how the two kernels are stored: "float32" (trainable), or, for
+    smaller exports, "bfloat16" or "int8" (weight-only: `round(w / scale)` with one
+    float32 scale per expert and output channel, `kernel_in_scale` `[experts, 1, hidden]`
+    and `kernel_out_scale` `[experts, 1, output]`), dequantised in the graph at every
+    call; such kernels are not trainable. `quantize_kernels` converts a built layer.
     """
 
     def __init__(self, *, num_experts: int, hidden_size: int, output_size: int,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  recompute_activations: bool = False,
                  compiled_kernels: Union[str, bool] = "auto",
-                 **kwargs):
+                 kernel_storage: str = "float32", **kwargs):
         super().__init__(**kwargs)
+        if kernel_storage not in KERNEL_STORAGES:
+            raise ValueError(f"FeedForwardExperts: `kernel_storage` must be one of "
+                             f"{KERNEL_STORAGES}; got {kernel_storage!r}.")
+        self.kernel_storage = kernel_storage
         self.num_experts = num_experts
         self.compiled_kernels = compiled_kernels
         self.hidden_size = hidden_size
@@ -462,18 +476,62 @@ class FeedForwardExperts(keras.layers.Layer):
     def build(self, input_shape):
         input_dim = input_shape[-1]
         kernel_init = _per_expert_initializer(self.kernel_initializer, self.num_experts)
-        self.kernel_in = self.add_weight(
-            name="kernel_in", shape=(self.num_experts, input_dim, self.hidden_size),
-            initializer=kernel_init)
+        self._add_kernel("kernel_in", (self.num_experts, input_dim, self.hidden_size),
+                         kernel_init)
         self.bias_in = self.add_weight(name="bias_in",
                                        shape=(self.num_experts, self.hidden_size),
                                        initializer=self.bias_initializer)
-        self.kernel_out = self.add_weight(
-            name="kernel_out", shape=(self.num_experts, self.hidden_size, self.output_size),
-            initializer=kernel_init)
+        self._add_kernel("kernel_out",
+                         (self.num_experts, self.hidden_size, self.output_size),
+                         kernel_init)
         self.bias_out = self.add_weight(name="bias_out",
                                         shape=(self.num_experts, self.output_size),
                                         initializer=self.bias_initializer)
+
+    def _add_kernel(self, name: str, shape, initializer) -> None:
+        """Adds kernel `name` (and its scale, for int8) in `kernel_storage`."""
+        if self.kernel_storage == "float32":
+            setattr(self, name, self.add_weight(name=name, shape=shape,
+                                                initializer=initializer))
+            return
+        setattr(self, name, self.add_weight(
+            name=name, shape=shape, initializer="zeros", dtype=self.kernel_storage,
+            trainable=False, autocast=False))
+        if self.kernel_storage == "int8":
+            setattr(self, f"{name}_scale", self.add_weight(
+                name=f"{name}_scale", shape=(shape[0], 1, shape[2]), initializer="ones",
+                trainable=False, autocast=False))
+
+    def quantize_kernels(self, storage: str) -> None:
+        """Stores the (float32, built) kernels in `storage`, "bfloat16" or "int8" (see the
+        class docstring), for inference and export."""
+        if storage not in KERNEL_STORAGES[1:]:
+            raise ValueError(f"FeedForwardExperts.quantize_kernels: `storage` must be one "
+                             f"of {KERNEL_STORAGES[1:]}; got {storage!r}.")
+        if self.kernel_storage != "float32" or not self.built:
+            raise ValueError(f"FeedForwardExperts {self.name!r}: only built float32 "
+                             f"kernels can be quantized (kernels: {self.kernel_storage}).")
+        values = {name: tf.convert_to_tensor(getattr(self, name))
+                  for name in ("kernel_in", "kernel_out")}
+        self.kernel_storage = storage
+        self._tracker.unlock()  # as Keras's own `quantize` does: new variables, built
+        for name, value in values.items():
+            delattr(self, name)  # Keras untracks the float32 variable
+            self._add_kernel(name, value.shape, None)
+            if storage == "int8":
+                quantized, scale = quantize_per_output_channel(value)
+                getattr(self, name).assign(quantized)
+                getattr(self, f"{name}_scale").assign(scale)
+            else:
+                getattr(self, name).assign(tf.cast(value, storage))
+        self._tracker.lock()
+
+    def _kernel(self, name: str) -> tf.Tensor:
+        """Kernel `name` as a tensor of the compute dtype, dequantised if stored so."""
+        kernel = tf.convert_to_tensor(getattr(self, name))
+        if self.kernel_storage == "int8":
+            kernel = tf.cast(kernel, tf.float32) * getattr(self, f"{name}_scale")
+        return tf.cast(kernel, self.compute_dtype)
 
     def call(self, inputs, *, expert_row_counts: Optional[tf.Tensor] = None,
              training=None):
@@ -489,8 +547,8 @@ class FeedForwardExperts(keras.layers.Layer):
         Returns:
             `[rows, output_size]` or `[experts, capacity, output_size]`.
         """
-        weights = [tf.convert_to_tensor(w) for w in
-                   (self.kernel_in, self.bias_in, self.kernel_out, self.bias_out)]
+        weights = [self._kernel("kernel_in"), tf.convert_to_tensor(self.bias_in),
+                   self._kernel("kernel_out"), tf.convert_to_tensor(self.bias_out)]
         if expert_row_counts is not None:
             return _grouped_feed_forward(
                 inputs, expert_row_counts, *weights,
@@ -508,5 +566,15 @@ class FeedForwardExperts(keras.layers.Layer):
                           self.kernel_initializer),
                       bias_initializer=keras.initializers.serialize(self.bias_initializer),
                       recompute_activations=self.recompute_activations,
-                      compiled_kernels=self.compiled_kernels)
+                      compiled_kernels=self.compiled_kernels,
+                      kernel_storage=self.kernel_storage)
         return config
+
+
+def quantize_per_output_channel(kernel: tf.Tensor):
+    """Weight-only int8 of `[experts, fan_in, fan_out]` kernels: int8 round(w / scale),
+    scale = max |w| over fan_in / 127 (`[experts, 1, fan_out]`; 1 where a column is 0)."""
+    scale = tf.reduce_max(tf.abs(kernel), axis=1, keepdims=True) / 127.0
+    scale = tf.where(scale > 0, scale, 1.0)
+    quantized = tf.clip_by_value(tf.round(kernel / scale), -127.0, 127.0)
+    return tf.cast(quantized, tf.int8), scale

@@ -38,6 +38,9 @@ class SparselyGatedMoE(keras.layers.Layer):
         output_size: the output width; defaults to the input width.
         kernel_initializer, bias_initializer: for the experts (each expert is initialised
             as a lone Dense kernel would be).
+        expert_kernel_storage: how the experts' kernels are stored: "float32", or for
+            inference "bfloat16" or "int8" (see `FeedForwardExperts` and
+            `quantize_experts`).
         seed: seed of the gating noise.
 
     Call arguments:
@@ -80,6 +83,7 @@ class SparselyGatedMoE(keras.layers.Layer):
                  recompute_activations: Optional[bool] = None,
                  compiled_kernels: Union[str, bool, None] = None,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 expert_kernel_storage: str = "float32",
                  seed: Optional[int] = None, **kwargs):
         super().__init__(**kwargs)
         settings = {name: value for name, value in dict(
@@ -104,6 +108,7 @@ class SparselyGatedMoE(keras.layers.Layer):
         self.output_size = output_size
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.expert_kernel_storage = expert_kernel_storage
         self.seed = seed
         self.supports_masking = True
 
@@ -160,9 +165,20 @@ class SparselyGatedMoE(keras.layers.Layer):
             kernel_initializer=self.kernel_initializer,
             bias_initializer=self.bias_initializer,
             recompute_activations=self.recompute_activations,
-            compiled_kernels=self.compiled_kernels, dtype=self.dtype_policy,
+            compiled_kernels=self.compiled_kernels,
+            kernel_storage=self.expert_kernel_storage, dtype=self.dtype_policy,
             name="experts")
         self.experts.build((None, input_dim))
+
+    def quantize_experts(self, storage: str) -> None:
+        """Stores the trained experts' kernels in "bfloat16" or weight-only "int8" (a
+        scale per expert and output channel), dequantised in the graph: smaller exports
+        for inference. The kernels are no longer trainable."""
+        if not self.built:
+            raise ValueError(f"SparselyGatedMoE {self.name!r}: quantize_experts needs a "
+                             "built layer.")
+        self.experts.quantize_kernels(storage)
+        self.expert_kernel_storage = storage
 
     def call(self, inputs, *, training=None, mask=None):
         tokens, token_mask = self._flatten(inputs, mask)
@@ -332,7 +348,7 @@ class SparselyGatedMoE(keras.layers.Layer):
             output_size=self.output_size,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
-            seed=self.seed)
+            expert_kernel_storage=self.expert_kernel_storage, seed=self.seed)
         return config
 
     @classmethod

@@ -107,3 +107,64 @@ def test_two_pass_padded_backward_in_half_precision_matches_float32(dtype):
         # Half precision keeps 8 (bfloat16) or 11 (float16) significant bits: compare
         # against the scale of each gradient, not element by element.
         assert np.abs(got - want).max() <= 0.03 * np.abs(want).max()
+
+
+def _bfloat16_rounded(values):
+    return tf.cast(tf.cast(values, tf.bfloat16), tf.float64).numpy()
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
+def test_quantized_kernels_compute_with_the_dequantised_weights(storage):
+    """int8: round(w / s) with s = max |w| / 127 per expert and output channel; bfloat16:
+    w rounded to bfloat16. Both paths (sorted rows, batched buffers) then compute exactly
+    what NumPy computes with the dequantised weights; biases stay float32."""
+    rng = np.random.default_rng(3)
+    layer = FeedForwardExperts(num_experts=3, hidden_size=6, output_size=4)
+    layer.build((None, 5))
+    for weight in layer.weights:
+        weight.assign(rng.normal(size=weight.shape).astype(np.float32))
+    floats = {name: np.asarray(getattr(layer, name), np.float64)
+              for name in ("kernel_in", "bias_in", "kernel_out", "bias_out")}
+    layer.quantize_kernels(storage)
+    assert not layer.trainable_weights[0].path.endswith("kernel_in")
+    assert {w.path.split("/")[-1]: w.dtype for w in layer.weights}["kernel_in"] == storage
+    dequantised = dict(floats)
+    for name in ("kernel_in", "kernel_out"):
+        if storage == "int8":
+            scale = np.abs(floats[name]).max(axis=1, keepdims=True) / 127.0
+            np.testing.assert_allclose(getattr(layer, f"{name}_scale").numpy(), scale,
+                                       rtol=1e-6)
+            quantized = np.clip(np.round(floats[name] / scale), -127, 127)
+            np.testing.assert_array_equal(getattr(layer, name).numpy(), quantized)
+            dequantised[name] = quantized * scale
+            assert np.abs(dequantised[name] - floats[name]).max() <= scale.max() / 2 + 1e-6
+        else:
+            dequantised[name] = _bfloat16_rounded(floats[name])
+    rows = rng.normal(size=(7, 5)).astype(np.float32)
+    counts = [3, 0, 4]
+    expert_of_row = np.repeat(np.arange(3), counts)
+    want = np.stack([ref.expert_ffn(rows[r], dequantised["kernel_in"][e],
+                                    dequantised["bias_in"][e], dequantised["kernel_out"][e],
+                                    dequantised["bias_out"][e])
+                     for r, e in enumerate(expert_of_row)])
+    got = layer(rows, expert_row_counts=tf.constant(counts))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    buffers = rng.normal(size=(3, 2, 5)).astype(np.float32)
+    want = np.stack([[ref.expert_ffn(buffers[e, c], dequantised["kernel_in"][e],
+                                     dequantised["bias_in"][e], dequantised["kernel_out"][e],
+                                     dequantised["bias_out"][e]) for c in range(2)]
+                     for e in range(3)])
+    np.testing.assert_allclose(layer(buffers).numpy(), want, rtol=1e-5, atol=1e-5)
+    assert FeedForwardExperts.from_config(layer.get_config()).kernel_storage == storage
+    with pytest.raises(ValueError, match="only built float32 kernels"):
+        layer.quantize_kernels("int8")
+
+
+def test_kernel_storage_is_checked():
+    with pytest.raises(ValueError, match="`kernel_storage` must be one of"):
+        FeedForwardExperts(num_experts=2, hidden_size=4, output_size=4,
+                           kernel_storage="int4")
+    layer = FeedForwardExperts(num_experts=2, hidden_size=4, output_size=4)
+    layer.build((None, 4))
+    with pytest.raises(ValueError, match="`storage` must be one of"):
+        layer.quantize_kernels("float16")

@@ -289,16 +289,28 @@ def test_score_binary_and_serving_bench_read_the_export(tmp_path, capsys):
     assert sampled.returncode == 0, sampled.stderr[-2000:]
     assert sampled.stdout.startswith("And God")
 
+    # The same run again with int8 experts: it resumes at its last step, trains nothing,
+    # and exports the experts' kernels as int8 with their scales.
+    resumed = run_ok(lm_command(tmp_path, "--train_steps=2", "--export_expert_dtype=int8",
+                                f"--export_dir={tmp_path / 'int8'}", "--verbosity=0"))
+    assert "at step 2." in resumed.stderr
+
     # The benchmark measures in a fresh process of its own; its driver runs here.
     from benchmarks import serving_bench
-    serving_bench.main([f"--model=tiny={tmp_path / 'export'}", "--batch_sizes=1,8",
+    serving_bench.main([f"--model=tiny={tmp_path / 'export'}",
+                        f"--model=int8={tmp_path / 'int8'}", "--batch_sizes=1,8",
                         "--sentences=16", "--generate_batch_sizes=2", "--generate_calls=2",
                         "--new_tokens=4", f"--json={tmp_path / 'serving.json'}"])
-    results = json.loads((tmp_path / "serving.json").read_text())["tiny"]
-    assert set(results["scoring"]) == {"1", "8"} and set(results["generate"]) == {"2"}
-    for numbers in [*results["scoring"].values(), *results["generate"].values()]:
+    results = json.loads((tmp_path / "serving.json").read_text())
+    tiny, int8 = results["tiny"], results["int8"]
+    assert set(tiny["scoring"]) == {"1", "8"} and set(tiny["generate"]) == {"2"}
+    for numbers in [*tiny["scoring"].values(), *tiny["generate"].values()]:
         assert numbers["per_second"] > 0 and 0 < numbers["p50_ms"] <= numbers["p99_ms"]
     assert "| tiny | sentences scored | 8 |" in capsys.readouterr().out
+    # int8 experts: a smaller export scoring the test split within 1% of float32's.
+    assert int8["size_mib"] < tiny["size_mib"]
+    assert 1 < tiny["test_perplexity"] < 600
+    assert abs(int8["test_perplexity"] / tiny["test_perplexity"] - 1) < 0.01
 
 
 def test_restore_trained_model_names_what_is_missing(tmp_path):

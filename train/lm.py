@@ -122,6 +122,7 @@ def main(argv):
 
     path = from_flags.export_dir()
     if path and is_chief:
+        from_flags.prepare_export(model)
         LanguageModelServer(model, config, tokenizer, FLAGS.max_length).save(path)
         print(f"SavedModel: {path}")
 

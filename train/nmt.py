@@ -253,6 +253,7 @@ def main(argv):
 
     path = from_flags.export_dir()
     if path and is_chief:
+        from_flags.prepare_export(model)
         server.save(path)
         print(f"SavedModel: {path}")
 

@@ -13,6 +13,7 @@ from absl import flags
 
 from moe_tf import GATES, MoEConfig
 from moe_tf.config import DEFAULT_CAPACITY_FACTOR, DISPATCHES
+from moe_tf.experts import KERNEL_STORAGES
 from train.cli import exit_with_error
 from train.distribution import DTENSOR_LENGTH_MULTIPLE, STRATEGIES
 from train.training.loop import NAN_POLICIES
@@ -56,6 +57,10 @@ def _define_run_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("export_dir", None,
                         "Where to write the SavedModel at the end (default: "
                         "MODEL_DIR/export). Empty string: no export.", **where)
+    flags.DEFINE_enum("export_expert_dtype", "float32", list(KERNEL_STORAGES),
+                      "How the export stores the MoE experts' kernels: float32, bfloat16, "
+                      "or weight-only int8 (a scale per expert and output channel), "
+                      "dequantised in the graph. Checkpoints stay float32.", **where)
     flags.DEFINE_enum("preset", None, ["tiny"],
                       "A very small model and run for tests and smoke runs; explicit "
                       "flags still win.", **where)

@@ -13,6 +13,7 @@ from absl import flags, logging
 
 from train import distribution
 from train.data.tokenizer import TOKENIZER_FILE, SubwordTokenizer
+from train.serving.export import quantize_experts
 from train.training import loop, optimizer, run_config
 from train.training.flags import usage_errors
 
@@ -174,3 +175,9 @@ def export_dir() -> str:
     if FLAGS.export_dir is None:
         return os.path.join(FLAGS.model_dir, "export")
     return FLAGS.export_dir
+
+
+def prepare_export(model: keras.Model) -> None:
+    """Readies the trained `model` for its export: its experts' kernels stored as
+    --export_expert_dtype asks."""
+    quantize_experts(model, FLAGS.export_expert_dtype)
