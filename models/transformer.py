@@ -298,7 +298,9 @@ def transformer_ops(config: "LanguageModelConfig", sequence_length: int) -> int:
     the gate for an MoE block (`MoEConfig.ops_per_token`)."""
     d = config.model_dim
     attention = 4 * d * d + d * (sequence_length + 1)
-    return sum(attention + (2 * d * config.wide_hidden_size if moe is None
-                            else moe.ops_per_token(d))
-               for moe in map(lambda index: _block_moe(config, index),
-                              range(config.num_layers)))
+    total = 0
+    for index in range(config.num_layers):
+        moe = _block_moe(config, index)
+        total += attention + (2 * d * config.wide_hidden_size if moe is None
+                              else moe.ops_per_token(d))
+    return total

@@ -40,7 +40,7 @@ class GateOutput(NamedTuple):
     router_z: Optional[tf.Tensor] = None
 
 
-def _mask_as_float(mask: Optional[tf.Tensor], num_tokens) -> tf.Tensor:
+def mask_as_float(mask: Optional[tf.Tensor], num_tokens) -> tf.Tensor:
     """`[tokens]` float32 of 1.0 for tokens that count, 0.0 for masked ones."""
     if mask is None:
         return tf.ones([num_tokens], tf.float32)
@@ -237,7 +237,7 @@ class NoisyTopKGate(_NoisyTopKBase):
 
     def call(self, inputs, *, training=None, token_mask=None) -> GateOutput:
         """inputs: float32 `[tokens, input_dim]`; token_mask: bool `[tokens]` or None."""
-        token_weight = _mask_as_float(token_mask, tf.shape(inputs)[0])
+        token_weight = mask_as_float(token_mask, tf.shape(inputs)[0])
         noisy = bool(training) and self.noisy_gating
         clean_logits = tf.matmul(inputs, self.w_gate)
         result = self._noisy_top_k(
@@ -316,7 +316,7 @@ class HierarchicalNoisyTopKGate(_NoisyTopKBase):
 
     def call(self, inputs, *, training=None, token_mask=None) -> GateOutput:
         """inputs: float32 `[tokens, input_dim]`; token_mask: bool `[tokens]` or None."""
-        token_weight = _mask_as_float(token_mask, tf.shape(inputs)[0])
+        token_weight = mask_as_float(token_mask, tf.shape(inputs)[0])
         noisy = bool(training) and self.noisy_gating
         primary_logits = tf.matmul(inputs, self.w_gate)
         primary = self._noisy_top_k(
@@ -406,7 +406,7 @@ class StrictlyBalancedGate(Gate):
     def call(self, inputs, *, training=None, token_mask=None) -> GateOutput:
         """inputs: float32 `[tokens, input_dim]`; token_mask: bool `[tokens]` or None."""
         num_tokens = tf.shape(inputs)[0]
-        token_weight = _mask_as_float(token_mask, num_tokens)
+        token_weight = mask_as_float(token_mask, num_tokens)
         logits = tf.matmul(inputs, self.w_gate)
         probs = tf.nn.softmax(logits, axis=-1)                          # X, [T, E]
         threshold_mask = tf.cast(probs > self.threshold, tf.float32)

@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 from moe_tf import gating, routers
-from moe_tf.gates import Gate, GateOutput, _mask_as_float, register_gate
+from moe_tf.gates import Gate, GateOutput, mask_as_float, register_gate
 from moe_tf.routing import DenseRouting, SlotRouting, split_into_token_groups
 
 # The Switch Transformer's weight of its balancing loss (alpha).
@@ -117,7 +117,7 @@ class SwitchGate(_SwitchBalancedRouter):
 
     def call(self, inputs, *, training=None, token_mask=None) -> GateOutput:
         """inputs: float32 `[tokens, input_dim]`; token_mask: bool `[tokens]` or None."""
-        token_weight = _mask_as_float(token_mask, tf.shape(inputs)[0])
+        token_weight = mask_as_float(token_mask, tf.shape(inputs)[0])
         logits, probs = self._logits_and_probabilities(inputs)
         top_prob, top_index = tf.math.top_k(probs, k=1)
         return self._routed(logits, probs, top_index, top_prob, token_weight, training)
@@ -153,7 +153,7 @@ class TopPGate(_SwitchBalancedRouter):
 
     def call(self, inputs, *, training=None, token_mask=None) -> GateOutput:
         """inputs: float32 `[tokens, input_dim]`; token_mask: bool `[tokens]` or None."""
-        token_weight = _mask_as_float(token_mask, tf.shape(inputs)[0])
+        token_weight = mask_as_float(token_mask, tf.shape(inputs)[0])
         logits, probs = self._logits_and_probabilities(inputs)
         index, gate = routers.top_p_choices(probs, self.top_p_threshold, self.k)
         return self._routed(logits, probs, index, gate, token_weight, training)
@@ -198,7 +198,7 @@ class ExpertChoiceGate(_SoftmaxRouter):
     def call(self, inputs, *, training=None, token_mask=None) -> GateOutput:
         """inputs: float32 `[tokens, input_dim]`; token_mask: bool `[tokens]` or None."""
         num_tokens = tf.shape(inputs)[0]
-        token_weight = _mask_as_float(token_mask, num_tokens)
+        token_weight = mask_as_float(token_mask, num_tokens)
         logits, probs = self._logits_and_probabilities(inputs)
         grouped = split_into_token_groups(probs, self.token_group_size)  # [G, S, E]
         chosen = gating.batchwise_mask(

@@ -51,15 +51,6 @@ def check_metrics(values, steps):
     assert values["ops_per_timestep"] > 0
 
 
-@pytest.mark.parametrize("spec", ["builtin:en", "builtin:es"])
-def test_builtin_sources_train(spec, tmp_path):
-    run_ok(lm_command(tmp_path, f"--data={spec}", "--train_steps=6", "--export_dir="))
-    values = metrics(tmp_path)
-    check_metrics(values, 6)
-    assert values["skipped_lines"] == {"train": 0, "valid": 0, "test": 0}
-    assert os.path.exists(tmp_path / "subword.model")
-
-
 def write_corpus(path, lines):
     with open(path, "wb") as f:
         f.write(b"\n".join(lines) + b"\n")
@@ -100,12 +91,13 @@ def test_tfds_lm1b_source_with_mock_data(tmp_path):
     check_metrics(metrics(tmp_path), 4)
 
 
-# Tiny runs of every other architecture and router through the binary, in one process;
-# each line has its --model_dir under the fixture's directory. The Transformer with an MoE
-# is trained 3 steps, exported, and resumed to 5.
+# Tiny runs of both built-in corpora, every other architecture and every router through
+# the binary, in one process; each line has its --model_dir under the fixture's directory.
+# The Transformer with an MoE is trained 3 steps, exported, and resumed to 5.
 TRANSFORMER_MOE = ("--model=transformer-moe --num_layers=2 --model_dir={tmp}/transformer_moe "
                    "--export_dir={tmp}/transformer_moe/export")
 TINY_RUNS = {
+    "--data=builtin:es": 2.0,
     **{f"--model={model}": 1.0 for model in ("4xlstm", "moe-1-wide", "moe-1-deep")},
     "--model=transformer --num_layers=2": 1.0,
     "--model=transformer-moe --num_layers=2 --gating=switch --k=1": 1.0,
@@ -125,8 +117,11 @@ tiny_runs = command_lines_fixture(
 def test_every_model_and_router_trains_through_the_binary(flags, tiny_runs):
     (end, tmp) = tiny_runs[f"{flags} --model_dir={{tmp}}/{list(TINY_RUNS).index(flags)}"]
     assert end["status"] == 0, end["stderr"][-3000:]
-    values = metrics(tmp / str(list(TINY_RUNS).index(flags)))
+    model_dir = tmp / str(list(TINY_RUNS).index(flags))
+    values = metrics(model_dir)
     check_metrics(values, 3)
+    assert values["skipped_lines"] == {"train": 0, "valid": 0, "test": 0}
+    assert os.path.exists(model_dir / "subword.model")
     if "transformer-moe" in flags:
         per_token = values["balance"]["block_2_moe/experts_per_token"]
         assert 0 < per_token <= TINY_RUNS[flags]
