@@ -32,7 +32,7 @@ from absl import logging
 
 from moe_tf import SparselyGatedMoE
 from train import distribution
-from train.training.run_config import write_json_atomically
+from train.training.run_config import read_json, write_json_atomically
 
 CHECKPOINT_DIR = "checkpoints"
 DATA_CHECKPOINT_DIR = os.path.join(CHECKPOINT_DIR, "data_position")
@@ -297,6 +297,10 @@ class Trainer:
             skipped_steps=int(self.skipped_steps.numpy()),
             tokens_per_second=run_tokens / max(time.time() - run_start, 1e-9),
             valid_perplexity=self.evaluate("valid"), test_perplexity=self.evaluate("test"))
+        if not run_tokens:  # a finished run rerun (to export again): keep what it measured
+            previous = read_json(os.path.join(cfg.model_dir, METRICS_FILE)) or {}
+            for key in ("balance", "tokens_per_second"):
+                metrics[key] = previous.get(key, metrics[key])
         self.placement.unplace(self.model)
         if self.final_evaluation is not None:
             extra = self.final_evaluation()

@@ -20,7 +20,11 @@ def write_json_atomically(path: str, value) -> None:
 
 def read_run_config(model_dir: str) -> Optional[Dict]:
     """The run configuration recorded in `model_dir`, or None if it holds no run."""
-    path = os.path.join(model_dir, CONFIG_FILE)
+    return read_json(os.path.join(model_dir, CONFIG_FILE))
+
+
+def read_json(path: str) -> Optional[Dict]:
+    """The JSON object in `path`, or None if there is no such file."""
     if not tf.io.gfile.exists(path):
         return None
     with tf.io.gfile.GFile(path) as f:
