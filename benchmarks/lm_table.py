@@ -370,6 +370,11 @@ def plot(rows: Sequence[Dict], path: str) -> None:
     axes.set_title("Equal ops/timestep and token budget (built-in English)")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize="small")
+    save_figure(figure, path)
+
+
+def save_figure(figure, path: str) -> None:
+    """Writes `figure` as a PNG to `path` (whole or not at all) and closes it."""
     figure.tight_layout()
     figure.savefig(path + ".tmp.png", dpi=120)
     plt.close(figure)

@@ -232,10 +232,7 @@ def plot(rows: Sequence[Dict], path: str) -> None:
     axes.invert_yaxis()
     axes.set_xlabel("test perplexity (equal ops/timestep and token budget)")
     axes.grid(True, axis="x", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path + ".tmp.png", dpi=120)
-    plt.close(figure)
-    os.replace(path + ".tmp.png", path)
+    lm_table.save_figure(figure, path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -39,6 +39,16 @@ class _SoftmaxRouter(Gate):
         self.k = k
 
     @classmethod
+    def from_moe_config(cls, config, *, seed, name):
+        return cls(num_experts=config.num_experts, k=config.k, seed=seed, name=name,
+                   **cls._own_settings(config))
+
+    @classmethod
+    def _own_settings(cls, config) -> dict:
+        """The constructor arguments of this gate's own settings, from `config`."""
+        return {option: getattr(config, option) for option in cls.options}
+
+    @classmethod
     def default_cv_loss_weight(cls, config):
         return 0.0
 
@@ -103,12 +113,6 @@ class SwitchGate(_SwitchBalancedRouter):
     `k` must be 1."""
 
     @classmethod
-    def from_moe_config(cls, config, *, seed, name):
-        return cls(num_experts=config.num_experts, k=config.k,
-                   switch_loss_weight=config.switch_loss_weight,
-                   seed=seed, name=name)
-
-    @classmethod
     def config_problem(cls, config):
         if config.k != 1:
             return (f"gating='switch' routes each token to one expert: `k` must be 1; got "
@@ -136,13 +140,6 @@ class TopPGate(_SwitchBalancedRouter):
     def __init__(self, *, top_p_threshold: float = DEFAULT_TOP_P_THRESHOLD, **kwargs):
         super().__init__(**kwargs)
         self.top_p_threshold = top_p_threshold
-
-    @classmethod
-    def from_moe_config(cls, config, *, seed, name):
-        return cls(num_experts=config.num_experts, k=config.k,
-                   switch_loss_weight=config.switch_loss_weight,
-                   top_p_threshold=config.top_p_threshold,
-                   seed=seed, name=name)
 
     @classmethod
     def config_problem(cls, config):
@@ -186,14 +183,8 @@ class ExpertChoiceGate(_SoftmaxRouter):
         self.token_group_size = token_group_size
 
     @classmethod
-    def from_moe_config(cls, config, *, seed, name):
-        return cls(num_experts=config.num_experts, k=config.k,
-                   token_group_size=config.capacity_group_size,
-                   seed=seed, name=name)
-
-    @property
-    def assignments_per_token(self) -> int:
-        return self.k
+    def _own_settings(cls, config) -> dict:
+        return {"token_group_size": config.capacity_group_size}
 
     def call(self, inputs, *, training=None, token_mask=None) -> GateOutput:
         """inputs: float32 `[tokens, input_dim]`; token_mask: bool `[tokens]` or None."""

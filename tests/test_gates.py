@@ -1,10 +1,12 @@
-"""The gate layers: shared checks, hierarchical Importance_H / Load_H, balanced gating."""
+"""The gate layers: shared checks of every gate, hierarchical Importance_H / Load_H,
+balanced gating (the later routers' numerics: tests/test_router_gates.py)."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from moe_tf import HierarchicalNoisyTopKGate, NoisyTopKGate, StrictlyBalancedGate
+from moe_tf import (ExpertChoiceGate, HierarchicalNoisyTopKGate, NoisyTopKGate,
+                    StrictlyBalancedGate, SwitchGate, TopPGate)
 from tests import numpy_reference as ref
 from tests.layer_test_helper import run_layer_test
 
@@ -29,21 +31,25 @@ def randomize(gate, seed=0):
         weight.assign(rng.normal(size=weight.shape).astype(np.float32))
 
 
-@pytest.mark.parametrize("cls,kwargs", [
-    (NoisyTopKGate, dict(num_experts=4, k=2)),
-    (HierarchicalNoisyTopKGate, dict(num_groups=2, experts_per_group=3, group_k=1, k=2)),
-    (StrictlyBalancedGate, dict(num_experts=4, k=2)),
+# Every gate: its kwargs, the expert slots per token of its routing, its trainable
+# weights and the losses of its own one training call adds (the balanced gate's threshold
+# loss, the Switch loss of switch and top_p).
+@pytest.mark.parametrize("cls,kwargs,slots,weights,losses", [
+    (NoisyTopKGate, dict(num_experts=4, k=2), 2, 2, 0),
+    (NoisyTopKGate, dict(num_experts=4, k=2, bias_update_rate=0.01), 2, 2, 0),
+    (HierarchicalNoisyTopKGate, dict(num_groups=2, experts_per_group=3, group_k=1, k=2),
+     2, 4, 0),
+    (StrictlyBalancedGate, dict(num_experts=4, k=2), 4, 2, 1),
+    (SwitchGate, dict(num_experts=4, k=1), 1, 1, 1),
+    (TopPGate, dict(num_experts=4, k=3, top_p_threshold=0.5), 3, 1, 1),
+    (ExpertChoiceGate, dict(num_experts=4, k=2), 4, 1, 0),
 ])
-def test_gates_shared_checks(cls, kwargs):
+def test_gates_shared_checks(cls, kwargs, slots, weights, losses):
     def gating_weights_are_float32(gate, data):
         assert gate.compute_dtype == "float32"
 
     # Gates return a GateOutput, not a tensor: no .keras or fit model around them.
     data = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
-    slots = {"NoisyTopKGate": 2, "HierarchicalNoisyTopKGate": 2,
-             "StrictlyBalancedGate": 4}[cls.__name__]
-    weights, losses = {"NoisyTopKGate": (2, 0), "HierarchicalNoisyTopKGate": (4, 0),
-                       "StrictlyBalancedGate": (2, 1)}[cls.__name__]  # its threshold loss
     run_layer_test(cls, init_kwargs=kwargs, input_data=data,
                    expected_output_shape=(5, slots), run_saving_test=False,
                    run_training_test=False, expected_num_trainable_weights=weights,

@@ -33,26 +33,6 @@ def _z_loss(logits, mask):
     return np.mean(log_z[mask] ** 2)
 
 
-@pytest.mark.parametrize("cls,kwargs,slots,weights", [
-    (SwitchGate, dict(num_experts=4, k=1), 1, 1),
-    (TopPGate, dict(num_experts=4, k=3, top_p_threshold=0.5), 3, 1),
-    (ExpertChoiceGate, dict(num_experts=4, k=2), 4, 1),
-    (NoisyTopKGate, dict(num_experts=4, k=2, bias_update_rate=0.01), 2, 2),
-])
-def test_router_gates_shared_checks(cls, kwargs, slots, weights):
-    def gating_weights_are_float32(gate, data):
-        assert gate.compute_dtype == "float32"
-
-    losses = {"SwitchGate": 1, "TopPGate": 1}.get(cls.__name__, 0)  # the Switch loss
-    run_layer_test(cls, init_kwargs=kwargs, input_data=_tokens((5, 3)),
-                   expected_output_shape=(5, slots), run_saving_test=False,
-                   run_training_test=False, expected_num_trainable_weights=weights,
-                   expected_num_losses=losses,
-                   output_of=lambda output: output.routing.gate,
-                   mixed_output_dtype="float32",
-                   check_mixed_precision=gating_weights_are_float32)
-
-
 def test_switch_routes_top_1_with_its_loss_and_z_terms():
     gate = SwitchGate(num_experts=5, k=1, switch_loss_weight=0.5)
     gate.build((None, 3))

@@ -25,6 +25,14 @@ def serve_in_fresh_process(saved_model_dir, x, tmp_path):
     return output
 
 
+def assert_export_serves(model, x, expected, tmp_path, *, tolerance):
+    """`model.export` served in a fresh process (without moe_tf) gives `expected`."""
+    export_dir = tmp_path / "export"
+    model.export(str(export_dir), verbose=False)
+    np.testing.assert_allclose(serve_in_fresh_process(export_dir, x, tmp_path),
+                               expected, rtol=tolerance, atol=tolerance)
+
+
 def model_with_moe(**kwargs):
     inputs = keras.Input(shape=(5, 4))
     moe = SparselyGatedMoE(hidden_size=6, seed=0, **kwargs)
@@ -42,11 +50,7 @@ def test_exported_model_serves_identically_in_fresh_process(kwargs, tmp_path):
     model = model_with_moe(**kwargs)
     x = np.random.default_rng(2).normal(size=(3, 5, 4)).astype(np.float32)
     expected = model(x, training=False).numpy()
-
-    export_dir = tmp_path / "export"
-    model.export(str(export_dir), verbose=False)
-    np.testing.assert_allclose(serve_in_fresh_process(export_dir, x, tmp_path),
-                               expected, rtol=1e-6, atol=1e-6)
+    assert_export_serves(model, x, expected, tmp_path, tolerance=1e-6)
 
     saved_dir = tmp_path / "saved_model"
     serve = tf.function(lambda x: model(x, training=False),
@@ -76,10 +80,7 @@ def test_every_later_router_serves_identically_in_fresh_process(tmp_path):
     model = keras.Model(inputs, x)
     x = np.random.default_rng(2).normal(size=(3, 5, 4)).astype(np.float32)
     expected = model(x, training=False).numpy()
-    export_dir = tmp_path / "export"
-    model.export(str(export_dir), verbose=False)
-    np.testing.assert_allclose(serve_in_fresh_process(export_dir, x, tmp_path),
-                               expected, rtol=1e-5, atol=1e-5)
+    assert_export_serves(model, x, expected, tmp_path, tolerance=1e-5)
 
 
 @pytest.mark.parametrize("storage", ["bfloat16", "int8"])
@@ -97,7 +98,4 @@ def test_quantized_experts_round_trip_and_serve_in_fresh_process(storage, tmp_pa
     model.save(tmp_path / "model.keras")
     reloaded = keras.saving.load_model(tmp_path / "model.keras")
     np.testing.assert_array_equal(reloaded(x, training=False).numpy(), expected)
-    export_dir = tmp_path / "export"
-    model.export(str(export_dir), verbose=False)
-    np.testing.assert_allclose(serve_in_fresh_process(export_dir, x, tmp_path),
-                               expected, rtol=1e-6, atol=1e-6)
+    assert_export_serves(model, x, expected, tmp_path, tolerance=1e-6)
