@@ -3,6 +3,7 @@
     python -m benchmarks.lm_table                      # the whole table, resumable
     python -m benchmarks.lm_table --models=4xLSTM,MoE-32 --train_steps=300
     python -m benchmarks.lm_table --preset=tiny --output_dir=/tmp/t --markdown=/tmp/R.md
+    python -m benchmarks.lm_table --preset=manuals     # builtin:manuals, 4x budget, seeds
 
 Table 7: the compute-matched family (4xLSTM, MoE-1-Wide, MoE-1-Deep, MoE-4, MoE-32,
 MoE-256 flat with k = 4, MoE-256-h and MoE-1024-h hierarchical with 16 groups and k = 2 + 2)
@@ -12,13 +13,18 @@ model's expert hidden size is solved for, so models whose gate costs more get sl
 narrower experts. Table 6: the balancing-loss ablation of one MoE model. Table 9: for a few
 experts of one trained MoE, the valid-split contexts with the highest gate values.
 
-Each model is one `python -m train.lm` subprocess in OUTPUT_DIR/<model>/, so a crash loses
-one model only and a rerun resumes it from its checkpoint; models whose metrics.json is
-complete are skipped. After every finished model the results are rewritten:
+Preset `full` trains on the built-in Bible (the table of issue 7); preset `manuals` on
+`builtin:manuals` (issue 19: 4x the budget, and `--seeds` runs of the `--seeded_models`,
+whose row reports the mean, the standard deviation and every run). Each run is one
+`python -m train.lm` subprocess in OUTPUT_DIR/<model>[_seedN]/, so a crash loses one run
+only and a rerun resumes it from its checkpoint; runs whose metrics.json is complete are
+skipped. Runs go seed by seed (every model's first seed before any second one), then the
+ablation. After every finished run the results are rewritten:
 OUTPUT_DIR.json (the table: a list of objects), OUTPUT_DIR_ablation.json,
 OUTPUT_DIR_specialisation.json, OUTPUT_DIR.png (test perplexity against experts) and the
-Markdown between `<!-- lm_table:begin -->` and `<!-- lm_table:end -->` in --markdown
-(appended if the markers are missing; the rest of the file is kept).
+Markdown between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in --markdown, NAME being
+OUTPUT_DIR's base name (appended if the markers are missing; the rest is kept). OUTPUT_DIR
+defaults to benchmarks/results/lm_table, or lm_table_<corpus> for another corpus.
 """
 
 import argparse
@@ -27,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -68,6 +75,7 @@ class ModelSpec:
     num_groups: int = 0            # 0: flat
     importance_weight: float = 0.1
     load_weight: float = 0.1
+    seed: int = 0                  # train.lm's --seed; runs of one row differ only here
 
     @property
     def is_moe(self) -> bool:
@@ -75,10 +83,10 @@ class ModelSpec:
 
     @property
     def directory(self) -> str:
-        if (self.importance_weight, self.load_weight) == (0.1, 0.1):
-            return self.name.lower()
-        return (f"{self.name.lower()}_wimp{self.importance_weight:g}"
-                f"_wload{self.load_weight:g}")
+        name = self.name.lower()
+        if (self.importance_weight, self.load_weight) != (0.1, 0.1):
+            name += f"_wimp{self.importance_weight:g}_wload{self.load_weight:g}"
+        return name + (f"_seed{self.seed}" if self.seed else "")
 
     def with_weights(self, importance_weight: float, load_weight: float) -> "ModelSpec":
         return dataclasses.replace(self, importance_weight=importance_weight,
@@ -103,15 +111,39 @@ PAPER_TEST_PERPLEXITY = {"4xLSTM": 46.0, "MoE-1-Wide": 46.1, "MoE-1-Deep": 45.7,
 # Table 6's rows other than (0.1, 0.1), the main configuration, whose run is reused.
 DEFAULT_ABLATION = "0:0,0.2:0,0:0.2,1:1"
 
+# The models that get `--seeds` runs (the rest one): the baselines, the flat MoE layers the
+# paper's claim rests on and the largest hierarchical one.
+DEFAULT_SEEDED_MODELS = "4xLSTM,MoE-1-Wide,MoE-32,MoE-256,MoE-1024-h"
+
 # train.lm flags of each preset. `full`: the README's language model (widths of the paper
 # divided by 4, batches of 4096 tokens) with a budget that trains the whole table and
-# the ablation in about two hours on an idle 2-core CPU.
+# the ablation in about two hours on an idle 2-core CPU. `manuals`: the same models on the
+# manuals corpus with 4x the tokens (about an hour a run on a 2-core CPU without AVX-512).
 PRESETS = {
     "full": dict(model_dim=128, batch_tokens=4096, train_steps=1000, eval_every=100,
                  log_every=50, checkpoint_every=100),
+    "manuals": dict(model_dim=128, batch_tokens=4096, train_steps=4000, eval_every=500,
+                    log_every=50, checkpoint_every=100, data="builtin:manuals"),
     "tiny": dict(preset="tiny", model_dim=32, batch_tokens=512, train_steps=6, eval_every=3,
                  log_every=3, checkpoint_every=3, max_eval_batches=2),
 }
+DEFAULT_SEEDS = {"manuals": 3}  # other presets: 1
+
+
+def corpus_name(preset: Dict) -> str:
+    """The corpus a preset trains on, as named in file names: "en" for the default."""
+    return preset.get("data", "builtin:en").partition(":")[2] or "en"
+
+
+def default_output_dir(preset: Dict) -> str:
+    corpus = corpus_name(preset)
+    return "benchmarks/results/lm_table" + ("" if corpus == "en" else f"_{corpus}")
+
+
+def block_markers(output_dir: str) -> Tuple[str, str]:
+    """The Markdown markers of a table's block, named after its output directory."""
+    name = os.path.basename(os.path.normpath(output_dir))
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
 
 def _config(spec: ModelSpec, *, model_dim: int, hidden_size: int) -> LanguageModelConfig:
@@ -162,7 +194,7 @@ def train_flags(spec: ModelSpec, *, preset: Dict, train_steps: int, model_dir: s
     """The `python -m train.lm` command line of one model."""
     hidden, _ = matched_hidden_size(spec, model_dim=preset["model_dim"])
     values = dict(preset, train_steps=train_steps, model=spec.architecture,
-                  model_dir=model_dir, export_dir="", k=spec.k,
+                  model_dir=model_dir, export_dir="", k=spec.k, seed=spec.seed,
                   importance_weight=spec.importance_weight, load_weight=spec.load_weight)
     if spec.architecture != "4xlstm":
         values.update(hidden_size=hidden)
@@ -262,6 +294,34 @@ def collect_row(spec: ModelSpec, metrics: Dict, model_dir: str) -> Dict:
                    cv_load=_last(train.get("moe/cv_load", {})),
                    max_mean_load=_last(train.get("moe/max_mean_load", {})))
     return row
+
+
+def merge_seed_runs(runs: Sequence[Dict], *, train_tokens: int) -> Dict:
+    """One row from the runs of one model that differ only in seed (the first run first):
+    the first run's fields and curve, with valid and test perplexity and tokens/s the
+    means over runs, plus `seeds`, `test_perplexity_runs`, `test_perplexity_std` (sample
+    standard deviation; None for one run) and `train_tokens` (steps x batch tokens)."""
+    test = [run["test_perplexity"] for run in runs]
+    return dict(
+        runs[0],
+        valid_perplexity=statistics.fmean(run["valid_perplexity"] for run in runs),
+        test_perplexity=statistics.fmean(test),
+        tokens_per_second=statistics.fmean(run["tokens_per_second"] for run in runs),
+        seeds=len(runs), test_perplexity_runs=test,
+        test_perplexity_std=statistics.stdev(test) if len(test) > 1 else None,
+        train_tokens=train_tokens)
+
+
+def corpus_subwords(model_dir: str, data: str) -> int:
+    """Subword pieces (eos included, as the model predicts them) of the training split of
+    `data`, counted with the vocabulary a finished run learnt."""
+    import tensorflow_text  # noqa: F401  (registers the SentencePiece ops)
+    with open(os.path.join(model_dir, "subword.model"), "rb") as f:
+        tokenizer = tensorflow_text.SentencepieceTokenizer(model=f.read())
+    lines = text_data.clean_lines(text_data.load_text_splits(data).train)
+    count = lines.batch(4096).map(lambda batch: tokenizer.tokenize(batch).row_lengths() + 1)
+    return int(count.unbatch().reduce(tf.constant(0, tf.int64),
+                                       lambda total, n: total + tf.cast(n, tf.int64)))
 
 
 def parse_weights(text: str) -> List[Tuple[float, float]]:
@@ -414,14 +474,28 @@ def _observations(rows: Sequence[Dict]) -> List[str]:
     return lines
 
 
+def _test_perplexity_cell(row: Dict) -> str:
+    """Bold mean; with several seeds also the standard deviation and every run."""
+    if row.get("seeds", 1) == 1:
+        return f"**{row['test_perplexity']:.2f}**"
+    runs = ", ".join(f"{p:.2f}" for p in row["test_perplexity_runs"])
+    return (f"**{row['test_perplexity']:.2f}** ± {row['test_perplexity_std']:.2f} "
+            f"({row['seeds']} seeds: {runs})")
+
+
 def markdown(rows: Sequence[Dict], ablation: Sequence[Dict], specialisation: Optional[Dict],
-             *, budget: str, window: int, plot_path: str, markdown_path: str) -> str:
+             *, budget: str, window: int, plot_path: str, markdown_path: str,
+             title: str = "## Language models at equal ops/timestep (issue 7; Tables 6, 7, 9)",
+             corpus: str = "the built-in English corpus", command: str = "",
+             markers: Tuple[str, str] = (BEGIN_MARKER, END_MARKER)) -> str:
     """The block between the markers: tables, plot, ablation, specialisation, facts."""
-    out = [BEGIN_MARKER, "## Language models at equal ops/timestep (issue 7; Tables 6, 7, 9)",
-           "", "`python -m benchmarks.lm_table` (generated; resumable per model). " + budget,
-           "Perplexities are per subword of the built-in English corpus, so they are not "
+    out = [markers[0], title,
+           "", f"`python -m benchmarks.lm_table{command}` (generated; resumable per run). "
+           + budget,
+           f"Perplexities are per subword of {corpus}, so they are not "
            "comparable with the paper's per-word 1B-word numbers (shown for the trend only). "
-           f"Train perplexity: the last {window} training steps, with dropout. tokens/s: "
+           f"Train perplexity: the last {window} training steps, with dropout, of the first "
+           "seed. Test ppl: the mean over seeds ± their standard deviation. tokens/s: "
            "measured while other jobs shared the 2-core machine.", "",
            "| model | experts | ops/timestep | params excl. emb. + softmax | test ppl | "
            "valid ppl | train ppl | best valid ppl (step) | tokens/s | paper test ppl |",
@@ -434,7 +508,7 @@ def markdown(rows: Sequence[Dict], ablation: Sequence[Dict], specialisation: Opt
             experts = f"{experts} (16 x {r['num_experts'] // 16})"
         out.append(
             f"| {r['model']} | {experts} | {r['ops_per_timestep']:,} | "
-            f"{r['params_excl_embedding_softmax']:,} | **{r['test_perplexity']:.2f}** | "
+            f"{r['params_excl_embedding_softmax']:,} | {_test_perplexity_cell(r)} | "
             f"{r['valid_perplexity']:.2f} | {r['train_perplexity']:.2f} | "
             + (f"{curve[best]:.2f} ({best})" if curve else "-")
             + f" | {r['tokens_per_second']:,.0f} | "
@@ -476,7 +550,7 @@ def markdown(rows: Sequence[Dict], ablation: Sequence[Dict], specialisation: Opt
     if facts:
         out += ["", "Observations (generated from the numbers above):", ""]
         out += [f"- {fact}" for fact in facts]
-    out.append(END_MARKER)
+    out.append(markers[1])
     return "\n".join(out)
 
 
@@ -512,16 +586,22 @@ def update_markdown(path: str, block: str,
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="benchmarks/results/lm_table",
+    parser.add_argument("--output_dir", default=None,
                         help="Run directories; the JSON and PNG go beside it "
-                             "(OUTPUT_DIR.json, OUTPUT_DIR.png, ...).")
+                             "(OUTPUT_DIR.json, OUTPUT_DIR.png, ...). Default: "
+                             "benchmarks/results/lm_table[_<corpus>].")
     parser.add_argument("--markdown", default="benchmarks/RESULTS.md",
-                        help="File whose lm_table block is (re)written.")
+                        help="File whose block of this table is (re)written.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--train_steps", type=int, default=None,
                         help="Steps of every model (the token budget); default: preset's.")
     parser.add_argument("--models", default=",".join(s.name for s in FAMILY),
                         help="Comma-separated subset of the family, in table order.")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="Runs (seeds 0, 1, ...) of each --seeded_models model; "
+                             "default 3 for preset manuals, else 1.")
+    parser.add_argument("--seeded_models", default=DEFAULT_SEEDED_MODELS,
+                        help="Models that get --seeds runs; the others get one.")
     parser.add_argument("--ablation_model", default="MoE-256",
                         help="Model of the Table 6 ablation; empty: no ablation.")
     parser.add_argument("--ablation_weights", default=DEFAULT_ABLATION,
@@ -531,16 +611,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     by_name = {s.name: s for s in FAMILY}
     names = [n for n in args.models.split(",") if n]
-    for name in names + [n for n in (args.ablation_model, args.specialisation_model) if n]:
+    seeded = [n for n in args.seeded_models.split(",") if n]
+    for name in names + seeded + [n for n in (args.ablation_model, args.specialisation_model)
+                                  if n]:
         if name not in by_name:
             parser.error(f"unknown model {name!r}; the family is {', '.join(by_name)}")
     if args.train_steps is not None and args.train_steps < 1:
         parser.error("--train_steps must be >= 1")
+    if args.seeds is None:
+        args.seeds = DEFAULT_SEEDS.get(args.preset, 1)
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    if args.output_dir is None:
+        args.output_dir = default_output_dir(PRESETS[args.preset])
     args.specs = [by_name[n] for n in names]
+    args.seed_runs = {spec.name: [dataclasses.replace(spec, seed=seed) for seed in
+                                  range(args.seeds if spec.name in seeded else 1)]
+                      for spec in args.specs}
     args.ablation_specs = [by_name[args.ablation_model].with_weights(*weights)
                            for weights in parse_weights(args.ablation_weights)
                            ] if args.ablation_model else []
     return args
+
+
+def run_order(seed_runs: Dict[str, List[ModelSpec]]) -> List[ModelSpec]:
+    """Every model's first seed (table order), then every second seed, and so on: a
+    partial table has each model once before any model twice."""
+    depth = max((len(runs) for runs in seed_runs.values()), default=0)
+    return [runs[seed] for seed in range(depth) for runs in seed_runs.values()
+            if seed < len(runs)]
+
+
+def table_text(preset_name: str, preset: Dict, steps: int, epochs: Optional[float]) -> Dict:
+    """The markdown block's title, corpus and budget sentences for a preset."""
+    corpus = corpus_name(preset)
+    tokens = steps * preset["batch_tokens"]
+    budget = (f"Budget: {steps} steps of about {preset['batch_tokens']} tokens (padding "
+              f"included; {tokens / 1e6:.1f}M tokens) for every run; preset `{preset_name}`, "
+              f"model_dim {preset['model_dim']}.")
+    if epochs is not None:
+        budget += f" That is {epochs:.2f} epochs of the training split."
+    if corpus == "en":
+        return dict(budget=budget)
+    return dict(budget=budget, corpus=f"`builtin:{corpus}`",
+                command=f" --preset={preset_name}",
+                title=f"## Language models on `builtin:{corpus}` at equal ops/timestep "
+                      f"(issue 19; Tables 6, 7, 9)")
 
 
 def main(argv=None) -> int:
@@ -548,15 +664,14 @@ def main(argv=None) -> int:
     preset = PRESETS[args.preset]
     steps = args.train_steps or preset["train_steps"]
     output_dir = os.path.abspath(args.output_dir)
+    markers = block_markers(output_dir)
     for spec in args.specs + args.ablation_specs:  # every size error before any training
         matched_hidden_size(spec, model_dim=preset["model_dim"])
     # The ablation's (0.1, 0.1) row is the main run of its model.
     ablation_rows = [s for s in FAMILY if s.name == args.ablation_model] + args.ablation_specs
-    budget = (f"Budget: {steps} steps of about {preset['batch_tokens']} tokens (padding "
-              f"included) for every model; preset `{args.preset}`, model_dim "
-              f"{preset['model_dim']}.")
+    corpus_cache = output_dir + "_corpus.json"
 
-    def finished(specs) -> List[Dict]:
+    def finished_runs(specs) -> List[Dict]:
         rows = []
         for spec in specs:
             model_dir = os.path.join(output_dir, spec.directory)
@@ -565,9 +680,28 @@ def main(argv=None) -> int:
                 rows.append(collect_row(spec, metrics, model_dir))
         return rows
 
+    def epochs() -> Optional[float]:
+        """Training epochs of one run, from the corpus's subword count (cached)."""
+        first = [spec for spec in run_order(args.seed_runs)
+                 if read_metrics(os.path.join(output_dir, spec.directory), steps)]
+        if not first:
+            return None
+        if not os.path.exists(corpus_cache):
+            subwords = corpus_subwords(os.path.join(output_dir, first[0].directory),
+                                       preset.get("data", "builtin:en"))
+            write_text_atomically(corpus_cache, json.dumps({"train_subwords": subwords}))
+        with open(corpus_cache, encoding="utf-8") as f:
+            return steps * preset["batch_tokens"] / json.load(f)["train_subwords"]
+
     def write_outputs():
-        rows = finished(args.specs)
-        ablation = finished(ablation_rows)
+        rows = []
+        for runs in args.seed_runs.values():
+            finished = finished_runs(runs)
+            if finished and finished[0]["model"] == runs[0].name and read_metrics(
+                    os.path.join(output_dir, runs[0].directory), steps):
+                rows.append(merge_seed_runs(finished,
+                                            train_tokens=steps * preset["batch_tokens"]))
+        ablation = finished_runs(ablation_rows)
         ablation.sort(key=lambda r: (r["importance_weight"], r["load_weight"]))
         specialisation = None
         if args.specialisation_model:
@@ -590,16 +724,17 @@ def main(argv=None) -> int:
         if rows:
             plot(rows, output_dir + ".png")
         update_markdown(args.markdown, markdown(
-            rows, ablation, specialisation, budget=budget, window=preset["log_every"],
-            plot_path=output_dir + ".png",
-            markdown_path=args.markdown))
+            rows, ablation, specialisation, window=preset["log_every"],
+            plot_path=output_dir + ".png", markdown_path=args.markdown, markers=markers,
+            **table_text(args.preset, preset, steps, epochs())), markers)
 
     failed = []
-    for spec in args.specs + args.ablation_specs:
+    runs = run_order(args.seed_runs) + args.ablation_specs
+    for spec in runs:
         if not run_model(spec, output_dir=output_dir, preset=preset, train_steps=steps):
             failed.append(spec.directory)
         write_outputs()
-    if not args.specs and not args.ablation_specs:
+    if not runs:
         write_outputs()
     print(f"[lm_table] results: {output_dir}.json, {args.markdown}", flush=True)
     if failed:

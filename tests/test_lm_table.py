@@ -79,7 +79,8 @@ def test_markdown_block_replaced_or_appended(document, expected):
 def run_table(output_dir, markdown):
     command = [sys.executable, "-m", "benchmarks.lm_table", "--preset=tiny",
                "--models=4xLSTM,MoE-4", "--ablation_model=MoE-4", "--ablation_weights=",
-               "--specialisation_model=MoE-4", f"--output_dir={output_dir}",
+               "--specialisation_model=MoE-4", "--seeds=2", "--seeded_models=MoE-4",
+               f"--output_dir={output_dir}",
                f"--markdown={markdown}"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
@@ -101,6 +102,14 @@ def test_tiny_table_end_to_end_and_resumed(tmp_path):
     assert rows[0]["ops_per_timestep"] == rows[1]["ops_per_timestep"] == 4 * 4 * 32 * 64
     assert rows[0]["num_experts"] == 0 and rows[1]["num_experts"] == 4
     assert rows[1]["params_excl_embedding_softmax"] > rows[0]["params_excl_embedding_softmax"]
+    # MoE-4 ran with seeds 0 and 1 (its own directory each); its row is their mean.
+    assert (rows[0]["seeds"], rows[1]["seeds"]) == (1, 2)
+    runs = rows[1]["test_perplexity_runs"]
+    assert runs[0] != runs[1] and rows[1]["test_perplexity"] == pytest.approx(sum(runs) / 2)
+    for seed, directory in enumerate(("moe-4", "moe-4_seed1")):
+        metrics = json.loads((output_dir / directory / "metrics.json").read_text())
+        assert metrics["test_perplexity"] == runs[seed]
+    assert rows[1]["train_tokens"] == 6 * 512
 
     (ablation,) = json.loads((tmp_path / "lm_table_ablation.json").read_text())
     assert (ablation["importance_weight"], ablation["load_weight"]) == (0.1, 0.1)
@@ -114,11 +123,44 @@ def test_tiny_table_end_to_end_and_resumed(tmp_path):
     assert "stale" not in text and "other section" in text and text.endswith("## After\n")
     assert text.count(lm_table.BEGIN_MARKER) == text.count(lm_table.END_MARKER) == 1
     assert "| MoE-4 | 4 | 32,768 |" in text and "(lm_table.png)" in text
+    assert f"± {rows[1]['test_perplexity_std']:.2f} (2 seeds: {runs[0]:.2f}, " in text
+    corpus = json.loads((tmp_path / "lm_table_corpus.json").read_text())
+    assert f"{6 * 512 / corpus['train_subwords']:.2f} epochs" in text
     assert "### Balancing losses" in text and "### Expert specialisation" in text
 
     metrics = output_dir / "moe-4" / "metrics.json"
     written = metrics.stat().st_mtime_ns
     stdout = run_table(output_dir, markdown)
-    assert stdout.count("complete, skipped") == 2 and "training" not in stdout
+    assert stdout.count("complete, skipped") == 3 and "training" not in stdout
     assert metrics.stat().st_mtime_ns == written
     assert markdown.read_text() == text
+
+
+def test_merge_seed_runs_reports_mean_spread_and_runs():
+    runs = [dict(model="MoE-32", test_perplexity=p, valid_perplexity=v, tokens_per_second=t,
+                 valid_perplexity_curve={"1": v}) for p, v, t in
+            ((50.0, 51.0, 100.0), (52.0, 53.0, 200.0), (54.5, 55.0, 300.0))]
+    row = lm_table.merge_seed_runs(runs, train_tokens=4096)
+    assert row["test_perplexity"] == pytest.approx(52.1666666667)
+    assert row["valid_perplexity"] == pytest.approx(53.0)
+    assert row["test_perplexity_std"] == pytest.approx(2.2546248764)  # sample std
+    assert row["test_perplexity_runs"] == [50.0, 52.0, 54.5] and row["seeds"] == 3
+    assert row["tokens_per_second"] == 200.0 and row["train_tokens"] == 4096
+    assert row["valid_perplexity_curve"] == {"1": 51.0}  # the first seed's
+    assert lm_table.merge_seed_runs(runs[:1], train_tokens=1)["test_perplexity_std"] is None
+
+
+def test_runs_go_seed_by_seed_and_each_seed_has_its_directory():
+    args = lm_table.parse_args(["--preset=manuals", "--models=4xLSTM,MoE-4,MoE-32"])
+    assert args.seeds == 3 and args.output_dir == "benchmarks/results/lm_table_manuals"
+    assert [(spec.directory, spec.seed) for spec in lm_table.run_order(args.seed_runs)] == [
+        ("4xlstm", 0), ("moe-4", 0), ("moe-32", 0), ("4xlstm_seed1", 1), ("moe-32_seed1", 1),
+        ("4xlstm_seed2", 2), ("moe-32_seed2", 2)]
+    flags = lm_table.train_flags(args.seed_runs["MoE-32"][2], preset=lm_table.PRESETS[
+        "manuals"], train_steps=4000, model_dir="/tmp/x")
+    assert "--seed=2" in flags and "--data=builtin:manuals" in flags
+    assert lm_table.block_markers(args.output_dir) == ("<!-- lm_table_manuals:begin -->",
+                                                      "<!-- lm_table_manuals:end -->")
+    assert lm_table.parse_args([]).output_dir == "benchmarks/results/lm_table"
+    assert lm_table.block_markers("benchmarks/results/lm_table") == (
+        lm_table.BEGIN_MARKER, lm_table.END_MARKER)

@@ -2,6 +2,8 @@
 
 Specs:
 - `builtin:en`, `builtin:es`: the shipped Bible corpus (train/data/bible, see its README);
+- `builtin:manuals`: English prose of free software manuals, built on this machine from
+  Debian packages (train/data/manuals_corpus.py, `make manuals-corpus`);
 - `text:PATH`: a user's corpus, one sentence a line (plain or .gz); `--valid_data` /
   `--test_data` name the held-out files, and without them a stable hash of each line sends
   5% to valid and 5% to test;
@@ -19,6 +21,7 @@ from typing import List, NamedTuple, Optional
 import tensorflow as tf
 
 from models.special_tokens import BOS_ID, EOS_ID
+from train.data import manuals_corpus
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bible")
 BUILTIN_LANGUAGES = ("en", "es")
@@ -111,14 +114,26 @@ def builtin_path(language: str, split: str) -> str:
     return os.path.join(BUILTIN_DIR, f"{language}.{split}.txt.gz")
 
 
+def _manuals_splits() -> TextSplits:
+    directory = manuals_corpus.DEFAULT_OUTPUT_DIR
+    paths = [manuals_corpus.corpus_path(directory, split) for split in SPLITS]
+    missing = [path for path in paths if not os.path.exists(path)]
+    if missing:
+        raise ValueError(f"--data=builtin:manuals: {missing[0]} is missing; build the "
+                         f"corpus with `make manuals-corpus` (see docs/training.md).")
+    return TextSplits(*(_text_file(path) for path in paths))
+
+
 def load_text_splits(spec: str, *, valid_data: Optional[str] = None,
                      test_data: Optional[str] = None) -> TextSplits:
     """The raw line datasets named by a `--data` spec (see the module docstring)."""
     kind, _, arg = spec.partition(":")
     if kind == "builtin":
+        if arg == "manuals":
+            return _manuals_splits()
         if arg not in BUILTIN_LANGUAGES:
-            raise ValueError(f"--data=builtin:{arg}: the built-in corpus has languages "
-                             f"{BUILTIN_LANGUAGES}.")
+            raise ValueError(f"--data=builtin:{arg}: the built-in corpora are "
+                             f"builtin:en, builtin:es and builtin:manuals.")
         return TextSplits(*(_text_file(builtin_path(arg, split)) for split in SPLITS))
     if kind == "text":
         if not arg:
@@ -126,8 +141,8 @@ def load_text_splits(spec: str, *, valid_data: Optional[str] = None,
         return file_splits(arg, valid_data=valid_data, test_data=test_data)
     if kind == "tfds":
         return _tfds_splits(arg)
-    raise ValueError(f"--data={spec!r}: expected builtin:en, builtin:es, text:PATH or "
-                     f"tfds:NAME.")
+    raise ValueError(f"--data={spec!r}: expected builtin:en, builtin:es, builtin:manuals, "
+                     f"text:PATH or tfds:NAME.")
 
 
 def file_splits(path: str, *, valid_data: Optional[str] = None,
