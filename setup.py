@@ -42,6 +42,8 @@ setuptools.setup(
     extras_require={
         # pytest-xdist: `make test` runs the suite in two processes (most of its time is
         # subprocesses of the binaries starting TensorFlow).
-        "test": ["pytest>=8", "pytest-xdist>=3", "scipy"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "scipy", "keras-hub==0.32.*"],
+        # moe_tf.integrations.keras_hub: sparse experts for keras-hub's MoE models.
+        "keras-hub": ["keras-hub==0.32.*"],
     },
 )

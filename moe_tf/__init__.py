@@ -6,7 +6,7 @@ from moe_tf.experts import FeedForwardExperts
 from moe_tf.gates import (GATES, Gate, GateOutput, HierarchicalNoisyTopKGate, NoisyTopKGate,
                           StrictlyBalancedGate, register_gate)
 from moe_tf.metrics import ExpertLoadFraction
-from moe_tf.router_gates import ExpertChoiceGate, SwitchGate, TopPGate
+from moe_tf.router_gates import ExpertChoiceGate, SoftmaxTopKGate, SwitchGate, TopPGate
 from moe_tf.sparsely_gated_moe import SparselyGatedMoE
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "HierarchicalNoisyTopKGate",
     "MoEConfig",
     "NoisyTopKGate",
+    "SoftmaxTopKGate",
     "SparselyGatedMoE",
     "StrictlyBalancedGate",
     "SwitchGate",

@@ -5,7 +5,8 @@ The layer (`SparselyGatedMoE(config=...)` or its keyword arguments), the model c
 hold this one object; its field defaults are the project's defaults, written once here.
 
 Gate-specific settings (`noisy_gating`, `noise_epsilon`, `bias_update_rate`,
-`threshold_loss_weight`, `switch_loss_weight`, `top_p_threshold`) are None until a config
+`threshold_loss_weight`, `switch_loss_weight`, `top_p_threshold`, `normalize_top_k`,
+`router_bias`) are None until a config
 is built: then the chosen gate's defaults fill them in, and a setting that the gate does
 not read is refused, naming both. So are the paper's loss weights `importance_weight` and
 `load_weight`: 0.1 each, or 0 with a gate balanced otherwise. A built config therefore
@@ -15,7 +16,10 @@ always holds resolved values, and `MoEConfig(**dataclasses.asdict(config)) == co
 import dataclasses
 from typing import Optional, Union
 
+import keras
+
 from moe_tf import router_gates  # noqa: F401  (registers the later routers' gates)
+from moe_tf.experts import GATED_VARIANTS
 from moe_tf.gates import GATES, gate_option_names
 
 DISPATCHES = ("sparse", "capacity")
@@ -43,8 +47,9 @@ class MoEConfig:
             `k`.
         gating: the gate, a name of `moe_tf.gates.GATES`: "top_k" (noisy top-k, flat or
             hierarchical), "balanced" (the strictly balanced gating of Appendix F),
-            "switch" (top-1, Switch Transformer), "top_p" (dynamic k) or
-            "expert_choice" (each expert picks its tokens).
+            "switch" (top-1, Switch Transformer), "top_p" (dynamic k),
+            "expert_choice" (each expert picks its tokens) or "softmax_top_k" (Mixtral's,
+            Qwen-MoE's and GPT-OSS's routing).
         noisy_gating: top_k only: add the trained Gaussian noise of Eq. 4 while training
             (default True).
         noise_epsilon: top_k only: the floor added to the noise scale softplus(x W_noise)
@@ -53,10 +58,14 @@ class MoEConfig:
             selection bias, moved by this rate after every training call); default 0.
         threshold_loss_weight: balanced only: the weight of the threshold loss
             (default 1.0).
-        switch_loss_weight: switch and top_p: alpha, the weight of the Switch balancing
-            loss (default 0.01).
+        switch_loss_weight: switch, top_p and softmax_top_k: alpha, the weight of the
+            Switch balancing loss (default 0.01).
         top_p_threshold: top_p only: p, the probability mass a token's experts must reach
             (default 0.4); `k` caps their number.
+        normalize_top_k: softmax_top_k only: renormalise the k gates to sum to 1
+            (default True).
+        router_bias: softmax_top_k only: a trained bias on the router's logits (default
+            False).
         router_z_loss_weight: every gate: the weight of the router z-loss (ST-MoE), the
             mean of logsumexp(logits)^2; default 0 (off).
         importance_weight: w_importance, the weight of CV(Importance)^2 (default 0.1, or
@@ -75,6 +84,12 @@ class MoEConfig:
             the sparse dispatch, as Keras's `LSTM(use_cudnn=...)`: "auto" uses them where
             they apply, True requires them (a clear error where they cannot run), False
             never uses them.
+        expert_activation: the experts' activation, a Keras activation name (default
+            "relu", the paper's).
+        gated_experts: None (the paper's FFN experts), "glu" (SwiGLU-style experts:
+            activation(x W_gate) * x W_up, then W_down) or "gpt_oss" (GPT-OSS's clamped
+            variant); see `moe_tf.experts.FeedForwardExperts`.
+        expert_bias: whether the experts have biases (default True).
     """
 
     num_experts: int = 32
@@ -89,6 +104,8 @@ class MoEConfig:
     threshold_loss_weight: Optional[float] = None
     switch_loss_weight: Optional[float] = None
     top_p_threshold: Optional[float] = None
+    normalize_top_k: Optional[bool] = None
+    router_bias: Optional[bool] = None
     router_z_loss_weight: float = 0.0
     importance_weight: Optional[float] = None
     load_weight: Optional[float] = None
@@ -97,6 +114,9 @@ class MoEConfig:
     capacity_group_size: Optional[int] = None
     recompute_activations: bool = False
     compiled_kernels: Union[str, bool] = "auto"
+    expert_activation: str = "relu"
+    gated_experts: Optional[str] = None
+    expert_bias: bool = True
 
     def __post_init__(self):
         _check_gating(self)
@@ -115,6 +135,7 @@ class MoEConfig:
         if not (isinstance(self.compiled_kernels, bool) or self.compiled_kernels == "auto"):
             _refuse(f"`compiled_kernels` must be 'auto', True or False; got "
                     f"{self.compiled_kernels!r}.")
+        _check_experts(self)
 
     def _fill_defaults(self):
         gate = GATES[self.gating]
@@ -162,7 +183,9 @@ class MoEConfig:
         else:
             gate = d * self.num_experts
         gate *= 2 if self.noisy_gating else 1
-        return gate + self.assignments_per_token * 2 * d * self.hidden_size
+        # A gated expert has three projections (gate, up, down), the paper's two.
+        projections = 3 if self.gated_experts else 2
+        return gate + self.assignments_per_token * projections * d * self.hidden_size
 
     def replace(self, **changes) -> "MoEConfig":
         """A copy with `changes`; gate- and dispatch-specific settings are re-derived
@@ -251,6 +274,24 @@ def _check_gating(config: MoEConfig) -> None:
     if config.threshold_loss_weight is not None and not config.threshold_loss_weight >= 0:
         _refuse(f"`threshold_loss_weight` must be >= 0; got "
                 f"{config.threshold_loss_weight!r}.")
+
+
+def _check_experts(config: MoEConfig) -> None:
+    if config.gated_experts is not None and config.gated_experts not in GATED_VARIANTS:
+        _refuse(f"`gated_experts` must be None or one of {GATED_VARIANTS}; got "
+                f"{config.gated_experts!r}.")
+    try:
+        keras.activations.get(config.expert_activation)
+    except (ValueError, TypeError):
+        _refuse(f"`expert_activation` must name a Keras activation; got "
+                f"{config.expert_activation!r}.")
+    if not isinstance(config.expert_bias, bool):
+        _refuse(f"`expert_bias` must be a bool; got {config.expert_bias!r}.")
+    if config.compiled_kernels is True and (config.gated_experts or
+                                            config.expert_activation != "relu"):
+        _refuse("compiled_kernels=True runs only the paper's ReLU experts; these experts "
+                f"are expert_activation={config.expert_activation!r}, gated_experts="
+                f"{config.gated_experts!r}. Use 'auto' or False.")
 
 
 def _gates_reading(option: str) -> str:

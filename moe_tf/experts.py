@@ -1,5 +1,7 @@
-"""The experts: `num_experts` feed-forward networks d_in -> hidden (ReLU) -> d_out.
+"""The experts: `num_experts` feed-forward networks d_in -> hidden -> d_out.
 
+The paper's expert is a ReLU FFN; the gated experts of later MoE language models
+(Mixtral's and Qwen's SwiGLU, GPT-OSS's clamped variant) are options of the same layer.
 Parameters are stacked with a leading `num_experts` dimension, so one variable holds every
 expert's kernel (the layout DTensor shards on the expert axis). Two ways to run them:
 - in blocks: tokens sorted by expert, `[rows, d_in]`, with the number of rows of each
@@ -19,6 +21,30 @@ from moe_tf import kernels
 
 # How FeedForwardExperts stores its kernels; the first is the trainable one.
 KERNEL_STORAGES = ("float32", "bfloat16", "int8")
+# Gated experts: kernel_in holds [gate | up] (2 x hidden columns), and the hidden
+# activations are "glu": activation(gate) * up (SwiGLU with silu, GeGLU with gelu);
+# "gpt_oss": GPT-OSS's clamped variant (see `expert_hidden`).
+GATED_VARIANTS = ("glu", "gpt_oss")
+# GPT-OSS's constants: gate and up clamped at 7, gate * sigmoid(1.702 gate).
+_GPT_OSS_LIMIT = 7.0
+_GPT_OSS_ALPHA = 1.702
+
+
+def expert_hidden(pre_activations: tf.Tensor, activation, gated: Optional[str]) -> tf.Tensor:
+    """The experts' hidden activations from x kernel_in + bias_in, `[..., hidden]`.
+
+    `gated` None: activation(pre). "glu": pre = [gate | up] (`[..., 2 hidden]`),
+    activation(gate) * up. "gpt_oss": the same halves, min(gate, 7) * sigmoid(1.702
+    min(gate, 7)) * (clip(up, -7, 7) + 1) (the activation is unused).
+    """
+    if gated is None:
+        return activation(pre_activations)
+    gate, up = tf.split(pre_activations, 2, axis=-1)
+    if gated == "glu":
+        return activation(gate) * up
+    gate = tf.minimum(gate, _GPT_OSS_LIMIT)
+    up = tf.clip_by_value(up, -_GPT_OSS_LIMIT, _GPT_OSS_LIMIT)
+    return gate * tf.sigmoid(_GPT_OSS_ALPHA * gate) * (up + 1.0)
 
 
 def _per_expert_initializer(initializer, num_experts: int):
@@ -416,24 +442,97 @@ def _grouped_feed_forward(inputs, expert_row_counts, kernel_in, bias_in, kernel_
     return forward(inputs, kernel_in, bias_in, kernel_out, bias_out)
 
 
-def _batched_feed_forward(inputs, kernel_in, bias_in, kernel_out, bias_out):
-    """Every expert on its own buffer: `[experts, capacity, d_in]` -> `[..., d_out]`.
+def _batched_feed_forward(inputs, kernel_in, bias_in, kernel_out, bias_out, *,
+                          hidden_fn=tf.nn.relu):
+    """Every expert on its own buffer: `[experts, capacity, d_in]` -> `[..., d_out]`;
+    `hidden_fn` maps x kernel_in + bias_in to the hidden activations.
 
     Batched matmuls rather than einsums: TensorFlow's CPU Einsum transposes operands
     that BatchMatMulV2 reads in place (E = 512 buffers of 32 rows, d 512, h 1024: 14.8
     against 10.9 s per forward and backward step here).
     """
-    hidden = tf.nn.relu(tf.matmul(inputs, kernel_in) + bias_in[:, None, :])
+    hidden = hidden_fn(tf.matmul(inputs, kernel_in) + bias_in[:, None, :])
     return tf.matmul(hidden, kernel_out) + bias_out[:, None, :]
+
+
+class _RowBlocks(NamedTuple):
+    """Rows sorted by expert in contiguous blocks (the layout `_for_each_expert` reads;
+    see `_ExpertBlocks` for the fields)."""
+
+    offsets: tf.Tensor
+    padding_rows: tf.Tensor
+    num_experts: tf.Tensor
+
+
+def _grouped_matmul(rows, expert_row_counts, kernel):
+    """Each expert's block of rows times its own kernel: `[rows, a]` x `[experts, a, b]`
+    -> `[rows, b]` (zeros for the padding rows after the last block).
+
+    The building block of the experts other than the paper's ReLU FFN (which has its own
+    fused passes): both passes loop over the experts, and the kernel gradient is written
+    into place expert by expert, never as a dense `[experts, a, b]` sum per expert.
+    """
+    offsets = tf.concat([[0], tf.cumsum(expert_row_counts)], axis=0)
+    blocks = _RowBlocks(offsets, tf.shape(rows)[0] - offsets[-1], tf.shape(kernel)[0])
+
+    @tf.custom_gradient
+    def forward(rows, kernel):
+        def expert(e, begin, end):
+            return [tf.matmul(rows[begin:end], kernel[e])], []
+
+        (outputs,), _ = _for_each_expert(blocks, expert, [(rows.dtype, kernel.shape[-1])],
+                                         [])
+
+        def grad(d_outputs):
+            def expert_grad(e, begin, end):
+                dy = d_outputs[begin:end]
+                return ([_times_transposed(dy, kernel[e])],
+                        [tf.matmul(rows[begin:end], dy, transpose_a=True)])
+
+            (d_rows,), (d_kernel,) = _for_each_expert(
+                blocks, expert_grad, [(rows.dtype, rows.shape[-1])],
+                [(kernel.dtype, tf.shape(kernel))])
+            return d_rows, d_kernel
+
+        return outputs, grad
+
+    return forward(rows, kernel)
+
+
+def _row_biases(bias, expert_row_counts, num_rows):
+    """Each sorted row's expert's bias, `[rows, width]` (zeros for the padding rows)."""
+    num_experts = tf.shape(bias)[0]
+    expert_of_row = tf.repeat(tf.range(num_experts), expert_row_counts)
+    expert_of_row = tf.pad(expert_of_row, [[0, num_rows - tf.shape(expert_of_row)[0]]],
+                           constant_values=num_experts)
+    return tf.gather(tf.pad(bias, [[0, 1], [0, 0]]), expert_of_row)
+
+
+def _grouped_general_feed_forward(inputs, kernel_in, bias_in, kernel_out, bias_out, *,
+                                  expert_row_counts, hidden_fn):
+    """The sparse path of any expert (`_grouped_feed_forward`'s contract, less its
+    options): two grouped matmuls, the hidden activations by `hidden_fn` in between."""
+    num_rows = tf.shape(inputs)[0]
+    pre = (_grouped_matmul(inputs, expert_row_counts, kernel_in)
+           + _row_biases(bias_in, expert_row_counts, num_rows))
+    outputs = _grouped_matmul(hidden_fn(pre), expert_row_counts, kernel_out)
+    return outputs + _row_biases(bias_out, expert_row_counts, num_rows)
 
 
 @keras.saving.register_keras_serializable(package="moe_tf")
 class FeedForwardExperts(keras.layers.Layer):
-    """`num_experts` independent ReLU feed-forward networks with stacked weights.
+    """`num_experts` independent feed-forward networks with stacked weights.
 
     Weights: `kernel_in` `[experts, input_dim, hidden_size]`, `bias_in`
     `[experts, hidden_size]`, `kernel_out` `[experts, hidden_size, output_size]`,
-    `bias_out` `[experts, output_size]`.
+    `bias_out` `[experts, output_size]`; no biases with `use_bias=False`.
+
+    Each expert computes activation(x kernel_in + bias_in) kernel_out + bias_out, with
+    `activation` a Keras activation ("relu", the paper's, by default). With `gated`
+    ("glu" or "gpt_oss", see `expert_hidden`) the expert is gated as in later MoE
+    language models: `kernel_in` and `bias_in` then have 2 x hidden_size columns, the gate
+    projection's then the up projection's, and the hidden activations are
+    activation(gate) * up (SwiGLU with "silu", GeGLU with "gelu") or GPT-OSS's variant.
 
     With `recompute_activations=True` the hidden activations are not kept for the
     backward pass but recomputed there (Appendix D of the paper): one more
@@ -442,10 +541,11 @@ class FeedForwardExperts(keras.layers.Layer):
 
     `compiled_kernels` follows Keras's `LSTM(use_cudnn=...)`: with "auto" (the default),
     training calls on sorted rows run the experts with the compiled CPU kernels of
-    `moe_tf.kernels` when they are built, no GPU is visible, the weights and inputs are
-    float32 with widths that are multiples of 16, and the experts average at most 2048
-    rows; True runs them in every such call and raises a ValueError naming the reason
-    where they cannot run; False never runs them. Inference calls always use TensorFlow
+    `moe_tf.kernels` when they are built, no GPU is visible, the experts are the paper's
+    (ReLU, not gated), the weights and inputs are float32 with widths that are multiples
+    of 16, and the experts average at most 2048 rows; True runs them in every such call
+    and raises a ValueError naming the reason where they cannot run; False never runs
+    them. Other experts run on sorted rows as grouped matmuls in TensorFlow ops. Inference calls always use TensorFlow
     ops, so that exported SavedModels load without this package's op library.
 
     `kernel_storage` is how the two kernels are stored: "float32" (trainable), or, for
@@ -459,11 +559,22 @@ class FeedForwardExperts(keras.layers.Layer):
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  recompute_activations: bool = False,
                  compiled_kernels: Union[str, bool] = "auto",
-                 kernel_storage: str = "float32", **kwargs):
+                 kernel_storage: str = "float32", activation="relu",
+                 gated: Optional[str] = None, use_bias: bool = True, **kwargs):
         super().__init__(**kwargs)
         if kernel_storage not in KERNEL_STORAGES:
             raise ValueError(f"FeedForwardExperts: `kernel_storage` must be one of "
                              f"{KERNEL_STORAGES}; got {kernel_storage!r}.")
+        if gated is not None and gated not in GATED_VARIANTS:
+            raise ValueError(f"FeedForwardExperts: `gated` must be None or one of "
+                             f"{GATED_VARIANTS}; got {gated!r}.")
+        self.activation = keras.activations.get(activation)
+        self.gated = gated
+        self.use_bias = use_bias
+        if compiled_kernels is True and not self._is_paper_expert:
+            raise ValueError("FeedForwardExperts: compiled_kernels=True, but the compiled "
+                             "kernels run only the paper's ReLU experts (not gated); use "
+                             "'auto' or False.")
         self.kernel_storage = kernel_storage
         self.num_experts = num_experts
         self.compiled_kernels = compiled_kernels
@@ -473,20 +584,28 @@ class FeedForwardExperts(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
 
+    @property
+    def _is_paper_expert(self) -> bool:
+        """ReLU, not gated: the experts the fused passes and compiled kernels run."""
+        return self.gated is None and self.activation is keras.activations.relu
+
     def build(self, input_shape):
         input_dim = input_shape[-1]
         kernel_init = _per_expert_initializer(self.kernel_initializer, self.num_experts)
-        self._add_kernel("kernel_in", (self.num_experts, input_dim, self.hidden_size),
-                         kernel_init)
-        self.bias_in = self.add_weight(name="bias_in",
-                                       shape=(self.num_experts, self.hidden_size),
-                                       initializer=self.bias_initializer)
+        in_width = self.hidden_size * (2 if self.gated else 1)
+        # This order (kernel_in, bias_in, kernel_out, bias_out) is the weights' order in
+        # `.keras` files.
+        self._add_kernel("kernel_in", (self.num_experts, input_dim, in_width), kernel_init)
+        if self.use_bias:
+            self.bias_in = self.add_weight(name="bias_in", shape=(self.num_experts, in_width),
+                                           initializer=self.bias_initializer)
         self._add_kernel("kernel_out",
                          (self.num_experts, self.hidden_size, self.output_size),
                          kernel_init)
-        self.bias_out = self.add_weight(name="bias_out",
-                                        shape=(self.num_experts, self.output_size),
-                                        initializer=self.bias_initializer)
+        if self.use_bias:
+            self.bias_out = self.add_weight(name="bias_out",
+                                            shape=(self.num_experts, self.output_size),
+                                            initializer=self.bias_initializer)
 
     def _add_kernel(self, name: str, shape, initializer) -> None:
         """Adds kernel `name` (and its scale, for int8) in `kernel_storage`."""
@@ -547,16 +666,31 @@ class FeedForwardExperts(keras.layers.Layer):
         Returns:
             `[rows, output_size]` or `[experts, capacity, output_size]`.
         """
-        weights = [self._kernel("kernel_in"), tf.convert_to_tensor(self.bias_in),
-                   self._kernel("kernel_out"), tf.convert_to_tensor(self.bias_out)]
-        if expert_row_counts is not None:
+        kernel_in, kernel_out = self._kernel("kernel_in"), self._kernel("kernel_out")
+        weights = [kernel_in, self._bias("bias_in", kernel_in), kernel_out,
+                   self._bias("bias_out", kernel_out)]
+        hidden_fn = functools.partial(expert_hidden, activation=self.activation,
+                                      gated=self.gated)
+        if expert_row_counts is not None and self._is_paper_expert:
             return _grouped_feed_forward(
                 inputs, expert_row_counts, *weights,
                 recompute_activations=self.recompute_activations,
                 compiled_kernels=self.compiled_kernels if training is True else False)
+        if expert_row_counts is not None:
+            forward = functools.partial(_grouped_general_feed_forward,
+                                        expert_row_counts=expert_row_counts,
+                                        hidden_fn=hidden_fn)
+        else:
+            forward = functools.partial(_batched_feed_forward, hidden_fn=hidden_fn)
         if self.recompute_activations:
-            return tf.recompute_grad(_batched_feed_forward)(inputs, *weights)
-        return _batched_feed_forward(inputs, *weights)
+            return tf.recompute_grad(forward)(inputs, *weights)
+        return forward(inputs, *weights)
+
+    def _bias(self, name: str, kernel: tf.Tensor) -> tf.Tensor:
+        """Bias `name` as a tensor, or zeros `[experts, width]` without biases."""
+        if self.use_bias:
+            return tf.cast(getattr(self, name), self.compute_dtype)
+        return tf.zeros([self.num_experts, kernel.shape[-1]], self.compute_dtype)
 
     def get_config(self):
         config = super().get_config()
@@ -567,7 +701,9 @@ class FeedForwardExperts(keras.layers.Layer):
                       bias_initializer=keras.initializers.serialize(self.bias_initializer),
                       recompute_activations=self.recompute_activations,
                       compiled_kernels=self.compiled_kernels,
-                      kernel_storage=self.kernel_storage)
+                      kernel_storage=self.kernel_storage,
+                      activation=keras.activations.serialize(self.activation),
+                      gated=self.gated, use_bias=self.use_bias)
         return config
 
 

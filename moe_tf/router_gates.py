@@ -2,8 +2,10 @@
 
 - `SwitchGate` ("switch"): top-1 routing with the Switch Transformer's balancing loss;
 - `TopPGate` ("top_p"): dynamic k, experts taken until their probabilities reach p;
-- `ExpertChoiceGate` ("expert_choice"): each expert takes its top tokens (Zhou et al.).
-All three route by softmax(x W_g) over every expert, with W_g initialised small and
+- `ExpertChoiceGate` ("expert_choice"): each expert takes its top tokens (Zhou et al.);
+- `SoftmaxTopKGate` ("softmax_top_k"): the top k of softmax(x W_g + b_g), renormalised
+  or not, as Mixtral, Qwen-MoE and GPT-OSS route (their keras-hub blocks).
+All of them route by softmax(x W_g) over every expert, with W_g initialised small and
 random (as the Switch Transformer does) rather than zero: they have no noise to break the
 ties of a zero start. None of them is hierarchical, and DTensor does not shard them.
 The aux-loss-free bias is an option of top-k gating (`gates.NoisyTopKGate`); the router
@@ -59,9 +61,13 @@ class _SoftmaxRouter(Gate):
             initializer=keras.initializers.TruncatedNormal(
                 stddev=math.sqrt(0.1 / input_dim), seed=self.seed))
 
+    def router_logits(self, inputs):
+        """x W_g, float32 `[tokens, experts]`."""
+        return tf.matmul(inputs, self.w_gate)
+
     def _logits_and_probabilities(self, inputs):
         """x W_g and softmax(x W_g), `[tokens, experts]` each."""
-        logits = tf.matmul(inputs, self.w_gate)
+        logits = self.router_logits(inputs)
         return logits, tf.nn.softmax(logits, axis=-1)
 
     def get_config(self):
@@ -203,4 +209,51 @@ class ExpertChoiceGate(_SoftmaxRouter):
     def get_config(self):
         config = super().get_config()
         config.update(token_group_size=self.token_group_size)
+        return config
+
+
+@register_gate("softmax_top_k")
+@keras.saving.register_keras_serializable(package="moe_tf")
+class SoftmaxTopKGate(_SwitchBalancedRouter):
+    """Top-k of softmax(x W_g + b_g), the routing of Mixtral, Qwen-MoE and GPT-OSS: each
+    token goes to its k most probable experts, weighted by their probabilities,
+    renormalised to sum to 1 when `normalize_top_k` (the softmax of the k largest
+    logits, as Mixtral and GPT-OSS compute it) or not (Qwen with norm_top_k_prob
+    False). `router_bias` adds the bias b_g `[experts]` (GPT-OSS's router has one).
+    Balanced by the Switch loss, f_i counting assignments, as those models' auxiliary
+    loss (weight `switch_loss_weight`; 0 for none).
+    """
+
+    options = {**_SwitchBalancedRouter.options, "normalize_top_k": True,
+               "router_bias": False}
+
+    def __init__(self, *, normalize_top_k: bool = True, router_bias: bool = False,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.normalize_top_k = normalize_top_k
+        self.router_bias = router_bias
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.router_bias:
+            self.b_gate = self.add_weight(name="b_gate", shape=(self.num_experts,),
+                                          initializer="zeros", autocast=False)
+
+    def router_logits(self, inputs):
+        """x W_g (+ b_g), float32 `[tokens, experts]`."""
+        logits = super().router_logits(inputs)
+        return logits + self.b_gate if self.router_bias else logits
+
+    def call(self, inputs, *, training=None, token_mask=None) -> GateOutput:
+        """inputs: float32 `[tokens, input_dim]`; token_mask: bool `[tokens]` or None."""
+        token_weight = mask_as_float(token_mask, tf.shape(inputs)[0])
+        logits, probs = self._logits_and_probabilities(inputs)
+        top_probs, top_index = tf.math.top_k(probs, k=self.k)
+        if self.normalize_top_k:
+            top_probs /= tf.reduce_sum(top_probs, axis=-1, keepdims=True)
+        return self._routed(logits, probs, top_index, top_probs, token_weight, training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(normalize_top_k=self.normalize_top_k, router_bias=self.router_bias)
         return config

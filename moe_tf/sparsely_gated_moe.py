@@ -31,8 +31,9 @@ class SparselyGatedMoE(keras.layers.Layer):
     left at None takes MoEConfig's default. See `MoEConfig` for each setting: num_experts,
     k, hidden_size, num_groups, group_k, gating, noisy_gating, noise_epsilon,
     bias_update_rate, threshold_loss_weight, switch_loss_weight, top_p_threshold,
-    router_z_loss_weight, importance_weight, load_weight, dispatch, capacity_factor,
-    capacity_group_size, recompute_activations, compiled_kernels.
+    normalize_top_k, router_bias, router_z_loss_weight, importance_weight, load_weight,
+    dispatch, capacity_factor, capacity_group_size, recompute_activations,
+    compiled_kernels, expert_activation, gated_experts, expert_bias.
 
     Args (beyond the MoE settings):
         output_size: the output width; defaults to the input width.
@@ -75,6 +76,7 @@ class SparselyGatedMoE(keras.layers.Layer):
                  threshold_loss_weight: Optional[float] = None,
                  switch_loss_weight: Optional[float] = None,
                  top_p_threshold: Optional[float] = None,
+                 normalize_top_k: Optional[bool] = None, router_bias: Optional[bool] = None,
                  router_z_loss_weight: Optional[float] = None,
                  importance_weight: Optional[float] = None,
                  load_weight: Optional[float] = None, dispatch: Optional[str] = None,
@@ -82,6 +84,8 @@ class SparselyGatedMoE(keras.layers.Layer):
                  capacity_group_size: Optional[int] = None,
                  recompute_activations: Optional[bool] = None,
                  compiled_kernels: Union[str, bool, None] = None,
+                 expert_activation: Optional[str] = None,
+                 gated_experts: Optional[str] = None, expert_bias: Optional[bool] = None,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  expert_kernel_storage: str = "float32",
                  seed: Optional[int] = None, **kwargs):
@@ -92,12 +96,15 @@ class SparselyGatedMoE(keras.layers.Layer):
             noise_epsilon=noise_epsilon, bias_update_rate=bias_update_rate,
             threshold_loss_weight=threshold_loss_weight,
             switch_loss_weight=switch_loss_weight, top_p_threshold=top_p_threshold,
+            normalize_top_k=normalize_top_k, router_bias=router_bias,
             router_z_loss_weight=router_z_loss_weight, importance_weight=importance_weight,
             load_weight=load_weight,
             dispatch=dispatch, capacity_factor=capacity_factor,
             capacity_group_size=capacity_group_size,
             recompute_activations=recompute_activations,
-            compiled_kernels=compiled_kernels).items() if value is not None}
+            compiled_kernels=compiled_kernels, expert_activation=expert_activation,
+            gated_experts=gated_experts, expert_bias=expert_bias).items()
+            if value is not None}
         self.config = _moe_config(config, settings)
         if output_size is not None and (isinstance(output_size, bool) or not isinstance(
                 output_size, int) or output_size < 1):
@@ -167,7 +174,9 @@ class SparselyGatedMoE(keras.layers.Layer):
             bias_initializer=self.bias_initializer,
             recompute_activations=self.recompute_activations,
             compiled_kernels=self.compiled_kernels,
-            kernel_storage=self.expert_kernel_storage, dtype=self.dtype_policy,
+            kernel_storage=self.expert_kernel_storage,
+            activation=self.expert_activation, gated=self.gated_experts,
+            use_bias=self.expert_bias, dtype=self.dtype_policy,
             name="experts")
         self.experts.build((None, input_dim))
 

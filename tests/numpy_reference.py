@@ -49,6 +49,51 @@ def expert_ffn(x, kernel_in, bias_in, kernel_out, bias_out):
     return np.maximum(x @ kernel_in + bias_in, 0.0) @ kernel_out + bias_out
 
 
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+ACTIVATIONS = {
+    "relu": lambda x: np.maximum(x, 0.0),
+    "silu": lambda x: x * sigmoid(x),
+    "gelu": lambda x: 0.5 * x * (1.0 + np.vectorize(math.erf, otypes=[float])(
+        x / math.sqrt(2.0))),
+}
+
+
+def gated_expert_ffn(x, kernel_in, bias_in, kernel_out, bias_out, *, activation="relu",
+                     gated=None):
+    """One expert of any kind: act(x W1 + b1) W2 + b2; with gated="glu" W1 x + b1 is
+    [gate | up] and the hidden units act(gate) * up; with "gpt_oss" they are
+    g sigmoid(1.702 g) (u + 1) for g = min(gate, 7), u = clip(up, -7, 7)."""
+    pre = x @ kernel_in + bias_in
+    if gated is None:
+        hidden = ACTIVATIONS[activation](pre)
+    else:
+        gate, up = np.split(pre, 2, axis=-1)
+        if gated == "glu":
+            hidden = ACTIVATIONS[activation](gate) * up
+        else:
+            gate, up = np.minimum(gate, 7.0), np.clip(up, -7.0, 7.0)
+            hidden = gate * sigmoid(1.702 * gate) * (up + 1.0)
+    return hidden @ kernel_out + bias_out
+
+
+def numerical_gradient(function, value, epsilon=1e-6):
+    """d function() / d value (a float64 array changed in place and restored), by
+    central differences."""
+    grad = np.zeros_like(value)
+    for index in np.ndindex(value.shape):
+        saved = value[index]
+        value[index] = saved + epsilon
+        plus = function()
+        value[index] = saved - epsilon
+        minus = function()
+        value[index] = saved
+        grad[index] = (plus - minus) / (2 * epsilon)
+    return grad
+
+
 def moe_output(tokens, dense_gates, kernel_in, bias_in, kernel_out, bias_out):
     """y = sum_i G(x)_i E_i(x), evaluating expert i only where G(x)_i != 0."""
     out = np.zeros((tokens.shape[0], kernel_out.shape[-1]))

@@ -161,7 +161,8 @@ def test_a_new_router_is_one_class_and_one_registration():
                              dispatch="capacity").shard_experts(ExpertSharding(mesh))
     finally:
         del GATES["first_expert"]
-    assert set(GATES) == {"top_k", "balanced", "switch", "top_p", "expert_choice"}
+    assert set(GATES) == {"top_k", "balanced", "switch", "top_p", "expert_choice",
+                          "softmax_top_k"}
     assert GATES["top_k"] is NoisyTopKGate
 
 

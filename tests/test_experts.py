@@ -168,3 +168,77 @@ def test_kernel_storage_is_checked():
     layer.build((None, 4))
     with pytest.raises(ValueError, match="`storage` must be one of"):
         layer.quantize_kernels("float16")
+
+
+def _sorted_rows_reference(rows, expert_row_counts, weights, **expert):
+    """Each expert of any kind (`ref.gated_expert_ffn`) on its block of sorted rows;
+    padding rows after the last block output zeros."""
+    outputs = np.zeros((rows.shape[0], weights[2].shape[-1]))
+    begin = 0
+    for e, size in enumerate(expert_row_counts):
+        outputs[begin:begin + size] = ref.gated_expert_ffn(
+            rows[begin:begin + size], *(w[e] for w in weights), **expert)
+        begin += size
+    return outputs
+
+
+@pytest.mark.parametrize("activation, gated", [
+    ("silu", "glu"), ("gelu", "glu"), ("relu", "gpt_oss"), ("silu", None)])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_other_experts_on_sorted_rows_and_buffers_match_numpy(activation, gated, use_bias):
+    """Gated (SwiGLU, GeGLU, GPT-OSS) and non-ReLU experts, with and without biases:
+    outputs against NumPy on both paths, gradients against NumPy's central differences."""
+    rng = np.random.default_rng(3)
+    expert_row_counts, d_in, hidden, d_out = [3, 0, 4, 2], 3, 2, 2
+    num_rows = sum(expert_row_counts) + 2  # two padding rows
+    layer = FeedForwardExperts(num_experts=4, hidden_size=hidden, output_size=d_out,
+                               activation=activation, gated=gated, use_bias=use_bias)
+    layer.build((None, d_in))
+    in_width = hidden * (2 if gated else 1)
+    assert layer.kernel_in.shape == (4, d_in, in_width)
+    assert len(layer.weights) == (4 if use_bias else 2)
+    # GPT-OSS's clamps at 7 must be reached by some pre-activations.
+    scale = 4.0 if gated == "gpt_oss" else 1.0
+    for weight in layer.weights:
+        weight.assign(rng.normal(size=weight.shape) * scale)
+    values = [w.numpy().astype(np.float64) for w in layer.weights]
+    if not use_bias:  # the reference's biases: zeros
+        values = [values[0], np.zeros((4, in_width)), values[1], np.zeros((4, d_out))]
+    rows = rng.normal(size=(num_rows, d_in))
+    d_outputs = rng.normal(size=(num_rows, d_out))
+    expert = dict(activation=activation, gated=gated)
+
+    x = tf.constant(rows, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, expert_row_counts=tf.constant(expert_row_counts, tf.int32))
+        loss = tf.reduce_sum(y * tf.constant(d_outputs, tf.float32))
+    grads = tape.gradient(loss, [x] + layer.weights)
+
+    def reference_loss():
+        return np.sum(_sorted_rows_reference(rows, expert_row_counts, values, **expert)
+                      * d_outputs)
+
+    np.testing.assert_allclose(
+        y.numpy(), _sorted_rows_reference(rows, expert_row_counts, values, **expert),
+        rtol=1e-5, atol=1e-5)
+    wanted = [rows] + ([values[0], values[1], values[2], values[3]] if use_bias
+                       else [values[0], values[2]])
+    for got, value in zip(grads, wanted):
+        np.testing.assert_allclose(got.numpy(), ref.numerical_gradient(reference_loss, value),
+                                   rtol=1e-3, atol=1e-4)
+
+    # The batched (capacity) path: buffers [experts, capacity, d_in].
+    buffers = rng.normal(size=(4, 3, d_in))
+    want = np.stack([ref.gated_expert_ffn(buffers[e], *(w[e] for w in values), **expert)
+                     for e in range(4)])
+    np.testing.assert_allclose(layer(tf.constant(buffers, tf.float32)).numpy(), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_gated_experts_refuse_what_they_cannot_do():
+    with pytest.raises(ValueError, match="`gated` must be None or one of"):
+        FeedForwardExperts(num_experts=2, hidden_size=4, output_size=2, gated="swish")
+    with pytest.raises(ValueError, match="run only the paper's ReLU experts"):
+        FeedForwardExperts(num_experts=2, hidden_size=4, output_size=2, gated="glu",
+                           compiled_kernels=True)

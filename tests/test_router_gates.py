@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from moe_tf import (ExpertChoiceGate, HierarchicalNoisyTopKGate, MoEConfig, NoisyTopKGate,
-                    SparselyGatedMoE, SwitchGate, TopPGate)
+                    SoftmaxTopKGate, SparselyGatedMoE, SwitchGate, TopPGate)
 from tests import numpy_reference as ref
 from tests.layer_test_helper import run_layer_test
 from tests.test_gates import randomize
@@ -58,6 +58,39 @@ def test_switch_routes_top_1_with_its_loss_and_z_terms():
         gate(x, training=True)
         loss = gate.losses[-1]
     assert np.abs(tape.gradient(loss, gate.w_gate).numpy()).max() > 0
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("router_bias", [True, False])
+def test_softmax_top_k_routes_as_mixtral_qwen_and_gpt_oss(normalize, router_bias):
+    gate = SoftmaxTopKGate(num_experts=5, k=2, switch_loss_weight=0.02,
+                           normalize_top_k=normalize, router_bias=router_bias)
+    gate.build((None, 3))
+    randomize(gate, 4)
+    if router_bias:
+        gate.b_gate.assign(np.linspace(-1.0, 1.0, 5))
+    x = _tokens()
+    mask = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1], bool)
+    out = gate(x, training=True, token_mask=mask)
+    logits = x.astype(np.float64) @ np.asarray(gate.w_gate, np.float64)
+    if router_bias:
+        logits += np.linspace(-1.0, 1.0, 5)
+    probs = ref.softmax(logits)
+    want = np.zeros_like(probs)
+    for t, row in enumerate(probs):
+        top = np.argsort(-row, kind="stable")[:2]
+        want[t, top] = row[top] / (row[top].sum() if normalize else 1.0)
+    want[~mask] = 0
+    np.testing.assert_allclose(out.routing.dense_gates().numpy(), want, rtol=1e-5,
+                               atol=1e-7)
+    if normalize:  # GPT-OSS's form: the softmax of the two largest logits
+        top_logits = np.sort(logits, axis=-1)[:, -2:]
+        np.testing.assert_allclose(np.sort(want, axis=-1)[mask, -2:],
+                                   ref.softmax(top_logits)[mask], rtol=1e-5)
+    (loss,) = gate.losses
+    np.testing.assert_allclose(loss.numpy(), 0.02 * _switch_loss(probs, want, mask),
+                               rtol=1e-5)
+    assert len(gate.trainable_weights) == 1 + router_bias
 
 
 @pytest.mark.parametrize("gating", ["top_k", "balanced", "switch", "expert_choice"])
@@ -188,6 +221,10 @@ def test_hierarchical_z_terms_sum_both_levels():
     (dict(gating="balanced", bias_update_rate=0.1), "`bias_update_rate` does not apply"),
     (dict(router_z_loss_weight=-1.0), "`router_z_loss_weight` must be >= 0"),
     (dict(gating="top_k", switch_loss_weight=0.1), "applies to gating='switch'"),
+    (dict(gating="top_k", normalize_top_k=False), "applies to gating='softmax_top_k'"),
+    (dict(gated_experts="swiglu"), "`gated_experts` must be None or one of"),
+    (dict(expert_activation="no_such_thing"), "`expert_activation` must name"),
+    (dict(gated_experts="glu", compiled_kernels=True), "only the paper's ReLU experts"),
 ])
 def test_router_settings_are_checked(settings, problem):
     with pytest.raises(ValueError, match=problem):
@@ -211,6 +248,8 @@ ROUTERS = {
     "expert_choice_sparse": dict(gating="expert_choice", k=2),
     "bias_capacity": dict(bias_update_rate=0.01, dispatch="capacity",
                           capacity_factor=4.0, router_z_loss_weight=0.01),
+    "softmax_top_k_capacity": dict(gating="softmax_top_k", k=2, router_bias=True,
+                                   dispatch="capacity", capacity_factor=4.0),
 }
 
 
@@ -240,7 +279,7 @@ def test_each_router_in_the_layer_matches_numpy_and_serializes(name):
                                    rtol=1e-5, atol=1e-6)
         train = tf.function(lambda x: layer(x, training=True), jit_compile=True)
         assert np.all(np.isfinite(train(x).numpy()))
-    trainable = {"bias_capacity": 2}.get(name, 1) + 4
+    trainable = {"bias_capacity": 2, "softmax_top_k_capacity": 2}.get(name, 1) + 4
     run_layer_test(SparselyGatedMoE, init_kwargs=settings, input_data=_tokens((2, 5, 4)),
                    expected_output_shape=(2, 5, 4),
                    expected_num_trainable_weights=trainable,
@@ -248,3 +287,35 @@ def test_each_router_in_the_layer_matches_numpy_and_serializes(name):
                    float32_sublayers={"gate"})
     assert isinstance(keras.saving.deserialize_keras_object(
         keras.saving.serialize_keras_object(layer)).gate, type(layer.gate))
+
+
+@pytest.mark.parametrize("dispatch", ["sparse", "capacity"])
+def test_gated_experts_in_the_layer_match_numpy_and_serialize(dispatch):
+    """SwiGLU experts without biases behind Mixtral's routing: both dispatches give
+    sum_i G(x)_i E_i(x); the shared checks (.keras, fit, mixed precision) pass."""
+    settings = dict(num_experts=4, k=2, hidden_size=6, gating="softmax_top_k",
+                    gated_experts="glu", expert_activation="silu", expert_bias=False,
+                    dispatch=dispatch, seed=0)
+    if dispatch == "capacity":
+        settings.update(capacity_factor=4.0)
+    layer = SparselyGatedMoE(**settings)
+    layer.build((None, 4))
+    rng = np.random.default_rng(5)
+    for weight in layer.weights:
+        if weight.trainable:
+            weight.assign(rng.normal(size=weight.shape).astype(np.float32) * 0.5)
+    x = _tokens((11, 4), seed=6)
+    gates = layer.gate_values(x).numpy().astype(np.float64)
+    kernel_in = np.asarray(layer.experts.kernel_in, np.float64)
+    kernel_out = np.asarray(layer.experts.kernel_out, np.float64)
+    want = np.zeros((11, 4))
+    for t, e in zip(*np.nonzero(gates)):
+        want[t] += gates[t, e] * ref.gated_expert_ffn(
+            x[t].astype(np.float64), kernel_in[e], 0.0, kernel_out[e], 0.0,
+            activation="silu", gated="glu")
+    np.testing.assert_allclose(layer(x, training=False).numpy(), want, rtol=1e-4, atol=1e-5)
+    assert MoEConfig(**{k: v for k, v in settings.items() if k != "seed"}).ops_per_token(
+        4) == 4 * 4 + 2 * 3 * 4 * 6
+    run_layer_test(SparselyGatedMoE, init_kwargs=settings, input_data=_tokens((2, 5, 4)),
+                   expected_output_shape=(2, 5, 4), expected_num_trainable_weights=3,
+                   float32_sublayers={"gate"})
