@@ -158,3 +158,18 @@ def test_training_through_the_sparsified_model():
     assert np.isfinite(history.history["loss"][0])
     assert all(not np.array_equal(v.numpy(), b)
                for v, b in zip(causal_lm.trainable_variables, before))
+
+
+def test_keras_hub_bench_measures_both_and_formats_the_table():
+    from benchmarks import keras_hub_bench
+
+    sizes = dict(tokens=32, model_dim=16, hidden=8, batch=2, length=6, vocab=40, prompt=3,
+                 new_tokens=2, steps=1)
+    result = keras_hub_bench.measure("qwen3_moe", 8, 2, sizes)
+    for key in ("block_forward", "block_forward_backward", "model_forward",
+                "model_forward_backward", "generate_tokens_per_second"):
+        assert len(result[key]) == 2 and all(value > 0 for value in result[key])
+    dense, sparse = result["block_forward"]
+    table = keras_hub_bench.format_table([result], sizes)
+    assert f"| qwen3_moe | 8 | 2 | block forward | {dense * 1e3:,.1f} | {sparse * 1e3:,.1f} | "\
+           f"{dense / sparse:.2f}x |" in table
