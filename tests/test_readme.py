@@ -30,7 +30,9 @@ SOURCE_COMMANDS = {
     "benchmarks.dtensor_comm": "benchmarks/dtensor_comm.py",
     "benchmarks.serving_bench": "benchmarks/serving_bench.py",
     "benchmarks.router_table": "benchmarks/router_table.py",
+    "benchmarks.keras_hub_bench": "benchmarks/keras_hub_bench.py",
     "train.data.bible_corpus": "train/data/bible_corpus.py",
+    "train.data.manuals_corpus": "train/data/manuals_corpus.py",
     "benchmarks/gpu_check.sh": "benchmarks/gpu_check.sh",
 }
 # Commands of other tools that the pages show, with the flags they use.
