@@ -23,7 +23,18 @@ FAMILIES = {
                        norm_top_k_prob=False, router_aux_loss_coefficient=0.01)),
     "gpt_oss": (keras_hub.models.GptOssBackbone, keras_hub.models.GptOssCausalLM,
                 dict(intermediate_dim=8, num_experts=6, top_k=2)),
+    "qwen_moe": (keras_hub.models.QwenMoeBackbone, keras_hub.models.QwenMoeCausalLM,
+                 dict(intermediate_dim=12, moe_intermediate_dim=8,
+                      shared_expert_intermediate_dim=10, num_experts=6, top_k=2,
+                      norm_top_k_prob=True)),
+    "qwen3_5_moe": (keras_hub.models.Qwen3_5MoeBackbone, keras_hub.models.Qwen3_5MoeCausalLM,
+                    dict(head_dim=4, moe_intermediate_dim=8, shared_expert_intermediate_size=10,
+                         num_experts=6, top_k=2, linear_num_key_heads=2,
+                         linear_num_value_heads=2, linear_key_head_dim=4,
+                         linear_value_head_dim=4)),
 }
+SPARSE_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3SparseMoeBlock", "QwenSparseMoeBlock",
+                 "Qwen3_5MoeSparseMoeBlock", "GptOssSparseMoeBlock")
 
 
 def _causal_lm(family: str):
@@ -49,8 +60,7 @@ def _inputs(seed=0, batch=3, length=9):
 
 def _moe_blocks(model):
     return [layer for layer in model.backbone._flatten_layers()
-            if type(layer).__name__ in ("MixtralSparseMoeBlock", "Qwen3SparseMoeBlock",
-                                        "GptOssSparseMoeBlock", "KerasHubSparseMoE")]
+            if type(layer).__name__ in SPARSE_BLOCKS + ("KerasHubSparseMoE",)]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -70,12 +80,16 @@ def test_sparsified_model_gives_the_same_outputs(family):
     np.testing.assert_allclose(causal_lm(inputs).numpy(), logits, rtol=1e-5, atol=1e-5)
     for block, (want_outputs, want_router) in zip(sparse_blocks, dense_block_outputs):
         outputs, router = block(hidden)
+        # Float32 rounding of sums of terms up to ~10: relative to the outputs' scale.
+        scale = np.abs(want_outputs.numpy()).max()
         np.testing.assert_allclose(outputs.numpy(), want_outputs.numpy(), rtol=1e-5,
-                                   atol=1e-6)
+                                   atol=1e-6 * scale)
         np.testing.assert_allclose(router.numpy(), want_router.numpy(), rtol=1e-5,
                                    atol=1e-6)
-    # The dense blocks' weights left the model (Mixtral's gate and up kernels are one).
-    assert len(causal_lm.weights) == count - (2 if family == "mixtral" else 0)
+    # The dense blocks' weights left the model; a gate and an up kernel become one
+    # (Mixtral's routed experts, the Qwen shared experts).
+    merged = family in ("mixtral", "qwen_moe", "qwen3_5_moe")
+    assert len(causal_lm.weights) == count - (2 if merged else 0)
     assert not any("expert_bank" in w.path or "experts/gate_up_proj" in w.path
                    for w in causal_lm.weights)
 
@@ -85,7 +99,7 @@ def test_a_model_without_moe_blocks_is_refused_by_name():
         **COMMON, intermediate_dim=8, moe_intermediate_dim=4, num_experts=4, head_dim=4,
         mlp_only_layers=[0, 1])
     with pytest.raises(ValueError, match="no MoE block that moe_tf can replace; supported: "
-                                         "MixtralSparseMoeBlock"):
+                                         + ", ".join(SPARSE_BLOCKS)):
         sparsify(backbone)
     with pytest.raises(ValueError, match="not a keras-hub backbone"):
         sparsify(keras.Sequential([keras.layers.Dense(2)]))
@@ -173,3 +187,15 @@ def test_keras_hub_bench_measures_both_and_formats_the_table():
     table = keras_hub_bench.format_table([result], sizes)
     assert f"| qwen3_moe | 8 | 2 | block forward | {dense * 1e3:,.1f} | {sparse * 1e3:,.1f} | "\
            f"{dense / sparse:.2f}x |" in table
+
+
+def test_a_sparse_block_with_a_shared_expert_round_trips_its_config():
+    causal_lm = sparsify(_causal_lm("qwen_moe"))
+    block = _moe_blocks(causal_lm)[0]
+    assert block.shared_expert_hidden_size == 10
+    copy = KerasHubSparseMoE.from_config(block.get_config())
+    copy.build((None, None, 16))
+    copy.set_weights(block.get_weights())
+    hidden = tf.constant(np.random.default_rng(5).normal(size=(2, 3, 16)), tf.float32)
+    for got, want in zip(copy(hidden), block(hidden)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-6)
