@@ -106,6 +106,9 @@ TINY_RUNS = {
     "--capacity_group_size=64": 2.0,
     "--model=transformer-moe --num_layers=2 --bias_update_rate=0.01 "
     "--router_z_loss_weight=0.001": 2.0,
+    # Mixtral's block: softmax top-k routing, SwiGLU experts without biases.
+    "--model=transformer-moe --num_layers=2 --gating=softmax_top_k --gated_experts=glu "
+    "--expert_activation=silu --expert_bias=false": 2.0,
 }  # flags -> the most experts per token (4 experts, k = 2 in the tiny preset)
 # Then the finished run once more with int8 experts: it resumes at its last step, trains
 # nothing, and writes that export.

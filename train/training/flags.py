@@ -13,7 +13,7 @@ from absl import flags
 
 from moe_tf import GATES, MoEConfig
 from moe_tf.config import DEFAULT_CAPACITY_FACTOR, DISPATCHES
-from moe_tf.experts import KERNEL_STORAGES
+from moe_tf.experts import GATED_VARIANTS, KERNEL_STORAGES
 from train.cli import exit_with_error
 from train.distribution import DTENSOR_LENGTH_MULTIPLE, STRATEGIES
 from train.training.loop import NAN_POLICIES
@@ -179,8 +179,9 @@ def define_moe_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_enum("gating", default["gating"], list(GATES),
                       "MoE gating: top_k (noisy top-k, Eq. 3-5), balanced (strictly "
                       "balanced, Appendix F), switch (top-1, needs --k=1), top_p (dynamic "
-                      "k, at most --k) or expert_choice (each expert takes its top "
-                      "tokens, --k per token on average).", **where)
+                      "k, at most --k), expert_choice (each expert takes its top "
+                      "tokens, --k per token on average) or softmax_top_k (Mixtral's "
+                      "routing).", **where)
     flags.DEFINE_boolean("noisy_gating", default["noisy_gating"],
                          "--gating=top_k: trained gating noise (Eq. 4); default "
                          f"{top_k['noisy_gating']}.", **where)
@@ -200,6 +201,13 @@ def define_moe_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_float("top_p_threshold", default["top_p_threshold"],
                        "--gating=top_p: the probability mass a token's experts reach; "
                        f"default {top_p['top_p_threshold']}.", **where)
+    softmax_top_k = GATES["softmax_top_k"].options
+    flags.DEFINE_boolean("normalize_top_k", default["normalize_top_k"],
+                         "--gating=softmax_top_k: renormalise the k gates to sum to 1; "
+                         f"default {softmax_top_k['normalize_top_k']}.", **where)
+    flags.DEFINE_boolean("router_bias", default["router_bias"],
+                         "--gating=softmax_top_k: a trained bias on the router's logits; "
+                         f"default {softmax_top_k['router_bias']}.", **where)
     flags.DEFINE_float("router_z_loss_weight", default["router_z_loss_weight"],
                        "Weight of the router z-loss (ST-MoE), any gating.", **where)
     flags.DEFINE_float("importance_weight", default["importance_weight"],
@@ -225,6 +233,15 @@ def define_moe_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                       list(_COMPILED_KERNELS),
                       "The compiled CPU kernels of moe_tf.kernels in training: auto (where "
                       "they apply), true (required), false (never).", **where)
+    flags.DEFINE_string("expert_activation", default["expert_activation"],
+                        "The experts' activation, a Keras activation name (relu, silu, "
+                        "gelu, ...).", **where)
+    flags.DEFINE_enum("gated_experts", default["gated_experts"], list(GATED_VARIANTS),
+                      "Gated experts: glu (activation(x W_gate) * x W_up, then W_down: "
+                      "SwiGLU with --expert_activation=silu) or gpt_oss; default: the "
+                      "paper's FFN experts.", **where)
+    flags.DEFINE_boolean("expert_bias", default["expert_bias"],
+                         "Whether the experts have biases.", **where)
 
 
 def moe_config_from_flags(flag_values: flags.FlagValues = FLAGS,
