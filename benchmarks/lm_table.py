@@ -284,6 +284,7 @@ def collect_row(spec: ModelSpec, metrics: Dict, model_dir: str) -> Dict:
         "tokens_per_second": metrics["tokens_per_second"],
         "importance_weight": spec.importance_weight,
         "load_weight": spec.load_weight,
+        "seed": spec.seed,
         "train_steps": metrics["global_step"],
         "train_perplexity": math.exp(metrics["final_train_loss"]),
         "valid_perplexity_curve": {str(step): value
@@ -697,8 +698,7 @@ def main(argv=None) -> int:
         rows = []
         for runs in args.seed_runs.values():
             finished = finished_runs(runs)
-            if finished and finished[0]["model"] == runs[0].name and read_metrics(
-                    os.path.join(output_dir, runs[0].directory), steps):
+            if finished and finished[0]["seed"] == 0:  # a row once its first seed is in
                 rows.append(merge_seed_runs(finished,
                                             train_tokens=steps * preset["batch_tokens"]))
         ablation = finished_runs(ablation_rows)
