@@ -499,6 +499,28 @@ def _grouped_matmul(rows, expert_row_counts, kernel):
     return forward(rows, kernel)
 
 
+def _dequantised_grouped_matmul(rows, expert_row_counts, kernel, scale):
+    """`_grouped_matmul`'s product for inference with kernels stored in bfloat16 or int8
+    (`scale` `[experts, 1, b]`, or None): each expert's kernel is dequantised inside its
+    own loop iteration, and only when it has rows, so a call costs the dequantisation of
+    the experts it uses (a generation step: k of them) rather than of all. No gradient."""
+    offsets = tf.concat([[0], tf.cumsum(expert_row_counts)], axis=0)
+    blocks = _RowBlocks(offsets, tf.shape(rows)[0] - offsets[-1], tf.shape(kernel)[0])
+    width = kernel.shape[-1]
+
+    def expert(e, begin, end):
+        def product():
+            weight = tf.cast(kernel[e], rows.dtype if scale is None else tf.float32)
+            if scale is not None:
+                weight = tf.cast(weight * scale[e], rows.dtype)
+            return tf.matmul(rows[begin:end], weight)
+
+        return [tf.cond(end > begin, product, lambda: tf.zeros([0, width], rows.dtype))], []
+
+    (outputs,), _ = _for_each_expert(blocks, expert, [(rows.dtype, width)], [])
+    return outputs
+
+
 def _row_biases(bias, expert_row_counts, num_rows):
     """Each sorted row's expert's bias, `[rows, width]` (zeros for the padding rows)."""
     num_experts = tf.shape(bias)[0]
@@ -509,13 +531,14 @@ def _row_biases(bias, expert_row_counts, num_rows):
 
 
 def _grouped_general_feed_forward(inputs, kernel_in, bias_in, kernel_out, bias_out, *,
-                                  expert_row_counts, hidden_fn):
+                                  expert_row_counts, hidden_fn, matmul=_grouped_matmul):
     """The sparse path of any expert (`_grouped_feed_forward`'s contract, less its
-    options): two grouped matmuls, the hidden activations by `hidden_fn` in between."""
+    options): two grouped matmuls (`matmul(rows, expert_row_counts, kernel)`), the hidden
+    activations by `hidden_fn` in between."""
     num_rows = tf.shape(inputs)[0]
-    pre = (_grouped_matmul(inputs, expert_row_counts, kernel_in)
+    pre = (matmul(inputs, expert_row_counts, kernel_in)
            + _row_biases(bias_in, expert_row_counts, num_rows))
-    outputs = _grouped_matmul(hidden_fn(pre), expert_row_counts, kernel_out)
+    outputs = matmul(hidden_fn(pre), expert_row_counts, kernel_out)
     return outputs + _row_biases(bias_out, expert_row_counts, num_rows)
 
 
@@ -552,7 +575,8 @@ class FeedForwardExperts(keras.layers.Layer):
     smaller exports, "bfloat16" or "int8" (weight-only: `round(w / scale)` with one
     float32 scale per expert and output channel, `kernel_in_scale` `[experts, 1, hidden]`
     and `kernel_out_scale` `[experts, 1, output]`), dequantised in the graph at every
-    call; such kernels are not trainable. `quantize_kernels` converts a built layer.
+    call: on sorted rows only the kernels of the experts with rows, each in its own loop
+    iteration; on buffers all. Such kernels are not trainable. `quantize_kernels` converts a built layer.
     """
 
     def __init__(self, *, num_experts: int, hidden_size: int, output_size: int,
@@ -666,11 +690,13 @@ class FeedForwardExperts(keras.layers.Layer):
         Returns:
             `[rows, output_size]` or `[experts, capacity, output_size]`.
         """
+        hidden_fn = functools.partial(expert_hidden, activation=self.activation,
+                                      gated=self.gated)
+        if expert_row_counts is not None and self.kernel_storage != "float32":
+            return self._quantized_sorted_rows(inputs, expert_row_counts, hidden_fn)
         kernel_in, kernel_out = self._kernel("kernel_in"), self._kernel("kernel_out")
         weights = [kernel_in, self._bias("bias_in", kernel_in), kernel_out,
                    self._bias("bias_out", kernel_out)]
-        hidden_fn = functools.partial(expert_hidden, activation=self.activation,
-                                      gated=self.gated)
         if expert_row_counts is not None and self._is_paper_expert:
             return _grouped_feed_forward(
                 inputs, expert_row_counts, *weights,
@@ -685,6 +711,23 @@ class FeedForwardExperts(keras.layers.Layer):
         if self.recompute_activations:
             return tf.recompute_grad(forward)(inputs, *weights)
         return forward(inputs, *weights)
+
+    def _quantized_sorted_rows(self, inputs, expert_row_counts, hidden_fn):
+        """Sorted rows through kernels stored in bfloat16 or int8 (not trainable, so
+        inference only): each used expert's kernels dequantised in its own iteration."""
+        kernels = {}  # name -> (stored kernel, its scale or None)
+        for name in ("kernel_in", "kernel_out"):
+            scale = (tf.convert_to_tensor(getattr(self, f"{name}_scale"))
+                     if self.kernel_storage == "int8" else None)
+            kernels[name] = (tf.convert_to_tensor(getattr(self, name)), scale)
+
+        def matmul(rows, counts, kernel_and_scale):
+            return _dequantised_grouped_matmul(rows, counts, *kernel_and_scale)
+
+        return _grouped_general_feed_forward(
+            inputs, kernels["kernel_in"], self._bias("bias_in", kernels["kernel_in"][0]),
+            kernels["kernel_out"], self._bias("bias_out", kernels["kernel_out"][0]),
+            expert_row_counts=expert_row_counts, hidden_fn=hidden_fn, matmul=matmul)
 
     def _bias(self, name: str, kernel: tf.Tensor) -> tf.Tensor:
         """Bias `name` as a tensor, or zeros `[experts, width]` without biases."""

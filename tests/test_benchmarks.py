@@ -100,3 +100,12 @@ def test_layer_bench_worker_runs_with_tcmalloc():
     result = layer_bench.run_worker("benchmarks.layer_bench", dataclasses.asdict(config))
     assert result["config"]["allocator"] == "tcmalloc"
     assert len(result["times"]) == 2 and result["peak_rss"] > 0
+
+
+def test_quantized_experts_bench_times_every_storage():
+    from benchmarks import quantized_experts_bench
+
+    ms = quantized_experts_bench.measure(3, 2, num_experts=4, k=2, hidden_size=8,
+                                         model_dim=4)
+    assert set(ms) == set(quantized_experts_bench.STORAGES)
+    assert all(value > 0 for value in ms.values())

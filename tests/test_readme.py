@@ -31,6 +31,7 @@ SOURCE_COMMANDS = {
     "benchmarks.serving_bench": "benchmarks/serving_bench.py",
     "benchmarks.router_table": "benchmarks/router_table.py",
     "benchmarks.keras_hub_bench": "benchmarks/keras_hub_bench.py",
+    "benchmarks.quantized_experts_bench": "benchmarks/quantized_experts_bench.py",
     "train.data.bible_corpus": "train/data/bible_corpus.py",
     "train.data.manuals_corpus": "train/data/manuals_corpus.py",
     "benchmarks/gpu_check.sh": "benchmarks/gpu_check.sh",
