@@ -457,14 +457,25 @@ def _batched_feed_forward(inputs, kernel_in, bias_in, kernel_out, bias_out, *,
 
 class _RowBlocks(NamedTuple):
     """Rows sorted by expert in contiguous blocks (the layout `_for_each_expert` reads;
-    see `_ExpertBlocks` for the fields)."""
+    see `_ExpertBlocks` for the fields), and each row's expert (`num_experts` for the
+    padding rows)."""
 
     offsets: tf.Tensor
     padding_rows: tf.Tensor
     num_experts: tf.Tensor
+    expert_of_row: tf.Tensor
+
+    @classmethod
+    def of(cls, expert_row_counts, num_rows) -> "_RowBlocks":
+        num_experts = tf.size(expert_row_counts)
+        offsets = tf.concat([[0], tf.cumsum(expert_row_counts)], axis=0)
+        padding_rows = num_rows - offsets[-1]
+        expert_of_row = tf.pad(tf.repeat(tf.range(num_experts), expert_row_counts),
+                               [[0, padding_rows]], constant_values=num_experts)
+        return cls(offsets, padding_rows, num_experts, expert_of_row)
 
 
-def _grouped_matmul(rows, expert_row_counts, kernel):
+def _grouped_matmul(rows, blocks: _RowBlocks, kernel):
     """Each expert's block of rows times its own kernel: `[rows, a]` x `[experts, a, b]`
     -> `[rows, b]` (zeros for the padding rows after the last block).
 
@@ -472,9 +483,6 @@ def _grouped_matmul(rows, expert_row_counts, kernel):
     fused passes): both passes loop over the experts, and the kernel gradient is written
     into place expert by expert, never as a dense `[experts, a, b]` sum per expert.
     """
-    offsets = tf.concat([[0], tf.cumsum(expert_row_counts)], axis=0)
-    blocks = _RowBlocks(offsets, tf.shape(rows)[0] - offsets[-1], tf.shape(kernel)[0])
-
     @tf.custom_gradient
     def forward(rows, kernel):
         def expert(e, begin, end):
@@ -499,13 +507,11 @@ def _grouped_matmul(rows, expert_row_counts, kernel):
     return forward(rows, kernel)
 
 
-def _dequantised_grouped_matmul(rows, expert_row_counts, kernel, scale):
+def _dequantised_grouped_matmul(rows, blocks: _RowBlocks, kernel, scale):
     """`_grouped_matmul`'s product for inference with kernels stored in bfloat16 or int8
     (`scale` `[experts, 1, b]`, or None): each expert's kernel is dequantised inside its
     own loop iteration, and only when it has rows, so a call costs the dequantisation of
     the experts it uses (a generation step: k of them) rather than of all. No gradient."""
-    offsets = tf.concat([[0], tf.cumsum(expert_row_counts)], axis=0)
-    blocks = _RowBlocks(offsets, tf.shape(rows)[0] - offsets[-1], tf.shape(kernel)[0])
     width = kernel.shape[-1]
 
     def expert(e, begin, end):
@@ -521,25 +527,20 @@ def _dequantised_grouped_matmul(rows, expert_row_counts, kernel, scale):
     return outputs
 
 
-def _row_biases(bias, expert_row_counts, num_rows):
+def _row_biases(bias, blocks: _RowBlocks):
     """Each sorted row's expert's bias, `[rows, width]` (zeros for the padding rows)."""
-    num_experts = tf.shape(bias)[0]
-    expert_of_row = tf.repeat(tf.range(num_experts), expert_row_counts)
-    expert_of_row = tf.pad(expert_of_row, [[0, num_rows - tf.shape(expert_of_row)[0]]],
-                           constant_values=num_experts)
-    return tf.gather(tf.pad(bias, [[0, 1], [0, 0]]), expert_of_row)
+    return tf.gather(tf.pad(bias, [[0, 1], [0, 0]]), blocks.expert_of_row)
 
 
 def _grouped_general_feed_forward(inputs, kernel_in, bias_in, kernel_out, bias_out, *,
                                   expert_row_counts, hidden_fn, matmul=_grouped_matmul):
     """The sparse path of any expert (`_grouped_feed_forward`'s contract, less its
-    options): two grouped matmuls (`matmul(rows, expert_row_counts, kernel)`), the hidden
+    options): two grouped matmuls (`matmul(rows, blocks, kernel)`), the hidden
     activations by `hidden_fn` in between."""
-    num_rows = tf.shape(inputs)[0]
-    pre = (matmul(inputs, expert_row_counts, kernel_in)
-           + _row_biases(bias_in, expert_row_counts, num_rows))
-    outputs = matmul(hidden_fn(pre), expert_row_counts, kernel_out)
-    return outputs + _row_biases(bias_out, expert_row_counts, num_rows)
+    blocks = _RowBlocks.of(expert_row_counts, tf.shape(inputs)[0])
+    pre = matmul(inputs, blocks, kernel_in) + _row_biases(bias_in, blocks)
+    outputs = matmul(hidden_fn(pre), blocks, kernel_out)
+    return outputs + _row_biases(bias_out, blocks)
 
 
 @keras.saving.register_keras_serializable(package="moe_tf")
@@ -721,8 +722,8 @@ class FeedForwardExperts(keras.layers.Layer):
                      if self.kernel_storage == "int8" else None)
             kernels[name] = (tf.convert_to_tensor(getattr(self, name)), scale)
 
-        def matmul(rows, counts, kernel_and_scale):
-            return _dequantised_grouped_matmul(rows, counts, *kernel_and_scale)
+        def matmul(rows, blocks, kernel_and_scale):
+            return _dequantised_grouped_matmul(rows, blocks, *kernel_and_scale)
 
         return _grouped_general_feed_forward(
             inputs, kernels["kernel_in"], self._bias("bias_in", kernels["kernel_in"][0]),

@@ -253,18 +253,24 @@ ROUTERS = {
 }
 
 
+def _layer_with_random_weights(settings, *, seed):
+    """A layer built for 4-wide inputs, every trainable weight normal(0, 0.5^2)."""
+    layer = SparselyGatedMoE(**settings)
+    layer.build((None, 4))
+    rng = np.random.default_rng(seed)
+    for weight in layer.weights:
+        if weight.trainable:
+            weight.assign(rng.normal(size=weight.shape).astype(np.float32) * 0.5)
+    return layer
+
+
 @pytest.mark.parametrize("name", sorted(ROUTERS))
 def test_each_router_in_the_layer_matches_numpy_and_serializes(name):
     """Both dispatches give sum_i G(x)_i E_i(x) for each router's gates (no drop at
     these capacities; expert choice fills its slots exactly); the layer passes the
     shared checks (.keras round trip, fit, mixed precision)."""
     settings = dict(num_experts=4, hidden_size=6, seed=0, **ROUTERS[name])
-    layer = SparselyGatedMoE(**settings)
-    layer.build((None, 4))
-    rng = np.random.default_rng(7)
-    for weight in layer.weights:
-        if weight.trainable:
-            weight.assign(rng.normal(size=weight.shape).astype(np.float32) * 0.5)
+    layer = _layer_with_random_weights(settings, seed=7)
     x = _tokens((11, 4), seed=8)
     gates = layer.gate_values(x).numpy().astype(np.float64)
     experts = [np.asarray(w, np.float64) for w in (
@@ -298,12 +304,7 @@ def test_gated_experts_in_the_layer_match_numpy_and_serialize(dispatch):
                     dispatch=dispatch, seed=0)
     if dispatch == "capacity":
         settings.update(capacity_factor=4.0)
-    layer = SparselyGatedMoE(**settings)
-    layer.build((None, 4))
-    rng = np.random.default_rng(5)
-    for weight in layer.weights:
-        if weight.trainable:
-            weight.assign(rng.normal(size=weight.shape).astype(np.float32) * 0.5)
+    layer = _layer_with_random_weights(settings, seed=5)
     x = _tokens((11, 4), seed=6)
     gates = layer.gate_values(x).numpy().astype(np.float64)
     kernel_in = np.asarray(layer.experts.kernel_in, np.float64)
