@@ -37,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import keras
 import matplotlib
@@ -336,6 +336,41 @@ def parse_weights(text: str) -> List[Tuple[float, float]]:
 
 # ---------------------------------------------------------------- specialisation (Table 9)
 
+class ValidPositions(NamedTuple):
+    """A trained MoE language model's MoE layer and what it reads at the real (not
+    padding) positions of valid-split sentences."""
+
+    moe: keras.layers.Layer
+    tokenizer: object
+    inputs: np.ndarray            # float32 [positions, model_dim]: the MoE's inputs
+    tokens: np.ndarray            # int [positions]: the piece read at each position
+    contexts: List[Tuple[np.ndarray, int]]  # (the sentence's ids, the position)
+
+
+def valid_positions(model_dir: str, num_sentences: int) -> ValidPositions:
+    """Restores the run in `model_dir` and runs its first `num_sentences` valid
+    sentences up to the MoE layer. A position's MoE input is the first LSTM's residual
+    output after reading that piece (models.lm's wiring)."""
+    model, tokenizer, run_config = restore_trained_model(model_dir, LanguageModelConfig,
+                                                         build_language_model)
+    moe_inputs = keras.Model(model.inputs, model.get_layer("lstm_1_residual").output)
+    lines = text_data.clean_lines(text_data.load_text_splits(run_config["data"]).valid)
+    ids = text_data.sentence_ids(lines.take(num_sentences), tokenizer,
+                                 max_length=run_config["max_length"])
+    inputs, tokens, contexts = [], [], []
+    for batch in ids.padded_batch(64, padded_shapes=[None]):
+        states = moe_inputs(batch, training=False).numpy()
+        batch = batch.numpy()
+        for row, sentence in enumerate(batch):
+            for position in np.flatnonzero(sentence != PAD_ID):
+                inputs.append(states[row, position])
+                tokens.append(sentence[position])
+                contexts.append((sentence, position))
+    return ValidPositions(moe=model.get_layer("moe"), tokenizer=tokenizer,
+                          inputs=np.array(inputs, np.float32), tokens=np.array(tokens),
+                          contexts=contexts)
+
+
 def expert_specialisation(model_dir: str, *, num_sentences: int = 1000,
                           experts_shown: int = 6, contexts_shown: int = 6,
                           context_pieces: int = 5) -> Dict:
@@ -343,32 +378,14 @@ def expert_specialisation(model_dir: str, *, num_sentences: int = 1000,
 
     For `experts_shown` experts with evenly spaced ids: the share of positions routed to
     it, its most frequent input subwords, and the distinct contexts (the preceding pieces
-    and the piece at the position, in brackets) with its highest gate values. A position's
-    gate sees the first LSTM's state after reading that piece. Also, over all experts that
+    and the piece at the position, in brackets) with its highest gate values (see
+    `valid_positions` for what a position's gate sees). Also, over all experts that
     receive >= 20 positions, the median share of an expert's positions taken by its most
     frequent subword, against the same share for the whole split.
     """
-    model, tokenizer, run_config = restore_trained_model(model_dir, LanguageModelConfig,
-                                                         build_language_model)
-    moe = model.get_layer("moe")
-    # The MoE reads the first LSTM's residual output (models.lm's wiring).
-    moe_inputs = keras.Model(model.inputs, model.get_layer("lstm_1_residual").output)
-
-    lines = text_data.clean_lines(text_data.load_text_splits(run_config["data"]).valid)
-    ids = text_data.sentence_ids(lines.take(num_sentences), tokenizer,
-                                 max_length=run_config["max_length"])
-    batches = ids.padded_batch(64, padded_shapes=[None])
-    tokens, gates = [], []  # per real position: its piece id, its gates [experts]
-    contexts = []           # per real position: (sentence ids, position)
-    for batch in batches:
-        gate = moe.gate_values(moe_inputs(batch, training=False)).numpy()
-        batch = batch.numpy()
-        for row, sentence in enumerate(batch):
-            for position in np.flatnonzero(sentence != PAD_ID):
-                tokens.append(sentence[position])
-                gates.append(gate[row, position])
-                contexts.append((sentence, position))
-    tokens, gates = np.array(tokens), np.array(gates)
+    positions = valid_positions(model_dir, num_sentences)
+    tokenizer, tokens, contexts = positions.tokenizer, positions.tokens, positions.contexts
+    gates = positions.moe.gate_values(positions.inputs).numpy()
     pieces = [p.decode("utf-8") for p in
               tokenizer.tokenizer.id_to_string(tf.range(tokenizer.vocab_size)).numpy()]
 

@@ -82,7 +82,8 @@ class _SortedAssignments(NamedTuple):
 
 
 def sparse_dispatch(inputs, routing, experts, *,
-                    compiled_kernels: Union[str, bool] = False):
+                    compiled_kernels: Union[str, bool] = False,
+                    gathered_weights_up_to: int = 0):
     """Dropless dispatch: every assignment is computed, nothing of size tokens x experts.
 
     The assignments are sorted by expert once (unused ones last); the experts run on
@@ -98,7 +99,16 @@ def sparse_dispatch(inputs, routing, experts, *,
     they are built (True: a ValueError where they cannot run): one pass over the rows
     each, in place of a gather, multiplies and a sum with their `[assignments, d]`
     temporaries.
+
+    Calls of at most `gathered_weights_up_to` assignments (inference only: 0 in
+    training calls) take `gathered_weights_dispatch` instead, the same sums in fewer ops.
     """
+    if gathered_weights_up_to:
+        return tf.cond(
+            tf.size(routing.gate) <= gathered_weights_up_to,
+            lambda: gathered_weights_dispatch(inputs, routing, experts),
+            lambda: sparse_dispatch(inputs, routing, experts,
+                                    compiled_kernels=compiled_kernels))
     assignments = routing.assignments()
     order = tf.argsort(assignments.expert_index, stable=True)
     inverse = tf.math.invert_permutation(order)
@@ -113,6 +123,19 @@ def sparse_dispatch(inputs, routing, experts, *,
                                             offsets)
     rows = experts(sorted_assignments.dispatch(inputs), expert_row_counts=expert_row_counts)
     return sorted_assignments.combine(rows, assignments.gate)
+
+
+def gathered_weights_dispatch(inputs, routing, experts):
+    """Dropless dispatch for small calls: each assignment's token multiplied by its
+    expert's gathered weights (`FeedForwardExperts.per_assignment`), then the
+    gate-weighted sum per token. No sort and no loop over the experts; each assignment
+    reads its expert's whole kernels. Forward only (inference)."""
+    assignments = routing.assignments()
+    # An unused assignment (gate 0) names no expert: any expert's output, times 0.
+    expert_index = tf.minimum(assignments.expert_index, routing.num_experts - 1)
+    rows = experts.per_assignment(tf.gather(inputs, assignments.token_index),
+                                  expert_index)
+    return routing.sum_per_token(rows * tf.cast(assignments.gate, rows.dtype)[:, None])
 
 
 def expert_capacity(num_tokens, assignments_per_token: int, num_experts: int,

@@ -11,6 +11,7 @@ expert's kernel (the layout DTensor shards on the expert axis). Two ways to run 
 """
 
 import functools
+import math
 from typing import NamedTuple, Optional, Union
 
 import keras
@@ -25,6 +26,8 @@ KERNEL_STORAGES = ("float32", "bfloat16", "int8")
 # activations are "glu": activation(gate) * up (SwiGLU with silu, GeGLU with gelu);
 # "gpt_oss": GPT-OSS's clamped variant (see `expert_hidden`).
 GATED_VARIANTS = ("glu", "gpt_oss")
+# See `FeedForwardExperts.per_assignment_limit`.
+PER_ASSIGNMENT_WEIGHTS_PER_EXPERT = 16384
 # GPT-OSS's constants: gate and up clamped at 7, gate * sigmoid(1.702 gate).
 _GPT_OSS_LIMIT = 7.0
 _GPT_OSS_ALPHA = 1.702
@@ -577,7 +580,7 @@ class FeedForwardExperts(keras.layers.Layer):
     float32 scale per expert and output channel, `kernel_in_scale` `[experts, 1, hidden]`
     and `kernel_out_scale` `[experts, 1, output]`), dequantised in the graph at every
     call: on sorted rows only the kernels of the experts with rows, each in its own loop
-    iteration; on buffers all. Such kernels are not trainable. `quantize_kernels` converts a built layer.
+    iteration; in `per_assignment` each row's gathered ones; on buffers all. Such kernels are not trainable. `quantize_kernels` converts a built layer.
     """
 
     def __init__(self, *, num_experts: int, hidden_size: int, output_size: int,
@@ -670,11 +673,17 @@ class FeedForwardExperts(keras.layers.Layer):
                 getattr(self, name).assign(tf.cast(value, storage))
         self._tracker.lock()
 
-    def _kernel(self, name: str) -> tf.Tensor:
-        """Kernel `name` as a tensor of the compute dtype, dequantised if stored so."""
-        kernel = tf.convert_to_tensor(getattr(self, name))
+    def _kernel(self, name: str, expert_index: Optional[tf.Tensor] = None) -> tf.Tensor:
+        """Kernel `name` as a tensor of the compute dtype, dequantised if stored so;
+        with `expert_index` (int32 `[rows]`) only those experts' kernels, `[rows, ...]`
+        (gathered before dequantising)."""
+        def stored(weight_name):
+            value = tf.convert_to_tensor(getattr(self, weight_name))
+            return value if expert_index is None else tf.gather(value, expert_index)
+
+        kernel = stored(name)
         if self.kernel_storage == "int8":
-            kernel = tf.cast(kernel, tf.float32) * getattr(self, f"{name}_scale")
+            kernel = tf.cast(kernel, tf.float32) * stored(f"{name}_scale")
         return tf.cast(kernel, self.compute_dtype)
 
     def call(self, inputs, *, expert_row_counts: Optional[tf.Tensor] = None,
@@ -729,6 +738,40 @@ class FeedForwardExperts(keras.layers.Layer):
             inputs, kernels["kernel_in"], self._bias("bias_in", kernels["kernel_in"][0]),
             kernels["kernel_out"], self._bias("bias_out", kernels["kernel_out"][0]),
             expert_row_counts=expert_row_counts, hidden_fn=hidden_fn, matmul=matmul)
+
+    @property
+    def per_assignment_limit(self) -> int:
+        """The most assignments a call should run through `per_assignment` rather than
+        on sorted rows: sorting costs a loop over the experts, gathering copies each
+        assignment's kernels, so the limit grows with the experts and shrinks with their
+        size (calibrated on CPU: about 16k kernel weights copied per expert looped over
+        break even; 8 assignments for 32 experts of 128 x 256 x 2)."""
+        weights_per_expert = (math.prod(self.kernel_in.shape[1:])
+                              + math.prod(self.kernel_out.shape[1:]))
+        return PER_ASSIGNMENT_WEIGHTS_PER_EXPERT * self.num_experts // weights_per_expert
+
+    def per_assignment(self, rows: tf.Tensor, expert_index: tf.Tensor) -> tf.Tensor:
+        """Each row through its own expert, with that expert's weights gathered:
+        `[rows, input_dim]` and int32 `[rows]` -> `[rows, output_size]`.
+
+        For small inference calls (a generation step): a few ops whatever the number of
+        experts, where sorting into blocks costs a loop over the experts; stored int8 or
+        bfloat16 kernels are dequantised for the gathered rows only. Each row reads its
+        expert's whole kernels, so large calls are faster on sorted rows.
+        """
+        hidden = expert_hidden(
+            tf.einsum("ad,adh->ah", rows, self._kernel("kernel_in", expert_index))
+            + self._gathered_bias("bias_in", expert_index),
+            self.activation, self.gated)
+        return (tf.einsum("ah,aho->ao", hidden,
+                          self._kernel("kernel_out", expert_index))
+                + self._gathered_bias("bias_out", expert_index))
+
+    def _gathered_bias(self, name: str, expert_index: tf.Tensor):
+        """Bias `name` of each row's expert, `[rows, width]`, or 0 without biases."""
+        if not self.use_bias:
+            return tf.zeros([], self.compute_dtype)
+        return tf.gather(tf.cast(getattr(self, name), self.compute_dtype), expert_index)
 
     def _bias(self, name: str, kernel: tf.Tensor) -> tf.Tensor:
         """Bias `name` as a tensor, or zeros `[experts, width]` without biases."""

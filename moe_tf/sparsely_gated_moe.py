@@ -208,7 +208,8 @@ class SparselyGatedMoE(keras.layers.Layer):
         if self.dispatch == "sparse":
             return sparse_dispatch(
                 tokens, routing, self.experts,
-                compiled_kernels=self.compiled_kernels if training is True else False
+                compiled_kernels=self.compiled_kernels if training is True else False,
+                gathered_weights_up_to=0 if training else self.experts.per_assignment_limit
             ), tf.zeros([])
         num_tokens = tokens.shape[0] if tokens.shape[0] is not None else tf.shape(tokens)[0]
         if self.expert_sharding is not None:

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from moe_tf import FeedForwardExperts
 from moe_tf.dispatch import (CapacityDispatch, capacity_dispatch, expert_capacity,
+                             gathered_weights_dispatch,
                              sparse_dispatch)
 from moe_tf.routing import DenseRouting, SlotRouting
 from tests import numpy_reference as ref
@@ -107,6 +108,53 @@ def test_sparse_dispatch_matches_numpy(form, graph):
         # Unused pairs get no gate gradient on the sparse path: no expert computes them.
         d_gate = to_dense(expert_index, d_gate)
     assert_close(got, y, d_tokens, d_gate, d_weights)
+
+
+def _forward(dispatcher, experts, tokens, routing, graph, **kwargs):
+    call = lambda x: dispatcher(x, routing, experts, **kwargs)  # noqa: E731
+    return (tf.function(call) if graph else call)(tf.constant(tokens, tf.float32)).numpy()
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+@pytest.mark.parametrize("form", ["slot", "dense"])
+def test_gathered_weights_dispatch_matches_numpy(form, graph):
+    experts = tiny_experts()
+    tokens, expert_index, gate, d_outputs = slot_problem(9)
+    y, *_ = numpy_routed(experts, tokens, expert_index, gate, d_outputs)
+    routing = (SlotRouting(tf.constant(expert_index), tf.constant(gate, tf.float32),
+                           NUM_EXPERTS) if form == "slot" else
+               DenseRouting(tf.constant(to_dense(expert_index, gate), tf.float32)))
+    got = _forward(gathered_weights_dispatch, experts, tokens, routing, graph)
+    np.testing.assert_allclose(got, y, rtol=1e-5, atol=1e-5)
+    # sparse_dispatch takes it up to its threshold, and sorts above it.
+    for up_to in (0, 17, 18, 100):
+        got = _forward(sparse_dispatch, experts, tokens, routing, graph,
+                       gathered_weights_up_to=up_to)
+        np.testing.assert_allclose(got, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("experts_kind", ["int8", "bfloat16", "swiglu without biases"])
+def test_gathered_weights_dispatch_equals_sorted_rows(experts_kind):
+    if experts_kind == "swiglu without biases":
+        experts = FeedForwardExperts(num_experts=NUM_EXPERTS, hidden_size=HIDDEN,
+                                     output_size=D_OUT, activation="silu", gated="glu",
+                                     use_bias=False)
+        experts.build((None, D_IN))
+        rng = np.random.default_rng(2)
+        for weight in experts.weights:
+            weight.assign(rng.normal(size=weight.shape))
+    else:
+        experts = tiny_experts()
+        experts.quantize_kernels(experts_kind)
+    tokens, expert_index, gate, _ = slot_problem(9)
+    routing = SlotRouting(tf.constant(expert_index), tf.constant(gate, tf.float32),
+                          NUM_EXPERTS)
+    np.testing.assert_allclose(
+        _forward(gathered_weights_dispatch, experts, tokens, routing, False),
+        _forward(sparse_dispatch, experts, tokens, routing, False), rtol=1e-5, atol=1e-5)
+    zero = SlotRouting(tf.zeros([0, 2], tf.int32), tf.zeros([0, 2]), NUM_EXPERTS)
+    assert _forward(gathered_weights_dispatch, experts, np.zeros((0, D_IN)), zero,
+                    False).shape == (0, D_OUT)
 
 
 def test_capacity_dispatch_drops_second_choices_first_and_matches_numpy():

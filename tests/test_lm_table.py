@@ -8,7 +8,7 @@ import sys
 import pytest
 from absl import flags
 
-from benchmarks import lm_table
+from benchmarks import hierarchical_probe, lm_table
 from models.lm import lstm_ops
 from train.training import flags as training_flags
 
@@ -118,6 +118,12 @@ def test_tiny_table_end_to_end_and_resumed(tmp_path):
     assert [e["expert"] for e in specialisation["experts"]] == [0, 1, 2, 3]
     assert all(e["top_contexts"] for e in specialisation["experts"])
     assert (tmp_path / "lm_table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The routing probe reads the same trained run (a flat gate: one level).
+    probe = hierarchical_probe.probe_run(str(output_dir / "moe-4"), num_sentences=8)
+    assert probe["num_experts"] == 4 and probe["num_groups"] == 0 and probe["positions"] > 8
+    # k = 4 of 4 experts: Load is constant, Importance still depends on both weights.
+    assert set(probe["routing"]) == {"experts"} and set(probe["gradients"]["importance"]) == {
+        "w_gate", "w_noise"}
 
     text = markdown.read_text()
     assert "stale" not in text and "other section" in text and text.endswith("## After\n")

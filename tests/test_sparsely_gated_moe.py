@@ -285,6 +285,25 @@ def test_sparse_dispatch_drops_nothing():
     assert layer.balance_statistics()["dropped_fraction"].numpy() == 0.0
 
 
+@pytest.mark.parametrize("storage", ["float32", "int8"])
+def test_small_inference_calls_gather_weights_and_equal_large_ones(storage):
+    # The default language model's layer: calls of up to 8 assignments (2 tokens) take
+    # the gathered-weights path, larger ones the sorted rows.
+    layer = SparselyGatedMoE(32, 4, 256, seed=0)
+    layer.build((None, 128))
+    for weight in layer.gate.weights:
+        weight.assign(np.random.default_rng(1).normal(size=weight.shape) * 0.3)
+    if storage != "float32":
+        layer.quantize_experts(storage)
+    assert layer.experts.per_assignment_limit == 8
+    x = inputs((40, 128))
+    batched = tf.function(lambda x: layer(x))
+    large = batched(x).numpy()
+    for size in (1, 2, 3):
+        np.testing.assert_allclose(batched(x[:size]).numpy(), large[:size],
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_rank_2_3_4_inputs_route_every_position_alone():
     layer = build(num_experts=4, k=2, hidden_size=6)
     x = inputs((2, 3, 5, 4))
