@@ -8,8 +8,9 @@ through the restored gate and reports, per gating level (the flat gate is one le
 hierarchical gate has the primary gate over groups and the secondary gates inside them):
 
 - balance of the routing the model serves with (no noise): the share of experts (groups)
-  that no position reaches, CV and max/mean of the positions each receives, and the
-  busiest tenth's share of all assignments;
+  that no position reaches, the effective share (exp(entropy) of the assignment shares
+  over their number), CV and max/mean of the positions each receives, and the busiest
+  tenth's share of all assignments;
 - how decisive the level is: the mean top gate among the chosen ones, and the margin
   between the k-th and (k+1)-th clean logit over the training noise's standard deviation
   (below ~1 the noise, not the input, picks the experts during training);
@@ -44,7 +45,10 @@ def count_statistics(counts: np.ndarray) -> Dict[str, float]:
     counts = np.asarray(counts, np.float64)
     mean = counts.mean()
     busiest = np.sort(counts)[::-1][:max(1, len(counts) // 10)]
+    share = counts[counts > 0] / counts.sum() if mean else np.ones(1)
     return {"unused": float(np.mean(counts == 0)),
+            # exp(entropy of the shares) / n: 1 when all are used alike.
+            "effective": float(np.exp(-np.sum(share * np.log(share))) / len(counts)),
             "cv": float(counts.std() / mean) if mean else 0.0,
             "max_mean": float(counts.max() / mean) if mean else 0.0,
             "busiest_tenth_share": float(busiest.sum() / counts.sum()) if mean else 0.0}
@@ -220,10 +224,10 @@ def _number(value) -> str:
 
 
 def markdown(results: List[Dict]) -> str:
-    """One table row per (run, level)."""
-    lines = ["| run | level | unused | CV | max/mean | busiest tenth | top gate | "
+    """One table row per (run, level), then one per run of perplexities."""
+    lines = ["| run | level | unused | effective | CV | max/mean | busiest tenth | top gate | "
              "margin / noise | w_gate RMS | d CV(Load)^2 / d w_gate RMS |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         name = result["model_dir"].rstrip("/").split("/")[-1]
         hierarchical = bool(result["num_groups"])
@@ -231,12 +235,20 @@ def markdown(results: List[Dict]) -> str:
             stats = result["routing"][level]
             suffix = "_secondary" if hierarchical and level == "experts" else ""
             lines.append(
-                f"| {name} | {level} | {stats['unused']:.1%} | {stats['cv']:.2f} | "
+                f"| {name} | {level} | {stats['unused']:.1%} | {stats['effective']:.1%} | "
+                f"{stats['cv']:.2f} | "
                 f"{stats['max_mean']:.2f} | {stats['busiest_tenth_share']:.1%} | "
                 f"{stats['top_gate']:.2f} | "
                 f"{_number(result['margin_over_noise'][level])} | "
                 f"{_number(result['weight_rms'].get('w_gate' + suffix))} | "
                 f"{_number(result['gradients']['load'].get('w_gate' + suffix))} |")
+    lines += ["", "| run | valid positions | perplexity, routed as served | "
+              "with the training noise |", "|---|---|---|---|"]
+    for result in results:
+        name = result["model_dir"].rstrip("/").split("/")[-1]
+        perplexity = result["valid_perplexity"]
+        lines.append(f"| {name} | {result['positions']} | {perplexity['served']:.2f} | "
+                     f"{perplexity['with_training_noise']:.2f} |")
     return "\n".join(lines)
 
 

@@ -7,7 +7,9 @@ One `SparselyGatedMoE` (the default language model's: 32 experts, k = 4, hidden 
 d = 128, sparse dispatch) and copies of it with the experts' kernels stored in bfloat16
 and int8 (`quantize_experts`), the same weights; each called in inference inside a
 `tf.function`, alternating call by call; the ratio is the median call time over
-float32's. One token a call is a generation step of a batch-1 `generate`.
+float32's. One token a call is a generation step of a batch-1 `generate`; calls of up to
+`per_assignment_limit` assignments (2 tokens here) multiply by gathered weights, and the
+last column times the float32 layer with every call on sorted rows, as before that path.
 """
 
 import argparse
@@ -18,7 +20,7 @@ from typing import Dict
 import numpy as np
 import tensorflow as tf
 
-from moe_tf import SparselyGatedMoE
+from moe_tf import SparselyGatedMoE, dispatch
 
 STORAGES = ("float32", "bfloat16", "int8")
 
@@ -36,15 +38,19 @@ def measure(tokens: int, calls: int, *, num_experts: int = 32, k: int = 4,
     x = tf.constant(np.random.default_rng(0).normal(size=(tokens, model_dim)), tf.float32)
     calls_of = {storage: tf.function(lambda x, layer=layer: layer(x, training=False))
                 for storage, layer in layers.items()}
-    times = {storage: [] for storage in STORAGES}
+    # The float32 layer's call with every size on sorted rows (no gathered weights).
+    sorted_rows = layers["float32"]
+    calls_of["float32, sorted rows"] = tf.function(lambda x: dispatch.sparse_dispatch(
+        x, sorted_rows.gate(x, training=False).routing, sorted_rows.experts))
+    times = {name: [] for name in calls_of}
     for call in calls_of.values():
         call(x)
     for _ in range(calls):
-        for storage, call in calls_of.items():
+        for name, call in calls_of.items():
             start = time.perf_counter()
             call(x)
-            times[storage].append(time.perf_counter() - start)
-    return {storage: statistics.median(t) * 1e3 for storage, t in times.items()}
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def main(argv=None) -> None:
@@ -52,13 +58,16 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 256])
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args(argv)
-    print("| tokens a call | float32 ms | bfloat16 ms (ratio) | int8 ms (ratio) |")
-    print("|---|---|---|---|")
+    print("| tokens a call | float32 ms | bfloat16 ms (ratio) | int8 ms (ratio) | "
+          "float32 on sorted rows ms (ratio) |")
+    print("|---|---|---|---|---|")
     for tokens in args.tokens:
         ms = measure(tokens, args.calls)
+        sorted_rows = ms["float32, sorted rows"]
         print(f"| {tokens} | {ms['float32']:.3f} | {ms['bfloat16']:.3f} "
               f"({ms['bfloat16'] / ms['float32']:.2f}x) | {ms['int8']:.3f} "
-              f"({ms['int8'] / ms['float32']:.2f}x) |")
+              f"({ms['int8'] / ms['float32']:.2f}x) | {sorted_rows:.3f} "
+              f"({sorted_rows / ms['float32']:.2f}x) |")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ def test_flat_routing_statistics():
     stats = probe.routing_statistics(gates)["experts"]
     # Counts [2, 1, 1]: mean 4/3, population std sqrt(2/9).
     assert stats["unused"] == 0.0
+    assert stats["effective"] == pytest.approx(np.exp(0.5 * np.log(2) + 0.5 * np.log(4)) / 3)
     assert stats["cv"] == pytest.approx(np.sqrt(2 / 9) / (4 / 3))
     assert stats["max_mean"] == pytest.approx(1.5)
     assert stats["busiest_tenth_share"] == pytest.approx(0.5)
@@ -27,6 +28,9 @@ def test_hierarchical_routing_statistics():
     stats = probe.routing_statistics(gates, num_groups=2)
     # Expert counts [3, 3, 1, 0]; group counts [3, 1]; inside: [3, 3] and [1, 0].
     assert stats["experts"]["unused"] == 0.25
+    shares = np.array([3, 3, 1]) / 7
+    assert stats["experts"]["effective"] == pytest.approx(
+        np.exp(-np.sum(shares * np.log(shares))) / 4)
     assert stats["experts"]["cv"] == pytest.approx(np.sqrt(1.6875) / 1.75)
     assert stats["experts"]["top_gate"] == pytest.approx(0.7)
     assert stats["groups"]["cv"] == pytest.approx(0.5)

@@ -124,6 +124,9 @@ def test_tiny_table_end_to_end_and_resumed(tmp_path):
     # k = 4 of 4 experts: Load is constant, Importance still depends on both weights.
     assert set(probe["routing"]) == {"experts"} and set(probe["gradients"]["importance"]) == {
         "w_gate", "w_noise"}
+    perplexity = probe["valid_perplexity"]
+    assert 1 < perplexity["served"] < 600 and 1 < perplexity["with_training_noise"] < 600
+    assert "| moe-4 | experts |" in hierarchical_probe.markdown([probe])
 
     text = markdown.read_text()
     assert "stale" not in text and "other section" in text and text.endswith("## After\n")

@@ -32,6 +32,7 @@ SOURCE_COMMANDS = {
     "benchmarks.router_table": "benchmarks/router_table.py",
     "benchmarks.keras_hub_bench": "benchmarks/keras_hub_bench.py",
     "benchmarks.quantized_experts_bench": "benchmarks/quantized_experts_bench.py",
+    "benchmarks.hierarchical_probe": "benchmarks/hierarchical_probe.py",
     "train.data.bible_corpus": "train/data/bible_corpus.py",
     "train.data.manuals_corpus": "train/data/manuals_corpus.py",
     "benchmarks/gpu_check.sh": "benchmarks/gpu_check.sh",
