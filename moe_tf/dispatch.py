@@ -100,8 +100,9 @@ def sparse_dispatch(inputs, routing, experts, *,
     each, in place of a gather, multiplies and a sum with their `[assignments, d]`
     temporaries.
 
-    Calls of at most `gathered_weights_up_to` assignments (inference only: 0 in
-    training calls) take `gathered_weights_dispatch` instead, the same sums in fewer ops.
+    Calls with at most `gathered_weights_up_to` routing slots (tokens x k for a slot
+    routing, tokens x experts for a dense one; the layer passes 0 in training calls) take
+    `gathered_weights_dispatch` instead: the same sums in fewer ops, no gradient path.
     """
     if gathered_weights_up_to:
         return tf.cond(

@@ -580,7 +580,8 @@ class FeedForwardExperts(keras.layers.Layer):
     float32 scale per expert and output channel, `kernel_in_scale` `[experts, 1, hidden]`
     and `kernel_out_scale` `[experts, 1, output]`), dequantised in the graph at every
     call: on sorted rows only the kernels of the experts with rows, each in its own loop
-    iteration; in `per_assignment` each row's gathered ones; on buffers all. Such kernels are not trainable. `quantize_kernels` converts a built layer.
+    iteration; in `per_assignment` each row's gathered ones; on buffers all. Such kernels
+    are not trainable. `quantize_kernels` converts a built layer.
     """
 
     def __init__(self, *, num_experts: int, hidden_size: int, output_size: int,
@@ -742,10 +743,12 @@ class FeedForwardExperts(keras.layers.Layer):
     @property
     def per_assignment_limit(self) -> int:
         """The most assignments a call should run through `per_assignment` rather than
-        on sorted rows: sorting costs a loop over the experts, gathering copies each
-        assignment's kernels, so the limit grows with the experts and shrinks with their
-        size (calibrated on CPU: about 16k kernel weights copied per expert looped over
-        break even; 8 assignments for 32 experts of 128 x 256 x 2)."""
+        on sorted rows: the sorted rows cost a loop over the experts, gathering copies
+        each assignment's kernels, so the limit grows with the experts and shrinks with
+        their size. Calibrated on a 2-core CPU, where copying about 16k kernel weights
+        cost what one expert of the loop does: 8 assignments for 32 experts of
+        128 x 256 x 2 weights, 0 when one expert has more than 16k x experts weights
+        (Mixtral's 8 experts of 176M)."""
         weights_per_expert = (math.prod(self.kernel_in.shape[1:])
                               + math.prod(self.kernel_out.shape[1:]))
         return PER_ASSIGNMENT_WEIGHTS_PER_EXPERT * self.num_experts // weights_per_expert
