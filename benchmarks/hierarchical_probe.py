@@ -1,6 +1,7 @@
 """Why a hierarchical MoE lags (issue 19 part 3): routing probes of trained language models.
 
-    python -m benchmarks.hierarchical_probe --model_dir=benchmarks/results/hierarchical_probe/moe-1024-h \
+    python -m benchmarks.hierarchical_probe \
+        --model_dir=benchmarks/results/hierarchical_probe/moe-1024-h \
         --model_dir=benchmarks/results/hierarchical_probe/moe-256-h --json=probe.json
 
 For each trained `train.lm` run (flat or hierarchical MoE) it routes valid-split positions
