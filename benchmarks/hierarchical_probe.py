@@ -24,7 +24,6 @@ hierarchical gate has the primary gate over groups and the secondary gates insid
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import sys
@@ -34,11 +33,10 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import lm_table
-from models.lm import LanguageModelConfig, build_language_model
 from moe_tf import gating
 from train.data import text as text_data
 from train.serving.lm import LanguageModelServer
-from train.serving.trained_model import restore_trained_model
+from train.serving.trained_model import TrainedModel
 
 
 def count_statistics(counts: np.ndarray) -> Dict[str, float]:
@@ -174,15 +172,13 @@ def noisy_routing(gate):
         del gate.call  # the class's own again
 
 
-def routing_perplexities(model_dir: str, num_sentences: int,
+def routing_perplexities(trained: TrainedModel, num_sentences: int,
                          noisy_samples: int = 3) -> Dict[str, float]:
-    """Perplexity of the first `num_sentences` valid sentences routed as served (clean
-    logits) and routed with the training noise (the mean NLL over `noisy_samples`
-    draws). Lower with noise: the served routing is not the one the experts trained on."""
-    model, tokenizer, run_config = restore_trained_model(model_dir, LanguageModelConfig,
-                                                         build_language_model)
-    config = dataclasses.replace(LanguageModelConfig.from_dict(run_config["model"]),
-                                 vocab_size=tokenizer.vocab_size)
+    """Perplexity of a trained language model's first `num_sentences` valid sentences
+    routed as served (clean logits) and routed with the training noise (the mean NLL
+    over `noisy_samples` draws). Lower with noise: the served routing is not the one the
+    experts trained on."""
+    model, tokenizer, run_config, config = trained
     lines = text_data.clean_lines(text_data.load_text_splits(run_config["data"]).valid)
     batches = list(lines.take(num_sentences).batch(64))
 
@@ -202,7 +198,8 @@ def routing_perplexities(model_dir: str, num_sentences: int,
 def probe_run(model_dir: str, *, num_sentences: int = 1000,
               gradient_tokens: int = 4096) -> Dict:
     """Every probe of the module docstring for one trained run."""
-    positions = lm_table.valid_positions(model_dir, num_sentences)
+    trained = lm_table.restore_language_model(model_dir)
+    positions = lm_table.valid_positions(trained, num_sentences)
     gate = positions.moe.gate
     num_groups = getattr(gate, "num_groups", 0)
     gates = positions.moe.gate_values(positions.inputs).numpy()
@@ -216,7 +213,7 @@ def probe_run(model_dir: str, *, num_sentences: int = 1000,
         "weight_rms": {weight.path.split("/")[-1]: _rms(weight.numpy())
                        for weight in gate.trainable_weights},
         "gradients": balancing_gradients(gate, positions.inputs[:gradient_tokens]),
-        "valid_perplexity": routing_perplexities(model_dir, num_sentences),
+        "valid_perplexity": routing_perplexities(trained, num_sentences),
     }
 
 

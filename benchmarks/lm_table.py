@@ -49,7 +49,7 @@ from models.lm import LanguageModelConfig, build_language_model, ops_per_timeste
 from models.special_tokens import PAD_ID
 from moe_tf import MoEConfig
 from train.data import text as text_data
-from train.serving.trained_model import restore_trained_model
+from train.serving.trained_model import TrainedModel, restore_trained_model
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -347,12 +347,16 @@ class ValidPositions(NamedTuple):
     contexts: List[Tuple[np.ndarray, int]]  # (the sentence's ids, the position)
 
 
-def valid_positions(model_dir: str, num_sentences: int) -> ValidPositions:
-    """Restores the run in `model_dir` and runs its first `num_sentences` valid
-    sentences up to the MoE layer. A position's MoE input is the first LSTM's residual
-    output after reading that piece (models.lm's wiring)."""
-    model, tokenizer, run_config = restore_trained_model(model_dir, LanguageModelConfig,
-                                                         build_language_model)
+def restore_language_model(model_dir: str) -> TrainedModel:
+    """The trained `train.lm` run in `model_dir`, at its latest checkpoint."""
+    return restore_trained_model(model_dir, LanguageModelConfig, build_language_model)
+
+
+def valid_positions(trained: TrainedModel, num_sentences: int) -> ValidPositions:
+    """Runs the first `num_sentences` valid sentences of a trained language model's run
+    up to its MoE layer. A position's MoE input is the first LSTM's residual output
+    after reading that piece (models.lm's wiring)."""
+    model, tokenizer, run_config, _ = trained
     moe_inputs = keras.Model(model.inputs, model.get_layer("lstm_1_residual").output)
     lines = text_data.clean_lines(text_data.load_text_splits(run_config["data"]).valid)
     ids = text_data.sentence_ids(lines.take(num_sentences), tokenizer,
@@ -383,7 +387,7 @@ def expert_specialisation(model_dir: str, *, num_sentences: int = 1000,
     receive >= 20 positions, the median share of an expert's positions taken by its most
     frequent subword, against the same share for the whole split.
     """
-    positions = valid_positions(model_dir, num_sentences)
+    positions = valid_positions(restore_language_model(model_dir), num_sentences)
     tokenizer, tokens, contexts = positions.tokenizer, positions.tokens, positions.contexts
     gates = positions.moe.gate_values(positions.inputs).numpy()
     pieces = [p.decode("utf-8") for p in

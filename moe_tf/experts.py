@@ -510,6 +510,14 @@ def _grouped_matmul(rows, blocks: _RowBlocks, kernel):
     return forward(rows, kernel)
 
 
+def _dequantised(stored: tf.Tensor, scale: Optional[tf.Tensor], dtype) -> tf.Tensor:
+    """A kernel stored as float32 or bfloat16 (`scale` None), or as int8 with its float32
+    `scale` (`round(w / scale)`), as a `dtype` tensor."""
+    if scale is None:
+        return tf.cast(stored, dtype)
+    return tf.cast(tf.cast(stored, tf.float32) * scale, dtype)
+
+
 def _dequantised_grouped_matmul(rows, blocks: _RowBlocks, kernel, scale):
     """`_grouped_matmul`'s product for inference with kernels stored in bfloat16 or int8
     (`scale` `[experts, 1, b]`, or None): each expert's kernel is dequantised inside its
@@ -519,9 +527,8 @@ def _dequantised_grouped_matmul(rows, blocks: _RowBlocks, kernel, scale):
 
     def expert(e, begin, end):
         def product():
-            weight = tf.cast(kernel[e], rows.dtype if scale is None else tf.float32)
-            if scale is not None:
-                weight = tf.cast(weight * scale[e], rows.dtype)
+            weight = _dequantised(kernel[e], None if scale is None else scale[e],
+                                  rows.dtype)
             return tf.matmul(rows[begin:end], weight)
 
         return [tf.cond(end > begin, product, lambda: tf.zeros([0, width], rows.dtype))], []
@@ -674,18 +681,21 @@ class FeedForwardExperts(keras.layers.Layer):
                 getattr(self, name).assign(tf.cast(value, storage))
         self._tracker.lock()
 
+    def _stored_kernel(self, name: str):
+        """Kernel `name` as stored, and its int8 scale (None for other storages)."""
+        scale = (tf.convert_to_tensor(getattr(self, f"{name}_scale"))
+                 if self.kernel_storage == "int8" else None)
+        return tf.convert_to_tensor(getattr(self, name)), scale
+
     def _kernel(self, name: str, expert_index: Optional[tf.Tensor] = None) -> tf.Tensor:
         """Kernel `name` as a tensor of the compute dtype, dequantised if stored so;
         with `expert_index` (int32 `[rows]`) only those experts' kernels, `[rows, ...]`
         (gathered before dequantising)."""
-        def stored(weight_name):
-            value = tf.convert_to_tensor(getattr(self, weight_name))
-            return value if expert_index is None else tf.gather(value, expert_index)
-
-        kernel = stored(name)
-        if self.kernel_storage == "int8":
-            kernel = tf.cast(kernel, tf.float32) * stored(f"{name}_scale")
-        return tf.cast(kernel, self.compute_dtype)
+        kernel, scale = self._stored_kernel(name)
+        if expert_index is not None:
+            kernel = tf.gather(kernel, expert_index)
+            scale = None if scale is None else tf.gather(scale, expert_index)
+        return _dequantised(kernel, scale, self.compute_dtype)
 
     def call(self, inputs, *, expert_row_counts: Optional[tf.Tensor] = None,
              training=None):
@@ -726,11 +736,7 @@ class FeedForwardExperts(keras.layers.Layer):
     def _quantized_sorted_rows(self, inputs, expert_row_counts, hidden_fn):
         """Sorted rows through kernels stored in bfloat16 or int8 (not trainable, so
         inference only): each used expert's kernels dequantised in its own iteration."""
-        kernels = {}  # name -> (stored kernel, its scale or None)
-        for name in ("kernel_in", "kernel_out"):
-            scale = (tf.convert_to_tensor(getattr(self, f"{name}_scale"))
-                     if self.kernel_storage == "int8" else None)
-            kernels[name] = (tf.convert_to_tensor(getattr(self, name)), scale)
+        kernels = {name: self._stored_kernel(name) for name in ("kernel_in", "kernel_out")}
 
         def matmul(rows, blocks, kernel_and_scale):
             return _dequantised_grouped_matmul(rows, blocks, *kernel_and_scale)
@@ -762,19 +768,14 @@ class FeedForwardExperts(keras.layers.Layer):
         bfloat16 kernels are dequantised for the gathered rows only. Each row reads its
         expert's whole kernels, so large calls are faster on sorted rows.
         """
+        kernel_in = self._kernel("kernel_in", expert_index)
         hidden = expert_hidden(
-            tf.einsum("ad,adh->ah", rows, self._kernel("kernel_in", expert_index))
-            + self._gathered_bias("bias_in", expert_index),
+            tf.einsum("ad,adh->ah", rows, kernel_in)
+            + tf.gather(self._bias("bias_in", kernel_in), expert_index),
             self.activation, self.gated)
-        return (tf.einsum("ah,aho->ao", hidden,
-                          self._kernel("kernel_out", expert_index))
-                + self._gathered_bias("bias_out", expert_index))
-
-    def _gathered_bias(self, name: str, expert_index: tf.Tensor):
-        """Bias `name` of each row's expert, `[rows, width]`, or 0 without biases."""
-        if not self.use_bias:
-            return tf.zeros([], self.compute_dtype)
-        return tf.gather(tf.cast(getattr(self, name), self.compute_dtype), expert_index)
+        kernel_out = self._kernel("kernel_out", expert_index)
+        return (tf.einsum("ah,aho->ao", hidden, kernel_out)
+                + tf.gather(self._bias("bias_out", kernel_out), expert_index))
 
     def _bias(self, name: str, kernel: tf.Tensor) -> tf.Tensor:
         """Bias `name` as a tensor, or zeros `[experts, width]` without biases."""

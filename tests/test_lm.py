@@ -265,7 +265,7 @@ def assert_export_serves_the_checkpoint(model_dir, tmp_path):
     from train.training.losses import masked_nll_sums
     from models.lm import LanguageModelConfig, build_language_model
 
-    model, tokenizer, run_config = restore_trained_model(
+    model, tokenizer, run_config, _ = restore_trained_model(
         str(model_dir), LanguageModelConfig, build_language_model)
     batch = sentence_sequences(tokenizer.tokenize(tf.constant(sentences)),
                                max_length=run_config["max_length"]).to_tensor()
@@ -439,8 +439,8 @@ def test_run_recorded_before_moe_config_resumes_and_restores(tmp_path):
     check_metrics(metrics(tmp_path), 2)
     # The record is kept as it was written, and still restores the model.
     assert json.loads((tmp_path / "run_config.json").read_text()) == LEGACY_RUN_CONFIG
-    model, _, _ = restore_trained_model(str(tmp_path), LanguageModelConfig,
-                                        build_language_model)
+    model = restore_trained_model(str(tmp_path), LanguageModelConfig,
+                                  build_language_model).model
     assert model.get_layer("moe").k == 2
     result = run(lm_command(tmp_path, *flags, "--k=1"))
     assert result.returncode != 0

@@ -218,8 +218,8 @@ def test_run_recorded_before_moe_config_resumes_and_restores(runs):
     # The record is kept as it was written, and still restores the model.
     with open(model_dir / "run_config.json") as f:
         assert json.load(f) == LEGACY_RUN_CONFIG
-    model, _, _ = restore_trained_model(str(model_dir), TranslationConfig,
-                                        build_translator)
+    model = restore_trained_model(str(model_dir), TranslationConfig,
+                                  build_translator).model
     assert model.config.moe == TRANSLATION_MOE.replace(num_experts=4, k=2, hidden_size=32)
     assert model.encoder_moe.gating == "balanced"
 
@@ -248,8 +248,8 @@ def restored(runs):
 def restore(model_dir):
     with open(model_dir / "metrics.json") as f:
         metrics = json.load(f)
-    model, tokenizer, _ = restore_trained_model(str(model_dir), TranslationConfig,
-                                                build_translator)
+    model, tokenizer, *_ = restore_trained_model(str(model_dir), TranslationConfig,
+                                                 build_translator)
     languages = ["en", "es"] if model.config.num_language_tokens else []
     return model, tokenizer, TranslationServer(
         model, tokenizer, beam_width=metrics["beam_width"],

@@ -16,6 +16,7 @@ class TrainedModel(NamedTuple):
     model: keras.Model
     tokenizer: SubwordTokenizer
     run_config: dict
+    config: object  # the model's config (`config_class`), with the run's vocabulary size
 
 
 def restore_trained_model(model_dir: str, config_class: type,
@@ -31,7 +32,7 @@ def restore_trained_model(model_dir: str, config_class: type,
         build_model: builds the model from that config.
 
     Returns:
-        The restored model, the run's tokenizer and its run config.
+        The restored model, the run's tokenizer, its run config and the model's config.
     """
     run_config = read_run_config(model_dir)
     if run_config is None:
@@ -45,4 +46,5 @@ def restore_trained_model(model_dir: str, config_class: type,
                                  vocab_size=tokenizer.vocab_size)
     model = build_model(config)
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-    return TrainedModel(model=model, tokenizer=tokenizer, run_config=run_config)
+    return TrainedModel(model=model, tokenizer=tokenizer, run_config=run_config,
+                        config=config)
