@@ -12,11 +12,11 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The layer's compiled CPU kernels (nothing is built on a CPU without AVX-512; the
+# The layer's compiled CPU kernels (nothing is built on a CPU without AVX-512 or AVX2; the
 # layer then runs TensorFlow ops only). The stamp records the attempt, so that a machine
 # that cannot build them does not start TensorFlow to say so at every make.
 KERNELS_STAMP := $(VENV)/.kernels
-$(KERNELS_STAMP): $(wildcard moe_tf/kernels/*.cc) moe_tf/kernels/build.py $(STAMP)
+$(KERNELS_STAMP): $(wildcard moe_tf/kernels/*.cc moe_tf/kernels/*.h) moe_tf/kernels/build.py $(STAMP)
 	$(PY) -m moe_tf.kernels.build
 	touch $(KERNELS_STAMP)
 

@@ -30,7 +30,7 @@ setuptools.setup(
         # benchmarks.lm_table's plot.
         "matplotlib",
     ],
-    package_data={"train.data": ["bible/*"], "moe_tf": ["kernels/*.cc"]},
+    package_data={"train.data": ["bible/*"], "moe_tf": ["kernels/*.cc", "kernels/*.h"]},
     entry_points={
         "console_scripts": [
             "moe-train-lm = train.lm:run",

@@ -10,6 +10,7 @@ import tensorflow as tf
 from moe_tf import (GATES, Gate, GateOutput, MoEConfig, NoisyTopKGate, SparselyGatedMoE,
                     StrictlyBalancedGate, register_gate)
 from moe_tf import kernels
+from moe_tf.kernels import build
 from moe_tf.routing import SlotRouting
 
 
@@ -101,14 +102,24 @@ def test_layer_reads_layer_configs_written_before_moe_config():
     assert SparselyGatedMoE.from_config(config).config.noisy_gating is None
 
 
-@pytest.mark.skipif(kernels.op_library() is not None, reason="the kernels are built here")
-def test_compiled_kernels_true_needs_them_built():
+def test_compiled_kernels_true_needs_them_built(monkeypatch):
+    monkeypatch.setattr(kernels, "op_library", lambda: None)  # as where they are not built
     with pytest.raises(ValueError, match="compiled_kernels=True.*not built"):
         SparselyGatedMoE(4, 2, 8, compiled_kernels=True)
     # "auto" (the default) and False run without them.
     for value in ("auto", False):
         layer = SparselyGatedMoE(4, 2, 8, compiled_kernels=value)
         assert layer(np.ones((3, 4), np.float32), training=True).shape == (3, 4)
+
+
+def test_kernels_build_for_the_best_instruction_set_the_cpu_has():
+    v3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave", "sse4_2"}
+    v4 = v3 | {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512cd"}
+    assert build.target_march(v4) == "x86-64-v4"
+    assert build.target_march(v3) == "x86-64-v3"
+    assert build.target_march(v4 - {"avx512bw"}) == "x86-64-v3"
+    assert build.target_march(v3 - {"fma"}) is None  # AVX2 without FMA: not built
+    assert build.target_march(set()) is None
 
 
 class FirstExpertGate(Gate):

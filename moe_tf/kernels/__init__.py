@@ -14,8 +14,8 @@ LIBRARY = os.path.join(os.path.dirname(__file__), "_moe_kernels.so")
 
 @functools.cache
 def op_library():
-    """The loaded op library, or None when it has not been built (no compiler or no
-    AVX-512 at install time): the layer then runs TensorFlow ops only."""
+    """The loaded op library, or None when it has not been built (no compiler, or
+    neither AVX-512 nor AVX2 at install time): the layer then runs TensorFlow ops only."""
     if not os.path.exists(LIBRARY):
         return None
     try:
@@ -49,6 +49,7 @@ def unsuitable_reason(*tensors):
         if tensor.dtype != tf.float32:
             return f"an operand is {tensor.dtype.name} (the kernels are float32 only)"
     if op_library() is None:
-        return ("they are not built (they need AVX-512; build them with "
+        return ("they are not built (they need AVX-512 or AVX2 with FMA and a C++ "
+                "compiler; build them with "
                 "`python -m moe_tf.kernels.build`)")
     return None

@@ -1,8 +1,11 @@
 """Compiles the layer's CPU kernels: `python -m moe_tf.kernels.build`.
 
 Builds `_moe_kernels.so` from the `.cc` files next to this file with the compiler and
-flags of the installed TensorFlow. `make install` runs it. Where it cannot be built (no C++ compiler,
-no AVX-512) it says so and builds nothing; the layer then runs TensorFlow ops only.
+flags of the installed TensorFlow, for the vector instructions of this CPU: AVX-512
+(x86-64-v4) or AVX2 with FMA (x86-64-v3; simd.h holds both). `make install` runs it. Where it
+cannot be built (no C++ compiler, neither instruction set) it says so and builds nothing;
+the layer then runs TensorFlow ops only. The library runs on CPUs with the instruction set it
+was built for: build it on the machine that runs it.
 """
 
 import glob
@@ -17,19 +20,32 @@ import tensorflow as tf
 from moe_tf.kernels import LIBRARY
 
 # Every source next to this file, as the Makefile's dependency and setup.py's package data
-# take them.
+# take them (simd.h is included by both).
 SOURCES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.cc")))
 
+# The -march levels the kernels are written for, best first, with the /proc/cpuinfo flags
+# each needs (x86-64-v4 implies v3's).
+_X86_64_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+TARGETS = (("x86-64-v4", _X86_64_V3 | {"avx512f", "avx512dq", "avx512bw", "avx512vl",
+                                        "avx512cd"}),
+           ("x86-64-v3", _X86_64_V3))
 
-def cpu_has_avx512() -> bool:
-    """True when this CPU has the AVX-512 subsets the kernels use (x86-64-v4)."""
+
+def cpu_flags() -> set:
+    """This CPU's feature flags (empty where /proc/cpuinfo cannot be read)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f
-                          if line.startswith("flags")), [])
+            return set(next((line.split(":", 1)[1].split() for line in f
+                             if line.startswith("flags")), []))
     except OSError:
-        return False
-    return {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= set(flags)
+        return set()
+
+
+def target_march(flags: Optional[set] = None) -> Optional[str]:
+    """The -march the kernels are built with on a CPU with `flags` (default: this one's),
+    or None when it has neither AVX-512 nor AVX2 with FMA."""
+    flags = cpu_flags() if flags is None else flags
+    return next((march for march, needs in TARGETS if needs <= flags), None)
 
 
 def compiler() -> str:
@@ -38,8 +54,8 @@ def compiler() -> str:
 
 def why_not_buildable() -> Optional[str]:
     """Why the kernels cannot be built here, or None when they can."""
-    if not cpu_has_avx512():
-        return "no AVX-512 on this CPU"
+    if target_march() is None:
+        return "this CPU has neither AVX-512 nor AVX2 with FMA"
     if shutil.which(compiler()) is None:
         return f"no C++ compiler {compiler()!r} (set CXX, or install g++)"
     return None
@@ -48,7 +64,7 @@ def why_not_buildable() -> Optional[str]:
 def build(output: str = LIBRARY) -> None:
     """Compiles the kernels into `output`; raises CalledProcessError on failure."""
     command = [compiler(), "-shared", "-fPIC", "-O3",
-               "-march=x86-64-v4", "-Wno-deprecated-declarations",
+               f"-march={target_march()}", "-Wno-deprecated-declarations",
                "-Wno-interference-size", "-o", output + ".tmp", *SOURCES,
                *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
     subprocess.run(command, check=True)
@@ -62,7 +78,7 @@ def main() -> int:
               "TensorFlow ops only", file=sys.stderr)
         return 0
     build()
-    print(f"moe_tf.kernels.build: built {LIBRARY}")
+    print(f"moe_tf.kernels.build: built {LIBRARY} (-march={target_march()})")
     return 0
 
 

@@ -5,15 +5,14 @@
 // Why: with a few dozen rows per expert (512 experts, 4096 tokens, k = 4) a oneDNN
 // matmul per expert is half as fast as the same FLOPs in one large matmul, and a batched
 // matmul needs padded, gathered copies of the rows. Here each expert streams its
-// weights once per pass through register-blocked AVX-512 loops and writes its rows and
-// weight gradients in place; nothing is padded, gathered or scattered.
+// weights once per pass through register-blocked vector loops (AVX-512 or AVX2, simd.h)
+// and writes its rows and weight gradients in place; nothing is padded, gathered or
+// scattered.
 //
 // Layouts (row-major float32): inputs [rows, d], group_sizes [experts] (int32, rows of
 // each expert in order; rows after the last group are padding), kernel_in [experts, d, h],
 // bias_in [experts, h], kernel_out [experts, h, o], bias_out [experts, o]. d, h and o
-// must be multiples of 16 (one AVX-512 vector).
-
-#include <immintrin.h>
+// must be multiples of 16 (simd::kWidthMultiple).
 
 #include <algorithm>
 #include <cstdint>
@@ -25,6 +24,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/platform/threadpool.h"
+#include "simd.h"
 
 namespace moe_tf {
 namespace {
@@ -36,8 +36,8 @@ using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 using ::tensorflow::errors::InvalidArgument;
-
-constexpr int kLanes = 16;  // floats per AVX-512 vector
+using simd::kLanes;
+using simd::Vec;
 
 // Memory to pull into cache while computing: the weights the thread reads next. One
 // cache line per step of the inner loops keeps DRAM busy while the FMAs run (the
@@ -72,44 +72,42 @@ struct Output {
   bool stream = false;
 };
 
-// C[R rows, 16 J cols] (out)= A[R, K] B[K, 16 J], all row-major. R x J accumulators stay
-// in registers for the whole reduction.
+// C[R rows, kLanes J cols] (out)= A[R, K] B[K, kLanes J], all row-major. R x J
+// accumulators stay in registers for the whole reduction.
 template <int R, int J>
 inline void BlockTimes(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                        int64_t ldc, int64_t k_size, const Output& out, Prefetch* prefetch) {
-  __m512 acc[R][J];
+  Vec acc[R][J];
   for (int j = 0; j < J; ++j) {
-    const __m512 init = out.bias ? _mm512_loadu_ps(out.bias + kLanes * j) : _mm512_setzero_ps();
+    const Vec init = out.bias ? simd::Load(out.bias + kLanes * j) : simd::Zero();
     for (int r = 0; r < R; ++r) {
-      acc[r][j] = out.accumulate ? _mm512_add_ps(init, _mm512_loadu_ps(c + r * ldc + kLanes * j))
-                                 : init;
+      acc[r][j] = out.accumulate ? simd::Add(init, simd::Load(c + r * ldc + kLanes * j)) : init;
     }
   }
   for (int64_t k = 0; k < k_size; ++k) {
     prefetch->Step();
     const float* b_row = b + k * ldb;
-    __m512 b_vec[J];
-    for (int j = 0; j < J; ++j) b_vec[j] = _mm512_loadu_ps(b_row + kLanes * j);
+    Vec b_vec[J];
+    for (int j = 0; j < J; ++j) b_vec[j] = simd::Load(b_row + kLanes * j);
     for (int r = 0; r < R; ++r) {
-      const __m512 a_val = _mm512_set1_ps(a[r * lda + k]);
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(a_val, b_vec[j], acc[r][j]);
+      const Vec a_val = simd::Broadcast(a[r * lda + k]);
+      for (int j = 0; j < J; ++j) acc[r][j] = simd::MulAdd(a_val, b_vec[j], acc[r][j]);
     }
   }
-  const __m512 zero = _mm512_setzero_ps();
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < J; ++j) {
-      const __m512 value = out.relu ? _mm512_max_ps(acc[r][j], zero) : acc[r][j];
+      const Vec value = out.relu ? simd::Max(acc[r][j], simd::Zero()) : acc[r][j];
       if (out.stream) {
-        _mm512_stream_ps(c + r * ldc + kLanes * j, value);
+        simd::StoreStreaming(c + r * ldc + kLanes * j, value);
       } else {
-        _mm512_storeu_ps(c + r * ldc + kLanes * j, value);
+        simd::Store(c + r * ldc + kLanes * j, value);
       }
     }
   }
 }
 
-// One panel of 16 J columns for all m_size rows: six rows at a time (6 x 4 accumulators
-// plus 4 loaded vectors and a broadcast fit the 32 registers).
+// One panel of kLanes J columns for all m_size rows, six rows at a time (see
+// simd::kBlockVectors).
 template <int J>
 void PanelTimes(int64_t m_size, const float* a, int64_t lda, const float* b, int64_t ldb,
                 float* c, int64_t ldc, int64_t k_size, const Output& out, Prefetch* prefetch) {
@@ -129,19 +127,20 @@ void PanelTimes(int64_t m_size, const float* a, int64_t lda, const float* b, int
   }
 }
 
-// The panel of `width` (16 J, J <= 4) columns starting at b.
-void PanelTimes(int64_t width, int64_t m_size, const float* a, int64_t lda, const float* b,
+// The panel of `vectors` x kLanes columns (vectors <= J) starting at b.
+template <int J>
+void PanelTimes(int64_t vectors, int64_t m_size, const float* a, int64_t lda, const float* b,
                 int64_t ldb, float* c, int64_t ldc, int64_t k_size, const Output& out,
                 Prefetch* prefetch) {
-  switch (width / kLanes) {
-    case 4: PanelTimes<4>(m_size, a, lda, b, ldb, c, ldc, k_size, out, prefetch); break;
-    case 3: PanelTimes<3>(m_size, a, lda, b, ldb, c, ldc, k_size, out, prefetch); break;
-    case 2: PanelTimes<2>(m_size, a, lda, b, ldb, c, ldc, k_size, out, prefetch); break;
-    default: PanelTimes<1>(m_size, a, lda, b, ldb, c, ldc, k_size, out, prefetch); break;
+  if constexpr (J > 1) {
+    if (vectors < J) {
+      return PanelTimes<J - 1>(vectors, m_size, a, lda, b, ldb, c, ldc, k_size, out, prefetch);
+    }
   }
+  PanelTimes<J>(m_size, a, lda, b, ldb, c, ldc, k_size, out, prefetch);
 }
 
-constexpr int64_t kPanel = 4 * kLanes;  // columns per panel
+constexpr int64_t kPanel = simd::kBlockVectors * kLanes;  // columns per panel
 
 Output HiddenLayer(const float* bias) {
   Output out;
@@ -150,55 +149,26 @@ Output HiddenLayer(const float* bias) {
   return out;
 }
 
-// C[m, n] (out)= sum_k A[m, k] B[k, n]. n_size % 16 == 0.
+// C[m, n] (out)= sum_k A[m, k] B[k, n]. n_size % kLanes == 0.
 void Times(int64_t m_size, int64_t n_size, int64_t k_size, const float* a, int64_t lda,
            const float* b, int64_t ldb, float* c, int64_t ldc, Prefetch* prefetch,
            const Output& out = {}) {
   for (int64_t n = 0; n < n_size; n += kPanel) {
     Output panel_out = out;
     if (out.bias) panel_out.bias += n;
-    PanelTimes(std::min(kPanel, n_size - n), m_size, a, lda, b + n, ldb, c + n, ldc, k_size,
-               panel_out, prefetch);
+    PanelTimes<simd::kBlockVectors>(std::min(kPanel, n_size - n) / kLanes, m_size, a, lda,
+                                    b + n, ldb, c + n, ldc, k_size, panel_out, prefetch);
   }
 }
 
-// dst [c, r] = src [r, c] for a 16 x 16 block (row strides ls and ld): interleave 32-bit
-// then 64-bit pairs of rows, then move 128-bit lanes.
-inline void Transpose16(const float* src, int64_t ls, float* dst, int64_t ld) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ls);
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m512d a = _mm512_castps_pd(t[4 * j]), b = _mm512_castps_pd(t[4 * j + 1]);
-    const __m512d c = _mm512_castps_pd(t[4 * j + 2]), d = _mm512_castps_pd(t[4 * j + 3]);
-    r[4 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[4 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[4 * j + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    r[4 * j + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  // Now r[4 j + q]'s 128-bit lane L holds column 4 L + q of rows 4 j .. 4 j + 3.
-  for (int q = 0; q < 4; ++q) {
-    const __m512 p0 = _mm512_shuffle_f32x4(r[q], r[4 + q], 0x44);
-    const __m512 p1 = _mm512_shuffle_f32x4(r[q], r[4 + q], 0xEE);
-    const __m512 p2 = _mm512_shuffle_f32x4(r[8 + q], r[12 + q], 0x44);
-    const __m512 p3 = _mm512_shuffle_f32x4(r[8 + q], r[12 + q], 0xEE);
-    _mm512_storeu_ps(dst + q * ld, _mm512_shuffle_f32x4(p0, p2, 0x88));
-    _mm512_storeu_ps(dst + (4 + q) * ld, _mm512_shuffle_f32x4(p0, p2, 0xDD));
-    _mm512_storeu_ps(dst + (8 + q) * ld, _mm512_shuffle_f32x4(p1, p3, 0x88));
-    _mm512_storeu_ps(dst + (12 + q) * ld, _mm512_shuffle_f32x4(p1, p3, 0xDD));
-  }
-}
-
-// dst [cols, rows] (row stride ld) = src [rows, cols]^T (row stride ls); cols % 16 == 0.
+// dst [cols, rows] (row stride ld) = src [rows, cols]^T (row stride ls); cols % kLanes
+// == 0.
 void TransposeInto(const float* src, int64_t rows, int64_t cols, int64_t ls, float* dst,
                    int64_t ld) {
   int64_t r = 0;
   for (; r + kLanes <= rows; r += kLanes) {
     for (int64_t c = 0; c < cols; c += kLanes) {
-      Transpose16(src + r * ls + c, ls, dst + c * ld + r, ld);
+      simd::TransposeBlock(src + r * ls + c, ls, dst + c * ld + r, ld);
     }
   }
   for (; r < rows; ++r) {
@@ -207,7 +177,7 @@ void TransposeInto(const float* src, int64_t rows, int64_t cols, int64_t ls, flo
 }
 
 // C[m, n] = sum_k A[m, k] B[n, k]. Each panel of B's rows is transposed into a scratch
-// buffer (k x 64 floats, in L2) and multiplied as above: faster than dot products of
+// buffer (k x kPanel floats, in L2) and multiplied as above: faster than dot products of
 // rows, whose horizontal sums cost a fifth of the FMAs (measured at every block size).
 void TimesTransposed(int64_t m_size, int64_t n_size, int64_t k_size, const float* a,
                      int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
@@ -216,7 +186,8 @@ void TimesTransposed(int64_t m_size, int64_t n_size, int64_t k_size, const float
   for (int64_t n = 0; n < n_size; n += kPanel) {
     const int64_t width = std::min(kPanel, n_size - n);
     TransposeInto(b + n * ldb, width, k_size, ldb, panel, kPanel);
-    PanelTimes(width, m_size, a, lda, panel, kPanel, c + n, ldc, k_size, Output(), prefetch);
+    PanelTimes<simd::kBlockVectors>(width / kLanes, m_size, a, lda, panel, kPanel, c + n, ldc,
+                                    k_size, Output(), prefetch);
   }
 }
 
@@ -237,8 +208,7 @@ void ColumnSums(int64_t m_size, int64_t n_size, const float* x, float* out,
   for (int64_t m = 0; m < m_size; ++m) {
     const float* row = x + m * n_size;
     for (int64_t n = 0; n < n_size; n += kLanes) {
-      _mm512_storeu_ps(out + n, _mm512_add_ps(_mm512_loadu_ps(out + n),
-                                              _mm512_loadu_ps(row + n)));
+      simd::Store(out + n, simd::Add(simd::Load(out + n), simd::Load(row + n)));
     }
   }
 }
@@ -298,9 +268,10 @@ tensorflow::Status ReadOperands(OpKernelContext* ctx, Operands* operands) {
                            kernel_in.shape().DebugString(), " and ",
                            kernel_out.shape().DebugString());
   }
-  if (dims->d % kLanes != 0 || dims->h % kLanes != 0 || dims->o % kLanes != 0) {
-    return InvalidArgument("d, h and o must be multiples of 16, got ", dims->d, ", ",
-                           dims->h, ", ", dims->o);
+  constexpr int kMultiple = simd::kWidthMultiple;
+  if (dims->d % kMultiple != 0 || dims->h % kMultiple != 0 || dims->o % kMultiple != 0) {
+    return InvalidArgument("d, h and o must be multiples of ", kMultiple, ", got ", dims->d,
+                           ", ", dims->h, ", ", dims->o);
   }
   const auto sizes = group_sizes.flat<int32_t>();
   offsets->assign(dims->experts + 1, 0);
@@ -454,10 +425,8 @@ class GroupedFeedForwardGradOp : public OpKernel {
         }
         // d_pre = (dy W2^T) where the ReLU passed its input, else 0.
         TimesTransposed(rows, n.h, n.o, dy, n.o, w2e, n.o, d_pre, n.h, &next_in);
-        const __m512 zero = _mm512_setzero_ps();
         for (int64_t i = 0; i < rows * n.h; i += kLanes) {
-          const __mmask16 on = _mm512_cmp_ps_mask(_mm512_loadu_ps(act + i), zero, _CMP_GT_OQ);
-          _mm512_storeu_ps(d_pre + i, _mm512_maskz_mov_ps(on, _mm512_loadu_ps(d_pre + i)));
+          simd::Store(d_pre + i, simd::WherePositive(simd::Load(act + i), simd::Load(d_pre + i)));
         }
         // Weight gradients act^T dy and x^T d_pre, summed over the chunks.
         Output weight_gradient;

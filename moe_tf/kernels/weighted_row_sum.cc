@@ -10,8 +10,6 @@
 // entry); weights [A] or empty (all 1); offsets [N + 1] (int32, output n sums the entries
 // offsets[n] .. offsets[n + 1] - 1, so offsets is non-decreasing from 0 to A).
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <functional>
@@ -21,6 +19,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/platform/threadpool.h"
+#include "simd.h"
 
 namespace moe_tf {
 namespace {
@@ -93,18 +92,19 @@ Status ReadEntries(OpKernelContext* ctx, bool weights_optional, Entries* entries
   return tensorflow::OkStatus();
 }
 
-// out = w * x, and returns <x, y>. Sixteen lanes of partial sums: a scalar sum would
-// be one dependent add per element (the compiler may not reorder float additions).
+// out = w * x, and returns <x, y>. A vector of partial sums: a scalar sum would be one
+// dependent add per element (the compiler may not reorder float additions).
 inline float ScaleAndDot(float w, const float* x, const float* y, float* out, int64_t d) {
-  const __m512 weight = _mm512_set1_ps(w);
-  __m512 dot = _mm512_setzero_ps();
+  using simd::kLanes;
+  const simd::Vec weight = simd::Broadcast(w);
+  simd::Vec dot = simd::Zero();
   int64_t i = 0;
-  for (; i + 16 <= d; i += 16) {
-    const __m512 xi = _mm512_loadu_ps(x + i);
-    dot = _mm512_fmadd_ps(xi, _mm512_loadu_ps(y + i), dot);
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(weight, xi));
+  for (; i + kLanes <= d; i += kLanes) {
+    const simd::Vec xi = simd::Load(x + i);
+    dot = simd::MulAdd(xi, simd::Load(y + i), dot);
+    simd::Store(out + i, simd::Mul(weight, xi));
   }
-  float sum = _mm512_reduce_add_ps(dot);
+  float sum = simd::Sum(dot);
   for (; i < d; ++i) {
     sum += x[i] * y[i];
     out[i] = w * x[i];
