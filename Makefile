@@ -45,4 +45,4 @@ manuals-corpus: install
 	$(PY) -m train.data.manuals_corpus
 
 clean:
-	rm -rf $(VENV) build *.egg-info moe_tf/kernels/_moe_kernels.so
+	rm -rf $(VENV) build *.egg-info moe_tf/kernels/_moe_kernels*.so

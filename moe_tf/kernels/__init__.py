@@ -6,17 +6,49 @@ the sparse dispatch's gate-weighted sums of rows per token, and their gradient.
 
 import functools
 import os
+from typing import Optional
 
 import tensorflow as tf
 
-LIBRARY = os.path.join(os.path.dirname(__file__), "_moe_kernels.so")
+# The -march levels the kernels are written for, best first, with the /proc/cpuinfo flags
+# each needs (x86-64-v4 implies v3's).
+_X86_64_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+TARGETS = (("x86-64-v4", _X86_64_V3 | {"avx512f", "avx512dq", "avx512bw", "avx512vl",
+                                        "avx512cd"}),
+           ("x86-64-v3", _X86_64_V3))
+
+
+def cpu_flags() -> set:
+    """This CPU's feature flags (empty where /proc/cpuinfo cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f
+                             if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+def target_march(flags: Optional[set] = None) -> Optional[str]:
+    """The -march the kernels are built with on a CPU with `flags` (default: this one's),
+    or None when it has neither AVX-512 nor AVX2 with FMA."""
+    flags = cpu_flags() if flags is None else flags
+    return next((march for march, needs in TARGETS if needs <= flags), None)
+
+
+def library_path(march: str) -> str:
+    """Where the library built with `-march=<march>` is."""
+    return os.path.join(os.path.dirname(__file__), f"_moe_kernels.{march}.so")
+
+
+# The library for this CPU, or None where none can be built.
+LIBRARY = None if target_march() is None else library_path(target_march())
 
 
 @functools.cache
 def op_library():
     """The loaded op library, or None when it has not been built (no compiler, or
     neither AVX-512 nor AVX2 at install time): the layer then runs TensorFlow ops only."""
-    if not os.path.exists(LIBRARY):
+    if LIBRARY is None or not os.path.exists(LIBRARY):
         return None
     try:
         return tf.load_op_library(LIBRARY)

@@ -1,11 +1,12 @@
 """Compiles the layer's CPU kernels: `python -m moe_tf.kernels.build`.
 
-Builds `_moe_kernels.so` from the `.cc` files next to this file with the compiler and
-flags of the installed TensorFlow, for the vector instructions of this CPU: AVX-512
-(x86-64-v4) or AVX2 with FMA (x86-64-v3; simd.h holds both). `make install` runs it. Where it
+Builds `_moe_kernels.<march>.so` from the `.cc` files next to this file with the compiler
+and flags of the installed TensorFlow, for the vector instructions of this CPU: AVX-512
+(`-march=x86-64-v4`) or AVX2 with FMA (`x86-64-v3`; simd.h holds both). `make install` runs it. Where it
 cannot be built (no C++ compiler, neither instruction set) it says so and builds nothing;
-the layer then runs TensorFlow ops only. The library runs on CPUs with the instruction set it
-was built for: build it on the machine that runs it.
+the layer then runs TensorFlow ops only. The library's name says its instruction set, and
+the layer loads the one for the CPU it runs on, so machines of both kinds can share one
+checkout (each builds its own).
 """
 
 import glob
@@ -17,36 +18,11 @@ from typing import Optional
 
 import tensorflow as tf
 
-from moe_tf.kernels import LIBRARY
+from moe_tf.kernels import LIBRARY, target_march
 
 # Every source next to this file, as the Makefile's dependency and setup.py's package data
 # take them (simd.h is included by both).
 SOURCES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.cc")))
-
-# The -march levels the kernels are written for, best first, with the /proc/cpuinfo flags
-# each needs (x86-64-v4 implies v3's).
-_X86_64_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
-TARGETS = (("x86-64-v4", _X86_64_V3 | {"avx512f", "avx512dq", "avx512bw", "avx512vl",
-                                        "avx512cd"}),
-           ("x86-64-v3", _X86_64_V3))
-
-
-def cpu_flags() -> set:
-    """This CPU's feature flags (empty where /proc/cpuinfo cannot be read)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return set(next((line.split(":", 1)[1].split() for line in f
-                             if line.startswith("flags")), []))
-    except OSError:
-        return set()
-
-
-def target_march(flags: Optional[set] = None) -> Optional[str]:
-    """The -march the kernels are built with on a CPU with `flags` (default: this one's),
-    or None when it has neither AVX-512 nor AVX2 with FMA."""
-    flags = cpu_flags() if flags is None else flags
-    return next((march for march, needs in TARGETS if needs <= flags), None)
-
 
 def compiler() -> str:
     return os.environ.get("CXX", "g++")
