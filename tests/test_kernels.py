@@ -39,18 +39,23 @@ def pretend_a_gpu_is_visible(monkeypatch):
 def random_problem(expert_row_counts, d_in, hidden, d_out, padding_rows=3, seed=0):
     rng = np.random.default_rng(seed)
     num_experts, num_rows = len(expert_row_counts), sum(expert_row_counts) + padding_rows
-    weights = [rng.normal(size=shape) for shape in (
-        (num_experts, d_in, hidden), (num_experts, hidden),
-        (num_experts, hidden, d_out), (num_experts, d_out))]
+    # Kernels scaled by 1/sqrt(fan-in) keep every value about 1, so that the tolerances
+    # mean the same at every width.
+    weights = [rng.normal(size=shape) / np.sqrt(fan_in) for shape, fan_in in (
+        ((num_experts, d_in, hidden), d_in), ((num_experts, hidden), 1),
+        ((num_experts, hidden, d_out), hidden), ((num_experts, d_out), 1))]
     return rng.normal(size=(num_rows, d_in)), rng.normal(size=(num_rows, d_out)), weights
 
 
-# Widths cover every column tail of the 64-wide panels (16, 32, 48); the expert row counts
-# every row tail of the 6-row blocks, an expert without rows, and experts whose rows'
-# transposition (16 x 16 blocks, then single rows) has whole blocks and a tail; the last
-# expert's weight gradients sum two chunks of rows (kChunkRows = 512).
+# Widths cover every column tail of AVX-512's 64-wide register blocks (16, 32, 48); the
+# expert row counts every row tail of the 6-row blocks, an expert without rows, and experts
+# whose rows' transposition (16 x 16 or 8 x 8 blocks, then single rows) has whole blocks and
+# a tail; the last expert's weight gradients sum two chunks of rows (kChunkRows = 512), the
+# first of them in two passes over the columns (ColumnsPerPass: 64 at 512 rows), and
+# d_in = 1024 gives the hidden layer, bias included, two passes (32 + 16 columns).
 @pytest.mark.parametrize("d_in, hidden, d_out",
-                         [(16, 48, 80), (32, 64, 16), (48, 112, 96), (64, 32, 64)])
+                         [(16, 48, 80), (32, 64, 16), (48, 112, 96), (64, 32, 64),
+                          (1024, 48, 16)])
 @pytest.mark.parametrize("keep_hidden", [True, False])
 def test_ops_match_numpy(d_in, hidden, d_out, keep_hidden):
     expert_row_counts = [1, 2, 3, 4, 5, 0, 6, 7, 13, 16, 37, 600]
