@@ -4,6 +4,7 @@
     python -m benchmarks.layer_bench --quick          # E = 8, 64; sparse; under a minute
     python -m benchmarks.layer_bench --tokens 16384 --experts 512
     python -m benchmarks.layer_bench --allocator tcmalloc   # tcmalloc for every tensor
+    python -m benchmarks.layer_bench --allocator unpooled   # TensorFlow's default allocator
 
 A step is one layer's forward and backward pass inside a `tf.function`: the loss
 sum(y * dy) (plus the balancing loss for the MoE) and its gradients for the inputs and for
@@ -71,12 +72,16 @@ class Config:
 def allocator_environment(allocator: str) -> dict:
     """Environment variables that make a worker process use `allocator`.
 
-    "tensorflow": TensorFlow's own CPU allocator (a BFC pool); nothing to set.
+    "tensorflow": TensorFlow's pooling (BFC) CPU allocator, which importing moe_tf selects
+    (moe_tf/cpu_allocator.py); nothing to set.
+    "unpooled": TensorFlow's default CPU allocator, which maps each large tensor afresh.
     "tcmalloc": every tensor from tcmalloc (preloaded; the oneDNN build's
     TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1 sends the tensors to the system allocator).
     """
     if allocator == "tensorflow":
         return {}
+    if allocator == "unpooled":
+        return {"TF_CPU_ALLOCATOR_USE_BFC": "false"}
     library = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library(
         "tcmalloc")
     if library is None:
@@ -86,9 +91,12 @@ def allocator_environment(allocator: str) -> dict:
 
 
 def loaded_allocator() -> str:
-    """"tcmalloc" when tcmalloc is mapped into this process, else "tensorflow"."""
+    """"tcmalloc" when tcmalloc is mapped into this process, else "unpooled" where
+    TensorFlow's pool is turned off, else "tensorflow"."""
     with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
-        return "tcmalloc" if "libtcmalloc" in maps.read() else "tensorflow"
+        if "libtcmalloc" in maps.read():
+            return "tcmalloc"
+    return "unpooled" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") == "false" else "tensorflow"
 
 
 def peak_rss_bytes() -> int:
@@ -288,10 +296,12 @@ def _parse_args(argv):
     parser.add_argument("--jit-compile", action="store_true",
                         help="compile every step (the MoE layer's and the dense "
                              "baseline's) with XLA; the sparse path cannot compile")
-    parser.add_argument("--allocator", choices=("tensorflow", "tcmalloc"),
+    parser.add_argument("--allocator", choices=("tensorflow", "unpooled", "tcmalloc"),
                         default="tensorflow",
                         help="CPU memory allocator of the worker processes: TensorFlow's "
-                             "own (default) or tcmalloc for every tensor (needs "
+                             "pooling allocator, as moe_tf selects it (default); "
+                             "TensorFlow's default, which maps each large tensor afresh "
+                             "(unpooled); or tcmalloc for every tensor (needs "
                              "libtcmalloc-minimal4)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

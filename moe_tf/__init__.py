@@ -1,5 +1,9 @@
 """moe_tf: the Sparsely-Gated Mixture-of-Experts layer for TensorFlow and Keras 3."""
 
+from moe_tf.cpu_allocator import prefer_pooled_cpu_allocator
+
+prefer_pooled_cpu_allocator()  # before any tensor exists: see moe_tf/cpu_allocator.py
+
 from moe_tf.config import MoEConfig
 from moe_tf.expert_sharding import ExpertSharding
 from moe_tf.experts import FeedForwardExperts

@@ -83,6 +83,7 @@ def test_layer_bench_can_turn_the_compiled_kernels_off():
 def test_layer_bench_allocator_flag_sets_the_worker_environment(monkeypatch, capsys):
     assert layer_bench._parse_args(["--quick"]).allocator == "tensorflow"
     assert layer_bench.allocator_environment("tensorflow") == {}
+    assert layer_bench.allocator_environment("unpooled") == {"TF_CPU_ALLOCATOR_USE_BFC": "false"}
     monkeypatch.setattr(layer_bench.ctypes.util, "find_library", lambda name: None)
     with pytest.raises(SystemExit) as exit_info:
         layer_bench.main(["--quick", "--allocator", "tcmalloc"])
@@ -90,15 +91,18 @@ def test_layer_bench_allocator_flag_sets_the_worker_environment(monkeypatch, cap
     assert "no tcmalloc library found" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(layer_bench.ctypes.util.find_library("tcmalloc_minimal") is None,
-                    reason="tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
-def test_layer_bench_worker_runs_with_tcmalloc():
-    """A tiny configuration in a real worker process: tcmalloc must be the one loaded
-    (the worker refuses to run otherwise), and the step must be timed."""
+@pytest.mark.parametrize("allocator", [
+    "unpooled",
+    pytest.param("tcmalloc", marks=pytest.mark.skipif(
+        layer_bench.ctypes.util.find_library("tcmalloc_minimal") is None,
+        reason="tcmalloc is not installed (apt-get install libtcmalloc-minimal4)"))])
+def test_layer_bench_worker_runs_with_the_allocator_asked_for(allocator):
+    """A tiny configuration in a real worker process: the allocator asked for must be the
+    one in use (the worker refuses to run otherwise), and the step must be timed."""
     config = layer_bench.Config(num_experts=4, tokens=32, model_dim=16, hidden_size=16,
-                                steps=2, warmup=1, allocator="tcmalloc")
+                                steps=2, warmup=1, allocator=allocator)
     result = layer_bench.run_worker("benchmarks.layer_bench", dataclasses.asdict(config))
-    assert result["config"]["allocator"] == "tcmalloc"
+    assert result["config"]["allocator"] == allocator
     assert len(result["times"]) == 2 and result["peak_rss"] > 0
 
 

@@ -20,8 +20,6 @@
 #include <functional>
 #include <vector>
 
-#include <sys/mman.h>
-
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -235,20 +233,6 @@ void ColumnSums(int64_t m_size, int64_t n_size, const float* x, float* out,
   }
 }
 
-// Asks the kernel to back the pages of [data, data + floats) that are not yet touched with
-// huge pages (2 MiB) where transparent huge pages are on request (`madvise` mode, the
-// default of many distributions). Why: a large output such as the weight gradients of
-// 512 experts (1 GiB each) is often freshly mapped memory at every step, and its first
-// writes cost one page fault per 4 KiB: half a million faults, most of the backward
-// pass's time at 32 rows per expert (measured on a 2-core AMD EPYC). Advisory: nothing
-// changes where it is refused.
-void PreferHugePages(float* data, int64_t floats) {
-  constexpr uintptr_t kHugePage = 2 << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = reinterpret_cast<uintptr_t>(data + floats) & ~(kHugePage - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-}
-
 // Rows of one expert handled together: bounds the per-thread scratch buffers (a chunk's
 // activations and their gradients) and keeps the weight gradients' reductions short
 // enough for a panel of the other operand to stay in L2.
@@ -368,8 +352,6 @@ class GroupedFeedForwardOp : public OpKernel {
     float* hid = hidden->flat<float>().data();
     const float *x = operands.x, *w1 = operands.w1, *b1 = operands.b1, *w2 = operands.w2;
     float* y = outputs->flat<float>().data();
-    PreferHugePages(y, outputs->NumElements());
-    PreferHugePages(hid, hidden->NumElements());
     const float* b2 = bias_out.flat<float>().data();
 
     ForEachExpert(ctx, n, 2 * n.h * (n.d + n.o), [&](int64_t e) {
@@ -435,9 +417,6 @@ class GroupedFeedForwardGradOp : public OpKernel {
     float* dw1_all = d_kernel_in->flat<float>().data();
     float* db1_all = d_bias_in->flat<float>().data();
     float* dw2_all = d_kernel_out->flat<float>().data();
-    PreferHugePages(dx_all, d_inputs->NumElements());
-    PreferHugePages(dw1_all, d_kernel_in->NumElements());
-    PreferHugePages(dw2_all, d_kernel_out->NumElements());
     float* db2_all = d_bias_out->flat<float>().data();
 
     ForEachExpert(ctx, n, 4 * n.h * (n.d + n.o), [&](int64_t e) {
