@@ -16,7 +16,11 @@ tensorflow_text and NumPy (as a serving process would), on the built-in test sen
 - a translation model (`train.nmt` export): translation sentences/s and latency at each
   batch size (at the beam width the model was exported with).
 
-Every batch size is warmed up by one call (tracing) before it is timed. The sentences are
+The serving processes run with TensorFlow's pooling CPU allocator
+(`TF_CPU_ALLOCATOR_USE_BFC=true`, what importing moe_tf selects, and what a serving process
+should set: a batch's `[tokens, vocabulary]` logits are fresh memory at every call otherwise);
+`--allocator unpooled` measures TensorFlow's default. Every batch size is warmed up by one
+call (tracing) before it is timed. The sentences are
 taken in corpus order, so a batch holds sentences of mixed length, as requests do. The
 export's size on disk is reported for every model. Prints a Markdown table; `--json`
 writes the numbers.
@@ -94,6 +98,9 @@ def measure(path: str, args) -> Dict:
     sentences = test_sentences(args.sentences)
     is_translator = "translation" in serve.structured_outputs
     results = {"kind": "translation" if is_translator else "language_model",
+               # TensorFlow's variable, read here without importing the project.
+               "allocator": ("pooled" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") == "true"
+                             else "unpooled"),
                "scoring" if not is_translator else "translation": {},
                "size_mib": directory_mib(path)}
     if not is_translator:
@@ -129,9 +136,20 @@ def measure(path: str, args) -> Dict:
     return results
 
 
-def run_child(name: str, path: str, argv: List[str]) -> Dict:
-    """Measures one SavedModel in a fresh process running this file with --child."""
+def child_environment(allocator: str) -> Dict[str, str]:
+    """The serving process's environment: TensorFlow's pooling CPU allocator ("pooled",
+    bounded by the machine's memory) or its default ("unpooled")."""
+    from moe_tf import cpu_allocator  # here only: the serving process imports none of it
+
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    env[cpu_allocator.USE_POOL] = "true" if allocator == "pooled" else "false"
+    env.setdefault(cpu_allocator.POOL_LIMIT_MIB, str(cpu_allocator.physical_memory_mib()))
+    return env
+
+
+def run_child(name: str, path: str, argv: List[str], allocator: str) -> Dict:
+    """Measures one SavedModel in a fresh process running this file with --child."""
+    env = child_environment(allocator)
     result = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", path,
                              *argv], capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith(_RESULT_PREFIX)]
@@ -172,6 +190,9 @@ def parse_args(argv=None):
                         type=lambda s: [int(v) for v in s.split(",")], default=[1, 32])
     parser.add_argument("--generate_calls", type=int, default=5)
     parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--allocator", choices=("pooled", "unpooled"), default="pooled",
+                        help="TensorFlow's CPU allocator in the serving processes: its "
+                             "pool (TF_CPU_ALLOCATOR_USE_BFC=true) or its default")
     parser.add_argument("--json", help="Write the results here.")
     return parser.parse_args(argv)
 
@@ -193,7 +214,7 @@ def main(argv=None):
         name, _, path = spec.partition("=")
         if not os.path.isdir(path):
             raise SystemExit(f"serving_bench: --model {spec}: no directory {path}")
-        results[name] = run_child(name, path, child_argv)
+        results[name] = run_child(name, path, child_argv, args.allocator)
     print(markdown(results))
     if args.json:
         with open(args.json, "w") as f:

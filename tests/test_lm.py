@@ -313,7 +313,9 @@ def test_score_binary_and_serving_bench_read_the_export(tmp_path, capsys):
     for numbers in [*results["scoring"].values(), *results["generate"].values()]:
         assert numbers["per_second"] > 0 and 0 < numbers["p50_ms"] <= numbers["p99_ms"]
     assert 1 < results["test_perplexity"] < 600 and results["size_mib"] > 0
+    assert results["allocator"] == "pooled"  # as the serving process saw it
     assert "| tiny | sentences scored | 8 |" in capsys.readouterr().out
+    assert serving_bench.child_environment("unpooled")["TF_CPU_ALLOCATOR_USE_BFC"] == "false"
 
 
 def test_restore_trained_model_names_what_is_missing(tmp_path):
