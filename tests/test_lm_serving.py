@@ -122,3 +122,25 @@ def test_transformer_padding_rows_stay_unread(tokenizer):
     np.testing.assert_array_equal(state["readable"], [[True, False, False],
                                                       [False, False, False]])
     assert int(state["slot"]) == 1
+
+
+@pytest.mark.parametrize("architecture", ["moe", "transformer-moe"])
+def test_scoring_a_batch_equals_each_sentence_alone(architecture, tokenizer):
+    """A batch of 80 sentences of mixed lengths (empty and cut ones included) gives every
+    sentence the log-probability of the model run over that sentence alone."""
+    server = make_server(architecture, tokenizer)
+    words = "and the LORD spake unto Moses saying of the children of Israel".split()
+    rng = np.random.default_rng(3)
+    sentences = [" ".join(rng.choice(words, size=rng.integers(0, 12)))
+                 for _ in range(80)]
+    scored = server.score(tf.constant(sentences))
+    ids = tf.concat([tf.fill([len(sentences), 1], BOS_ID), tokenizer.tokenize(
+        tf.constant(sentences)), tf.fill([len(sentences), 1], EOS_ID)], axis=1)
+    for i, row in enumerate(ids.to_list()):
+        row = row[:server.max_length + 1]  # a long sentence is cut (training's cut)
+        logits = server.model(tf.constant([row[:-1]]), training=False)[0].numpy()
+        log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
+            -1, keepdims=True)) - logits.max(-1, keepdims=True)
+        want = sum(log_p[t, token] for t, token in enumerate(row[1:]))
+        np.testing.assert_allclose(scored["log_prob"][i], want, rtol=1e-5, atol=1e-4)
+        assert scored["num_tokens"][i] == len(row) - 1
