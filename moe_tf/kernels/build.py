@@ -37,10 +37,11 @@ def why_not_buildable() -> Optional[str]:
     return None
 
 
-def build(output: str = LIBRARY) -> None:
-    """Compiles the kernels into `output`; raises CalledProcessError on failure."""
+def build(output: str = LIBRARY, march: Optional[str] = None) -> None:
+    """Compiles the kernels into `output` for `-march=<march>` (default: this CPU's);
+    raises CalledProcessError on failure."""
     command = [compiler(), "-shared", "-fPIC", "-O3",
-               f"-march={target_march()}", "-Wno-deprecated-declarations",
+               f"-march={march or target_march()}", "-Wno-deprecated-declarations",
                "-Wno-interference-size", "-o", output + ".tmp", *SOURCES,
                *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
     subprocess.run(command, check=True)
