@@ -74,14 +74,17 @@ def allocator_environment(allocator: str) -> dict:
 
     "tensorflow": TensorFlow's pooling (BFC) CPU allocator, which importing moe_tf selects
     (moe_tf/cpu_allocator.py); nothing to set.
-    "unpooled": TensorFlow's default CPU allocator, which maps each large tensor afresh.
+    "unpooled": every large tensor mapped afresh (TensorFlow's default CPU allocator where
+    oneDNN is off; moe_tf.cpu_allocator.UNPOOLED).
     "tcmalloc": every tensor from tcmalloc (preloaded; the oneDNN build's
     TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1 sends the tensors to the system allocator).
     """
     if allocator == "tensorflow":
         return {}
     if allocator == "unpooled":
-        return {"TF_CPU_ALLOCATOR_USE_BFC": "false"}
+        from moe_tf import cpu_allocator  # here only: the parent process needs no TensorFlow
+
+        return dict(cpu_allocator.UNPOOLED)
     library = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library(
         "tcmalloc")
     if library is None:

@@ -138,11 +138,13 @@ def measure(path: str, args) -> Dict:
 
 def child_environment(allocator: str) -> Dict[str, str]:
     """The serving process's environment: TensorFlow's pooling CPU allocator ("pooled",
-    bounded by the machine's memory) or its default ("unpooled")."""
+    bounded by the machine's memory) or every large tensor mapped afresh ("unpooled",
+    TensorFlow's default where oneDNN is off)."""
     from moe_tf import cpu_allocator  # here only: the serving process imports none of it
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-    env[cpu_allocator.USE_POOL] = "true" if allocator == "pooled" else "false"
+    env.update({cpu_allocator.USE_POOL: "true"} if allocator == "pooled"
+               else cpu_allocator.UNPOOLED)
     env.setdefault(cpu_allocator.POOL_LIMIT_MIB, str(cpu_allocator.physical_memory_mib()))
     return env
 

@@ -8,6 +8,12 @@ TensorFlow's BFC allocator keeps freed memory in a pool instead. TensorFlow read
 at the process's first CPU tensor, so it applies where moe_tf is imported before any tensor
 is made; variables the user has set are kept (`TF_CPU_ALLOCATOR_USE_BFC=false` restores
 TensorFlow's default).
+
+Where TensorFlow turns oneDNN on by default (CPUs with AVX512_VNNI, AVX512_BF16 or AMX),
+its default CPU allocator is oneDNN's, which pools large tensors already; the choice made
+here matters on the others (AVX2 machines, older AVX-512 ones). `UNPOOLED` is the
+environment of a process that maps every large tensor afresh on either kind, for
+benchmarks that measure what the pool buys.
 """
 
 import os
@@ -15,6 +21,9 @@ from typing import MutableMapping
 
 USE_POOL = "TF_CPU_ALLOCATOR_USE_BFC"
 POOL_LIMIT_MIB = "TF_CPU_BFC_MEM_LIMIT_IN_MB"
+# oneDNN's allocator hands every tensor to the system allocator (glibc maps large ones
+# afresh) instead of its own pool.
+UNPOOLED = {USE_POOL: "false", "TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "1"}
 
 
 def physical_memory_mib() -> int:

@@ -83,7 +83,8 @@ def test_layer_bench_can_turn_the_compiled_kernels_off():
 def test_layer_bench_allocator_flag_sets_the_worker_environment(monkeypatch, capsys):
     assert layer_bench._parse_args(["--quick"]).allocator == "tensorflow"
     assert layer_bench.allocator_environment("tensorflow") == {}
-    assert layer_bench.allocator_environment("unpooled") == {"TF_CPU_ALLOCATOR_USE_BFC": "false"}
+    assert layer_bench.allocator_environment("unpooled") == {
+        "TF_CPU_ALLOCATOR_USE_BFC": "false", "TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "1"}
     monkeypatch.setattr(layer_bench.ctypes.util, "find_library", lambda name: None)
     with pytest.raises(SystemExit) as exit_info:
         layer_bench.main(["--quick", "--allocator", "tcmalloc"])

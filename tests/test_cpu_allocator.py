@@ -29,8 +29,8 @@ PAGES_PER_RESULT = (256 << 20) // os.sysconf("SC_PAGE_SIZE")
 
 
 def faults_per_result(**environment) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in (cpu_allocator.USE_POOL,
-                                                            cpu_allocator.POOL_LIMIT_MIB)}
+    env = {k: v for k, v in os.environ.items()
+           if k not in (cpu_allocator.POOL_LIMIT_MIB, *cpu_allocator.UNPOOLED)}
     result = subprocess.run([sys.executable, "-c", FAULTS_PER_RESULT], cwd=ROOT,
                             env=dict(env, TF_CPP_MIN_LOG_LEVEL="3", **environment),
                             capture_output=True, text=True, timeout=120, check=True)
@@ -52,5 +52,5 @@ def test_prefer_pooled_cpu_allocator_keeps_what_the_user_set():
 def test_importing_moe_tf_pools_large_tensors():
     # Pooled: the result's memory is reused (a few pages of bookkeeping at most).
     assert faults_per_result() < 0.05 * PAGES_PER_RESULT
-    # TensorFlow's default, which the user can keep: every page of every result faults.
-    assert faults_per_result(TF_CPU_ALLOCATOR_USE_BFC="false") > 0.5 * PAGES_PER_RESULT
+    # Unpooled (TensorFlow's default where oneDNN is off): every page of every result faults.
+    assert faults_per_result(**cpu_allocator.UNPOOLED) > 0.5 * PAGES_PER_RESULT

@@ -315,7 +315,9 @@ def test_score_binary_and_serving_bench_read_the_export(tmp_path, capsys):
     assert 1 < results["test_perplexity"] < 600 and results["size_mib"] > 0
     assert results["allocator"] == "pooled"  # as the serving process saw it
     assert "| tiny | sentences scored | 8 |" in capsys.readouterr().out
-    assert serving_bench.child_environment("unpooled")["TF_CPU_ALLOCATOR_USE_BFC"] == "false"
+    unpooled = serving_bench.child_environment("unpooled")
+    assert unpooled["TF_CPU_ALLOCATOR_USE_BFC"] == "false"
+    assert unpooled["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] == "1"
 
 
 def test_restore_trained_model_names_what_is_missing(tmp_path):
