@@ -4,7 +4,7 @@
     python -m benchmarks.layer_bench --quick          # E = 8, 64; sparse; under a minute
     python -m benchmarks.layer_bench --tokens 16384 --experts 512
     python -m benchmarks.layer_bench --allocator tcmalloc   # tcmalloc for every tensor
-    python -m benchmarks.layer_bench --allocator unpooled   # TensorFlow's default allocator
+    python -m benchmarks.layer_bench --allocator unpooled   # every large tensor mapped afresh
 
 A step is one layer's forward and backward pass inside a `tf.function`: the loss
 sum(y * dy) (plus the balancing loss for the MoE) and its gradients for the inputs and for
