@@ -267,12 +267,30 @@ def _last(series: Dict[int, float]) -> Optional[float]:
     return series[max(series)] if series else None
 
 
+def run_summaries(model_dir: str) -> Dict:
+    """A finished run's valid-perplexity curve and the balance statistics of its last
+    training window, from its TensorBoard files, kept in `model_dir/summaries.json`: the
+    event files stay out of git, so a fresh checkout rebuilds the table from that file."""
+    path = os.path.join(model_dir, "summaries.json")
+    train = read_scalars(os.path.join(model_dir, "train"))
+    valid_curve = read_scalars(os.path.join(model_dir, "eval")).get("valid_perplexity", {})
+    if not train and not valid_curve and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    summaries = {
+        "valid_perplexity_curve": {str(step): value
+                                   for step, value in sorted(valid_curve.items())},
+        **{name: _last(train.get(f"moe/{name}", {}))
+           for name in ("cv_importance", "cv_load", "max_mean_load")}}
+    write_text_atomically(path, json.dumps(summaries, indent=2))
+    return summaries
+
+
 def collect_row(spec: ModelSpec, metrics: Dict, model_dir: str) -> Dict:
     """One result object: the table's fields, then diagnostics (train perplexity of the
     last logging window, with dropout; the valid-perplexity curve; balance statistics of
     the last logging window of training)."""
-    train = read_scalars(os.path.join(model_dir, "train"))
-    valid_curve = read_scalars(os.path.join(model_dir, "eval")).get("valid_perplexity", {})
+    summaries = run_summaries(model_dir)
     row = {
         "model": spec.name,
         "num_experts": spec.num_experts,
@@ -287,13 +305,11 @@ def collect_row(spec: ModelSpec, metrics: Dict, model_dir: str) -> Dict:
         "seed": spec.seed,
         "train_steps": metrics["global_step"],
         "train_perplexity": math.exp(metrics["final_train_loss"]),
-        "valid_perplexity_curve": {str(step): value
-                                   for step, value in sorted(valid_curve.items())},
+        "valid_perplexity_curve": summaries["valid_perplexity_curve"],
     }
     if spec.is_moe:
-        row.update(cv_importance=_last(train.get("moe/cv_importance", {})),
-                   cv_load=_last(train.get("moe/cv_load", {})),
-                   max_mean_load=_last(train.get("moe/max_mean_load", {})))
+        row.update({name: summaries[name]
+                    for name in ("cv_importance", "cv_load", "max_mean_load")})
     return row
 
 

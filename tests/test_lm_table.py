@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -143,6 +144,14 @@ def test_tiny_table_end_to_end_and_resumed(tmp_path):
     assert stdout.count("complete, skipped") == 3 and "training" not in stdout
     assert metrics.stat().st_mtime_ns == written
     assert markdown.read_text() == text
+
+    # A fresh checkout lacks the TensorBoard files (not committed): the same rows again.
+    assert rows[1]["valid_perplexity_curve"] and rows[1]["cv_load"] is not None
+    for run_directory in output_dir.iterdir():
+        for events in ("train", "eval"):
+            shutil.rmtree(run_directory / events, ignore_errors=True)
+    run_table(output_dir, markdown)
+    assert json.loads((tmp_path / "lm_table.json").read_text()) == rows
 
 
 def test_merge_seed_runs_reports_mean_spread_and_runs():
