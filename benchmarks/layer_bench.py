@@ -95,11 +95,15 @@ def allocator_environment(allocator: str) -> dict:
 
 def loaded_allocator() -> str:
     """"tcmalloc" when tcmalloc is mapped into this process, else "unpooled" where
-    TensorFlow's pool is turned off, else "tensorflow"."""
+    the environment is moe_tf.cpu_allocator.UNPOOLED, else "tensorflow"."""
+    from moe_tf import cpu_allocator
+
     with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
         if "libtcmalloc" in maps.read():
             return "tcmalloc"
-    return "unpooled" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") == "false" else "tensorflow"
+    unpooled = all(os.environ.get(name) == value
+                   for name, value in cpu_allocator.UNPOOLED.items())
+    return "unpooled" if unpooled else "tensorflow"
 
 
 def peak_rss_bytes() -> int:
@@ -303,9 +307,9 @@ def _parse_args(argv):
                         default="tensorflow",
                         help="CPU memory allocator of the worker processes: TensorFlow's "
                              "pooling allocator, as moe_tf selects it (default); "
-                             "TensorFlow's default, which maps each large tensor afresh "
-                             "(unpooled); or tcmalloc for every tensor (needs "
-                             "libtcmalloc-minimal4)")
+                             "every large tensor mapped afresh (unpooled: TensorFlow's "
+                             "default where oneDNN is off); or tcmalloc for every tensor "
+                             "(needs libtcmalloc-minimal4)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.experts and min(args.experts) < Config.k:

@@ -19,11 +19,11 @@ tensorflow_text and NumPy (as a serving process would), on the built-in test sen
 The serving processes run with TensorFlow's pooling CPU allocator
 (`TF_CPU_ALLOCATOR_USE_BFC=true`, what importing moe_tf selects, and what a serving process
 should set: a batch's `[tokens, vocabulary]` logits are fresh memory at every call otherwise);
-`--allocator unpooled` measures TensorFlow's default. Every batch size is warmed up by one
-call (tracing) before it is timed. The sentences are
-taken in corpus order, so a batch holds sentences of mixed length, as requests do. The
-export's size on disk is reported for every model. Prints a Markdown table; `--json`
-writes the numbers.
+`--allocator unpooled` maps every large tensor afresh (TensorFlow's default where oneDNN
+is off). Every batch size is warmed up by one call (tracing) before it is timed. The
+sentences are taken in corpus order, so a batch holds sentences of mixed length, as
+requests do. The export's size on disk is reported for every model. Prints a Markdown
+table; `--json` writes the numbers.
 """
 
 import argparse
@@ -194,7 +194,8 @@ def parse_args(argv=None):
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--allocator", choices=("pooled", "unpooled"), default="pooled",
                         help="TensorFlow's CPU allocator in the serving processes: its "
-                             "pool (TF_CPU_ALLOCATOR_USE_BFC=true) or its default")
+                             "pool (TF_CPU_ALLOCATOR_USE_BFC=true) or every large tensor "
+                             "mapped afresh (moe_tf.cpu_allocator.UNPOOLED)")
     parser.add_argument("--json", help="Write the results here.")
     return parser.parse_args(argv)
 
