@@ -156,11 +156,12 @@ def noisy_top_k_gating(clean_logits: tf.Tensor, k: int, *,
                                    * logits[..., None, :], axis=-1)
         index = top_index[..., :k]
     else:
-        # The k + 1 largest serve the load estimator's threshold; the selection is a top_k
-        # call of its own: as a slice of the k + 1, XLA would sort every row in full
-        # instead of running its TopK twice (see `top_k`).
-        top_values, _ = top_k(logits, min(k + 1, n))
         index = tf.math.top_k(tf.stop_gradient(logits), k=k).indices
+        # With noise the k + 1 largest also serve the load estimator's threshold, from a
+        # top_k call of their own: sliced from one call, XLA would sort every row in full
+        # instead of running its TopK twice (see `top_k`).
+        top_values = (top_k(logits, k + 1)[0] if noisy and k < n
+                      else tf.gather(logits, index, batch_dims=logits.shape.rank - 1))
     chosen = top_values[..., :k]
     if selection_bias is not None:
         chosen -= tf.gather(selection_bias, index)
