@@ -357,7 +357,8 @@ def main(argv=None) -> None:
           f"compiled_kernels={args.compiled_kernels} allocator={args.allocator} "
           f"capacity_group_size={args.capacity_group_size} "
           f"capacity_factor={args.capacity_factor} jit_compile={args.jit_compile} "
-          f"steps={args.steps} (after {base.warmup} warm-up)")
+          f"steps={args.steps} (after {base.warmup} warm-up) "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(format_table(results))
     for path in paths[1:]:
         print(f"({path}) {ratio_line(results, path)}")

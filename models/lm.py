@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from models import transformer
 from models.recorded_config import check_shared_settings, model_config_from_dict
-from moe_tf import MoEConfig, SparselyGatedMoE
+from moe_tf import MoEConfig, PhiloxDropout, SparselyGatedMoE
 
 LSTM_ARCHITECTURES = ("moe", "4xlstm", "moe-1-wide", "moe-1-deep")
 ARCHITECTURES = LSTM_ARCHITECTURES + transformer.TRANSFORMER_ARCHITECTURES
@@ -95,7 +95,7 @@ def _check_transformer_sizes(config: LanguageModelConfig) -> None:
 
 def _residual(x, y, dropout: float, name: str):
     return keras.layers.Add(name=f"{name}_residual")(
-        [x, keras.layers.Dropout(dropout, name=f"{name}_dropout")(y)])
+        [x, PhiloxDropout(dropout, name=f"{name}_dropout")(y)])
 
 
 def _lstm(x, config: LanguageModelConfig, name: str):
@@ -138,7 +138,7 @@ def build_language_model(config: LanguageModelConfig) -> keras.Model:
     ids = keras.Input(shape=(None,), dtype="int32", name="ids")
     x = keras.layers.Embedding(config.vocab_size, config.model_dim, mask_zero=True,
                                name="embedding")(ids)
-    x = keras.layers.Dropout(config.dropout, name="embedding_dropout")(x)
+    x = PhiloxDropout(config.dropout, name="embedding_dropout")(x)
     for block in _blocks(config):
         if block == "middle":
             middle = x

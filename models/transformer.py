@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 import keras
 import tensorflow as tf
 
-from moe_tf import MoEConfig, SparselyGatedMoE
+from moe_tf import MoEConfig, PhiloxDropout, SparselyGatedMoE
 
 if TYPE_CHECKING:
     from models.lm import LanguageModelConfig
@@ -169,7 +169,8 @@ class TransformerBlock(keras.layers.Layer):
             self.ffn_moe = SparselyGatedMoE(config=self.moe, dtype=policy,
                                             name=f"{self.name}_moe")
             self.ffn_moe.build(input_shape)
-        self.residual_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
+        self.residual_dropout = PhiloxDropout(self.dropout, dtype=policy,
+                                              name="residual_dropout")
         for layer in (self.attention_norm, self.attention, self.ffn_norm):
             layer.build(input_shape)
 
@@ -230,7 +231,7 @@ def build_transformer_lm(config: "LanguageModelConfig") -> keras.Model:
     x = keras.layers.Embedding(config.vocab_size, config.model_dim, mask_zero=True,
                                name="embedding")(ids)
     x = PositionalEncoding(name="positions")(x)
-    x = keras.layers.Dropout(config.dropout, name="embedding_dropout")(x)
+    x = PhiloxDropout(config.dropout, name="embedding_dropout")(x)
     for index, name in enumerate(block_names(config)):
         x = TransformerBlock(num_heads=config.num_heads,
                              hidden_size=config.wide_hidden_size, dropout=config.dropout,

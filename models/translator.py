@@ -24,7 +24,7 @@ from models.attention import TanhProductAttention
 from models.projected_lstm import ProjectedLSTM
 from models.special_tokens import PAD_ID
 from models.translation_config import TranslationConfig
-from moe_tf import SparselyGatedMoE
+from moe_tf import PhiloxDropout, SparselyGatedMoE
 
 
 class EncoderOutput(NamedTuple):
@@ -68,7 +68,7 @@ class Translator(keras.Model):
                     "encoder_lstm_2", "encoder_lstm_3", "decoder_lstm_1", "decoder_lstm_2"]
         if config.has_moe:
             branches += ["encoder_moe", "decoder_moe"]
-        self.dropouts = {name: keras.layers.Dropout(config.dropout, name=f"{name}_dropout")
+        self.dropouts = {name: PhiloxDropout(config.dropout, name=f"{name}_dropout")
                          for name in branches}
 
     def build(self, input_shape=None):

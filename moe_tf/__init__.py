@@ -10,6 +10,7 @@ from moe_tf.experts import FeedForwardExperts
 from moe_tf.gates import (GATES, Gate, GateOutput, HierarchicalNoisyTopKGate, NoisyTopKGate,
                           StrictlyBalancedGate, register_gate)
 from moe_tf.metrics import ExpertLoadFraction
+from moe_tf.philox import PhiloxDropout
 from moe_tf.router_gates import ExpertChoiceGate, SoftmaxTopKGate, SwitchGate, TopPGate
 from moe_tf.sparsely_gated_moe import SparselyGatedMoE
 
@@ -24,6 +25,7 @@ __all__ = [
     "HierarchicalNoisyTopKGate",
     "MoEConfig",
     "NoisyTopKGate",
+    "PhiloxDropout",
     "SoftmaxTopKGate",
     "SparselyGatedMoE",
     "StrictlyBalancedGate",

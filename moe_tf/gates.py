@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar, Dict, Mapping, NamedTuple, Optional,
 import keras
 import tensorflow as tf
 
-from moe_tf import gating, routers
+from moe_tf import gating, philox, routers
 from moe_tf.routing import DenseRouting, SlotRouting
 
 
@@ -45,12 +45,6 @@ def mask_as_float(mask: Optional[tf.Tensor], num_tokens) -> tf.Tensor:
     if mask is None:
         return tf.ones([num_tokens], tf.float32)
     return tf.cast(mask, tf.float32)
-
-
-def int32_seed(seed: tf.Tensor) -> tf.Tensor:
-    """A Keras seed generator's int64 `[2]` state as the int32 seed TensorFlow's stateless
-    ops take under XLA, folded as Keras folds it (so the noise is the one Keras draws)."""
-    return tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
 
 
 if TYPE_CHECKING:
@@ -152,14 +146,9 @@ class Gate(keras.layers.Layer):
                                autocast=False)
 
     def _normal(self, shape) -> tf.Tensor:
-        """Standard normal noise `shape`, from the layer's seed generator.
-
-        Philox by name, where keras.random.normal lets TensorFlow choose: without XLA the
-        choice on CPU is Philox (the same numbers), but under XLA it compiles to a generator
-        30x slower on CPU (509 against 17 ms for `[4096, 512]`, most of an E = 512 step).
-        """
-        return tf.random.stateless_normal(shape, seed=int32_seed(self.seed_generator.next()),
-                                          dtype=tf.float32, alg="philox")
+        """Standard normal noise `shape` from the layer's seed generator, by Philox named
+        (see moe_tf/philox.py)."""
+        return philox.normal(shape, self.seed_generator)
 
 
 class _NoisyTopKBase(Gate):

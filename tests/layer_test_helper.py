@@ -16,10 +16,13 @@
   except those named in `float32_sublayers`; `check_mixed_precision` adds layer-specific
   checks.
 `output_of` picks the tensor to check from layers that return a structure.
+`seed_scrambling_xors` tells whether a compiled call draws its random numbers with Philox
+named (`moe_tf.philox`).
 The global dtype policy is never changed here: policies go to the layer's `dtype`.
 """
 
 import os
+import re
 import tempfile
 from typing import Callable, Collection, Optional
 
@@ -147,3 +150,13 @@ def _check_sublayer_dtypes(layer, policy, float32_sublayers):
         want = "float32" if sublayer.name in float32_sublayers else compute_dtype
         assert sublayer.compute_dtype == want, (policy, sublayer.name,
                                                 sublayer.compute_dtype)
+
+
+def seed_scrambling_xors(function, *args) -> int:
+    """xor ops in the HLO XLA compiles `function(*args)` from: TensorFlow's
+    auto-selected algorithm derives its key and counter from the seed by rounds of xors
+    (and compiles 20x slower on a CPU); Philox named has none before XLA's own
+    expansion."""
+    compiled = tf.function(function, jit_compile=True)
+    return len(re.findall(r" xor\(", compiled.experimental_get_compiler_ir(*args)(
+        stage="hlo")))

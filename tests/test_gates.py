@@ -71,24 +71,6 @@ def _noisy_top_k_numpy(clean, raw, noise, k):
     return gates, probs
 
 
-def test_gate_noise_is_keras_normal_of_its_seed_and_philox_under_xla():
-    import keras
-
-    gate = NoisyTopKGate(num_experts=4, k=2, seed=7)
-    keras_generator = keras.random.SeedGenerator(7)
-    for _ in range(2):  # the generators advance alike
-        np.testing.assert_array_equal(gate._normal([64, 8]),
-                                      keras.random.normal([64, 8], seed=keras_generator))
-    # Under XLA (the stateless Philox of the compiled program, not TensorFlow's kernel):
-    # standard normal, independent entries, a new draw at every call.
-    draw = tf.function(lambda: gate._normal([512, 256]), jit_compile=True)
-    first, second = draw().numpy(), draw().numpy()
-    for sample in (first, second):
-        assert abs(sample.mean()) < 0.01 and abs(sample.std() - 1) < 0.01
-        assert abs(np.corrcoef(sample[:, :-1].ravel(), sample[:, 1:].ravel())[0, 1]) < 0.01
-    assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 0.01
-
-
 def test_flat_noisy_gate_matches_numpy():
     gate = NoisyTopKGate(num_experts=5, k=2)
     gate.build((None, 3))

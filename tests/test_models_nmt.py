@@ -18,7 +18,7 @@ from models.translation_config import TRANSLATION_MOE, TranslationConfig, ops_pe
 from models.translator import (Translator, build_translator,
                                params_excluding_embedding_softmax)
 from moe_tf import MoEConfig, SparselyGatedMoE
-from tests.layer_test_helper import run_layer_test
+from tests.layer_test_helper import run_layer_test, seed_scrambling_xors
 
 TINY_MOE = TRANSLATION_MOE.replace(num_experts=4, k=2, hidden_size=8)
 TINY = dict(vocab_size=12, model_dim=8, attention_dim=6, moe=TINY_MOE, dropout=0.0)
@@ -36,6 +36,14 @@ def tiny_model(seed=0, softmax_scale=1.0, eos_bias=0.0, **kwargs):
     model.softmax.bias.assign(model.softmax.bias + eos_bias * np.eye(
         model.config.vocab_size, dtype=np.float32)[EOS_ID])
     return model
+
+
+def test_training_call_under_xla_draws_with_philox_named():
+    """Dropout and gating noise by Philox named (moe_tf.philox; see test_models_lm)."""
+    model = tiny_model(dropout=0.1, moe=TINY_MOE.replace(dispatch="capacity"))
+    source, target = tf.constant([[3, 4, 5, 0]]), tf.constant([[1, 6, 7]])
+    assert seed_scrambling_xors(lambda s, t: model((s, t), training=True), source,
+                                target) == 0
 
 
 # ----------------------------------------------------------------------------- attention
