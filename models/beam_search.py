@@ -36,22 +36,41 @@ def beam_search(model, source, *, beam_width: int, length_penalty_alpha: float,
     sentence's max length) stays in its slot with its score, competing with the
     extensions of the live ones (whose tokens are all ranked together by their scores),
     until every slot has finished. With beam_width 1 this is greedy decoding. Padding and
-    begin-of-sentence are never generated.
+    begin-of-sentence are never generated. A sentence whose slots have all finished
+    leaves the search: later steps decode only the sentences still searching, so a batch
+    costs the sum of its sentences' lengths rather than its longest times its size.
     """
     batch = tf.shape(source)[0]
     beams = beam_width
-    vocab = model.config.vocab_size
+    max_lengths = tf.cast(max_lengths, tf.int32)
+    longest = tf.reduce_max(tf.concat([max_lengths, [0]], 0))
     encoded = tf.nest.map_structure(lambda x: tf.repeat(x, beams, axis=0),  # [B * K, ...]
                                     model.encode(source, training=False))
-    max_lengths = tf.cast(max_lengths, tf.int32)
-    next_log_probs = _next_token_log_probs(model, encoded, batch=batch, beams=beams)
-    initial = _initial_hypotheses(model, batch=batch, beams=beams)
+    searching = (tf.range(batch), max_lengths, encoded,
+                 *_initial_hypotheses(model, batch=batch, beams=beams))
+    found = (tf.zeros([batch, longest], tf.int32), tf.zeros([batch], tf.float32))
+    step = _search_step(model, beams=beams, length_penalty_alpha=length_penalty_alpha,
+                        longest=longest)
+    unknown_batch = lambda t: tf.TensorShape([None]).concatenate(t.shape[1:])
+    invariants = (tf.TensorShape([]), tf.nest.map_structure(lambda t: t.shape, found),
+                  *tf.nest.map_structure(unknown_batch, searching[:3]),
+                  tf.TensorShape([None, beams, None]),
+                  *tf.nest.map_structure(unknown_batch, searching[4:]))
+    steps, (ids, scores), *_ = tf.while_loop(
+        lambda steps, found, sentences, *_: tf.size(sentences) > 0,
+        step, (tf.constant(0), found, *searching), shape_invariants=invariants)
+    return ids[:, :steps], scores
 
-    def not_done(sequences, log_probs, lengths, finished, last, state):
-        return tf.logical_not(tf.reduce_all(finished))
 
-    def step(sequences, log_probs, lengths, finished, last, state):
-        step_log_probs, state = next_log_probs(last, state, finished)       # [B, K, V]
+def _search_step(model, *, beams: int, length_penalty_alpha: float, longest):
+    """The search's loop body: one token for every sentence still searching; sentences
+    whose slots have all finished write their best hypothesis into `found` and leave."""
+    vocab = model.config.vocab_size
+    next_log_probs = _next_token_log_probs(model, beams=beams)
+
+    def step(steps, found, sentences, max_lengths, encoded, sequences, log_probs, lengths,
+             finished, last, state):
+        step_log_probs, state = next_log_probs(last, state, finished, encoded)  # [S, K, V]
         slot, token, log_probs, lengths = _best_extensions(
             log_probs[:, :, None] + step_log_probs,
             lengths + tf.cast(tf.logical_not(finished), tf.int32), length_penalty_alpha,
@@ -62,18 +81,37 @@ def beam_search(model, source, *, beam_width: int, length_penalty_alpha: float,
         finished = tf.logical_or(finished, tf.math.is_inf(log_probs))
         sequences = tf.concat([tf.gather(sequences, slot, batch_dims=1),
                                token[:, :, None]], axis=2)
-        rows = tf.reshape(slot + tf.range(batch)[:, None] * beams, [-1])
-        state = tf.nest.map_structure(lambda s: tf.gather(s, rows), state)
-        return sequences, log_probs, lengths, finished, tf.reshape(token, [-1]), state
+        done = tf.reduce_all(finished, axis=1)                                 # [S]
+        found = _write_found(found, tf.boolean_mask(sentences, done),
+                             tf.boolean_mask(sequences, done),
+                             tf.boolean_mask(log_probs / length_penalty(
+                                 lengths, length_penalty_alpha), done), longest)
+        keep = tf.where(tf.logical_not(done))[:, 0]
+        slot_rows = slot + tf.range(tf.shape(slot)[0])[:, None] * beams     # [S, K]
+        rows = tf.reshape(tf.gather(slot_rows, keep), [-1])
+        kept_rows = tf.reshape(keep[:, None] * beams + tf.range(beams, dtype=tf.int64),
+                               [-1])
+        return (steps + 1, found, tf.gather(sentences, keep), tf.gather(max_lengths, keep),
+                tf.nest.map_structure(lambda e: tf.gather(e, kept_rows), encoded),
+                tf.gather(sequences, keep), tf.gather(log_probs, keep),
+                tf.gather(lengths, keep), tf.gather(finished, keep),
+                tf.gather(tf.reshape(token, [-1]), kept_rows),
+                tf.nest.map_structure(lambda s: tf.gather(s, rows), state))
 
-    invariants = (tf.TensorShape([None, beams, None]),) + tuple(
-        tf.nest.map_structure(lambda t: tf.TensorShape(t.shape), initial[1:]))
-    sequences, log_probs, lengths, _, _, _ = tf.while_loop(
-        not_done, step, initial, shape_invariants=invariants)
-    scores = log_probs / length_penalty(lengths, length_penalty_alpha)
+    return step
+
+
+def _write_found(found, sentences, sequences, scores, longest):
+    """Writes the best of each finished sentence's hypotheses (`sequences` `[F, K, t]`,
+    `scores` `[F, K]`) into `found` (ids `[batch, longest]`, scores `[batch]`) at
+    `sentences` `[F]`."""
     best = tf.argmax(scores, axis=1, output_type=tf.int32)
-    return (tf.gather(sequences, best, batch_dims=1),
-            tf.gather(scores, best, batch_dims=1))
+    ids = tf.gather(sequences, best, batch_dims=1)                           # [F, t]
+    ids = tf.pad(ids, [[0, 0], [0, longest - tf.shape(ids)[1]]])
+    at = sentences[:, None]
+    return (tf.tensor_scatter_nd_update(found[0], at, ids),
+            tf.tensor_scatter_nd_update(found[1], at, tf.gather(scores, best,
+                                                                batch_dims=1)))
 
 
 def _initial_hypotheses(model, *, batch, beams: int):
@@ -87,19 +125,19 @@ def _initial_hypotheses(model, *, batch, beams: int):
             tf.fill([batch * beams], BOS_ID), model.initial_decoder_state(batch * beams))
 
 
-def _next_token_log_probs(model, encoded, *, batch, beams: int):
-    """`(last tokens [B * K], state, finished [B, K]) -> (log P of each next token
-    [B, K, V], next state)`: padding and bos are never generated, and the only
+def _next_token_log_probs(model, *, beams: int):
+    """`(last tokens [S * K], state, finished [S, K], encoded) -> (log P of each next
+    token [S, K, V], next state)`: padding and bos are never generated, and the only
     continuation of a finished slot is padding, at no cost."""
     vocab = model.config.vocab_size
     ids = tf.range(vocab)
     never = tf.logical_or(tf.equal(ids, PAD_ID), tf.equal(ids, BOS_ID))
     finished_row = tf.where(tf.equal(ids, PAD_ID), 0.0, -float("inf"))
 
-    def next_log_probs(last, state, finished):
+    def next_log_probs(last, state, finished, encoded):
         logits, state = model.decode_step(last, state, encoded)
         step_log_probs = tf.where(never, -float("inf"), tf.nn.log_softmax(logits))
-        step_log_probs = tf.reshape(step_log_probs, [batch, beams, vocab])
+        step_log_probs = tf.reshape(step_log_probs, [-1, beams, vocab])
         return tf.where(finished[:, :, None], finished_row, step_log_probs), state
 
     return next_log_probs
