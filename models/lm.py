@@ -21,6 +21,7 @@ import keras
 import tensorflow as tf
 
 from models import transformer
+from models.packed_sequences import PackedSequences, packed_lstm
 from models.recorded_config import check_shared_settings, model_config_from_dict
 from moe_tf import MoEConfig, PhiloxDropout, SparselyGatedMoE
 
@@ -187,21 +188,56 @@ def language_model_step(model: keras.Model, config: LanguageModelConfig, ids: tf
     if config.is_transformer:
         return transformer.transformer_step(model, config, ids, state)
     real = (ids != 0)[:, None]
+    new_state = {}
+
+    def lstm_step(layer: keras.layers.LSTM, x):
+        output, (h, c) = layer.cell(x, state[layer.name], training=False)
+        new_state[layer.name] = [tf.where(real, h, state[layer.name][0]),
+                                 tf.where(real, c, state[layer.name][1])]
+        return output
+
     # A new tensor, without the padding mask Keras attaches (which the cells refuse).
     x = tf.identity(model.get_layer("embedding")(ids))
-    new_state = {}
+    x = _inference_blocks(model, config, x, lstm_step)
+    return model.get_layer("softmax")(x), new_state
+
+
+def packed_hidden_states(model: keras.Model, config: LanguageModelConfig,
+                         packed: PackedSequences) -> tf.Tensor:
+    """What the softmax reads at the real positions of packed ids, for the LSTM models.
+
+    The same values as `model`'s softmax input at `packed.indices` of the padded batch,
+    without computing the padding: each LSTM steps only the rows still running, the
+    MoE and the other layers see the real positions only.
+
+    Args:
+        packed: `pack_sequences` of int32 `[batch, time]` right-padded ids.
+
+    Returns:
+        `[positions, model_dim]`, in `packed`'s order.
+    """
+    if config.is_transformer:
+        raise ValueError("packed_hidden_states runs the LSTM models; "
+                         f"{config.architecture} attends over padded sequences.")
+    x = tf.identity(model.get_layer("embedding")(packed.values))
+    return _inference_blocks(
+        model, config, x,
+        lambda layer, x: packed_lstm(layer, x, packed.batch_sizes))
+
+
+def _inference_blocks(model: keras.Model, config: LanguageModelConfig, x, run_lstm):
+    """The LSTM models' blocks at inference (dropout off) on embedded positions
+    `[..., model_dim]`: each block's output added to x, an LSTM's computed by
+    `run_lstm(layer, x)`, the middle block's as `build_language_model` wires it."""
     for block in _blocks(config):
         if block == "middle":
             middle = x
             for name in _middle_layer_names(config):
-                middle = model.get_layer(name)(middle)
+                middle = model.get_layer(name)(middle, training=False)
             x = x + tf.sigmoid(middle)
-            continue
-        output, (h, c) = model.get_layer(block).cell(x, state[block], training=False)
-        new_state[block] = [tf.where(real, h, state[block][0]),
-                            tf.where(real, c, state[block][1])]
-        x = x + output
-    return model.get_layer("softmax")(x), new_state
+        else:
+            x = x + run_lstm(model.get_layer(block), x)
+    return x
 
 
 def lstm_ops(input_dim: int, units: int) -> int:

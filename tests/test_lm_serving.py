@@ -124,10 +124,12 @@ def test_transformer_padding_rows_stay_unread(tokenizer):
     assert int(state["slot"]) == 1
 
 
-@pytest.mark.parametrize("architecture", ["moe", "transformer-moe"])
+@pytest.mark.parametrize("architecture", ["moe", "4xlstm", "moe-1-deep",
+                                          "transformer-moe"])
 def test_scoring_a_batch_equals_each_sentence_alone(architecture, tokenizer):
     """A batch of 80 sentences of mixed lengths (empty and cut ones included) gives every
-    sentence the log-probability of the model run over that sentence alone."""
+    sentence the log-probability of the model run over that sentence alone (the LSTM
+    models score packed, the Transformers padded)."""
     server = make_server(architecture, tokenizer)
     words = "and the LORD spake unto Moses saying of the children of Israel".split()
     rng = np.random.default_rng(3)
@@ -136,9 +138,12 @@ def test_scoring_a_batch_equals_each_sentence_alone(architecture, tokenizer):
     scored = server.score(tf.constant(sentences))
     ids = tf.concat([tf.fill([len(sentences), 1], BOS_ID), tokenizer.tokenize(
         tf.constant(sentences)), tf.fill([len(sentences), 1], EOS_ID)], axis=1)
+    # One trace for every length (eager LSTMs over 80 shapes take seconds each).
+    run_alone = tf.function(lambda ids: server.model(ids, training=False),
+                            input_signature=[tf.TensorSpec([1, None], tf.int32)])
     for i, row in enumerate(ids.to_list()):
         row = row[:server.max_length + 1]  # a long sentence is cut (training's cut)
-        logits = server.model(tf.constant([row[:-1]]), training=False)[0].numpy()
+        logits = run_alone(tf.constant([row[:-1]]))[0].numpy()
         log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
             -1, keepdims=True)) - logits.max(-1, keepdims=True)
         want = sum(log_p[t, token] for t, token in enumerate(row[1:]))

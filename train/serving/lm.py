@@ -23,7 +23,9 @@ Loading needs `import tensorflow_text` (its ops tokenize) and nothing of this pr
 import keras
 import tensorflow as tf
 
-from models.lm import LanguageModelConfig, initial_state, language_model_step
+from models.lm import (LanguageModelConfig, initial_state, language_model_step,
+                       packed_hidden_states)
+from models.packed_sequences import pack_sequences
 from models.special_tokens import BOS_ID, EOS_ID
 from train.data.text import sentence_sequences
 from train.data.tokenizer import SubwordTokenizer
@@ -37,10 +39,10 @@ class LanguageModelServer(tf.Module):
                  tokenizer: SubwordTokenizer, max_length: int):
         super().__init__(name="language_model_server")
         self.model = model
-        # The model up to its softmax layer: scoring computes the logits of the real
-        # positions only (the softmax is most of a step; padding is about half of a
-        # batch of mixed lengths).
-        self.hidden_states = keras.Model(model.input, model.get_layer("softmax").input)
+        # The Transformers up to their softmax layer: scoring computes the logits of the
+        # real positions only (padding is about half of a batch of mixed lengths).
+        self.hidden_states = (keras.Model(model.input, model.get_layer("softmax").input)
+                              if config.is_transformer else None)
         self.config = config
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -56,9 +58,8 @@ class LanguageModelServer(tf.Module):
         pieces = self.tokenizer.tokenize(text)
         sequences = sentence_sequences(pieces, max_length=self.max_length).to_tensor(0)
         inputs, targets = sequences[:, :-1], sequences[:, 1:]
-        real = tf.where(targets != 0)                                  # [tokens, 2]
-        logits = self.model.get_layer("softmax")(
-            tf.gather_nd(self.hidden_states(inputs, training=False), real))
+        states, real = self.real_position_states(inputs, targets)
+        logits = self.model.get_layer("softmax")(states)
         # -log p(target): cheaper than sparse_softmax_cross_entropy_with_logits, which
         # also writes its gradient, a [tokens, vocab] tensor.
         nll = (tf.reduce_logsumexp(logits, axis=-1)
@@ -88,6 +89,20 @@ class LanguageModelServer(tf.Module):
         return {"text": self.tokenizer.detokenize(
                     tf.ragged.boolean_mask(new_ids, new_ids > EOS_ID)),  # no special ids
                 "num_tokens": tf.reduce_sum(tf.cast(new_ids != 0, tf.int32), axis=1)}
+
+    def real_position_states(self, inputs, targets):
+        """int32 `[batch, time]` inputs and their targets (right-padded) -> what the
+        softmax reads where a target is real `[tokens, model_dim]`, and those positions'
+        (row, step) `[tokens, 2]`.
+
+        The LSTM models run packed (`packed_hidden_states`: no step of padding, about
+        half of a batch of mixed lengths); the Transformers run on the padded batch."""
+        if self.config.is_transformer:
+            real = tf.where(targets != 0)
+            return tf.gather_nd(self.hidden_states(inputs, training=False), real), real
+        # A shorter row's last input is its end-of-sentence, which predicts nothing.
+        packed = pack_sequences(tf.where(targets != 0, inputs, 0))
+        return packed_hidden_states(self.model, self.config, packed), packed.indices
 
     def read_prompts(self, ids, length=None):
         """int32 `[batch, n]` (left-padded) -> the next-token logits `[batch, vocab]`
