@@ -534,8 +534,26 @@ def markdown(rows: Sequence[Dict], ablation: Sequence[Dict], specialisation: Opt
            "comparable with the paper's per-word 1B-word numbers (shown for the trend only). "
            f"Train perplexity: the last {window} training steps, with dropout, of the first "
            "seed. Test ppl: the mean over seeds ± their standard deviation. tokens/s: "
-           "measured while other jobs shared the 2-core machine.", "",
-           "| model | experts | ops/timestep | params excl. emb. + softmax | test ppl | "
+           "measured while other jobs shared the 2-core machine.", ""]
+    out += _family_table(rows)
+    if rows:
+        relative = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(markdown_path)))
+        out += ["", f"![test perplexity against experts]({relative})"]
+    if ablation:
+        out += _ablation_table(ablation, window)
+    if specialisation:
+        out += _specialisation_table(specialisation)
+    facts = _observations(rows)
+    if facts:
+        out += ["", "Observations (generated from the numbers above):", ""]
+        out += [f"- {fact}" for fact in facts]
+    out.append(markers[1])
+    return "\n".join(out)
+
+
+def _family_table(rows: Sequence[Dict]) -> List[str]:
+    """Table 7's rows: one per model, seeds merged."""
+    out = ["| model | experts | ops/timestep | params excl. emb. + softmax | test ppl | "
            "valid ppl | train ppl | best valid ppl (step) | tokens/s | paper test ppl |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -551,45 +569,44 @@ def markdown(rows: Sequence[Dict], ablation: Sequence[Dict], specialisation: Opt
             + (f"{curve[best]:.2f} ({best})" if curve else "-")
             + f" | {r['tokens_per_second']:,.0f} | "
             f"{PAPER_TEST_PERPLEXITY.get(r['model'], '-')} |")
-    if rows:
-        relative = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(markdown_path)))
-        out += ["", f"![test perplexity against experts]({relative})"]
-    if ablation:
-        out += ["", f"### Balancing losses (Table 6, {ablation[0]['model']})", "",
-                f"CV and max/mean load: the last {window} training steps (per-batch values "
-                "averaged); max/mean counts the tokens each expert received.", "",
-                "| w_importance | w_load | test ppl | valid ppl | CV(importance) | CV(load) "
-                "| max/mean load |", "|---|---|---|---|---|---|---|"]
-        for r in ablation:
-            out.append(f"| {r['importance_weight']:g} | {r['load_weight']:g} | "
-                       f"{r['test_perplexity']:.2f} | {r['valid_perplexity']:.2f} | "
-                       f"{_number(r['cv_importance'])} | {_number(r['cv_load'])} | "
-                       f"{_number(r['max_mean_load'])} |")
-    if specialisation:
-        s = specialisation
-        out += ["", f"### Expert specialisation (Table 9, `{os.path.basename(s['model_dir'])}`)",
-                "", f"{s['positions']:,} positions of {s['sentences']} valid-split sentences "
-                f"routed through the trained gate (each position goes to 4 experts); experts with "
-                f"evenly spaced ids. A context "
-                f"is the preceding subwords and, in brackets, the subword at the position "
-                f"(the gate sees the first LSTM's state after reading it). Median over "
-                f"experts of the share of an expert's positions taken by its most frequent "
-                f"subword: {_number(s['median_top_piece_share'], 3)} (whole split: "
-                f"{_number(s['overall_top_piece_share'], 3)}).", "",
-                "| expert | share of positions | most frequent subwords | contexts with the "
-                "highest gate values |", "|---|---|---|---|"]
-        for e in s["experts"]:
-            frequent = ", ".join(f"`{p}` {n}" for p, n in e["frequent_pieces"])
-            contexts = "<br>".join(f"{c['gate']:.2f}: {c['context']}".replace("|", "\\|")
-                                   for c in e["top_contexts"])
-            out.append(f"| {e['expert']} | {e['share_of_positions']:.1%} | {frequent} | "
-                       f"{contexts} |")
-    facts = _observations(rows)
-    if facts:
-        out += ["", "Observations (generated from the numbers above):", ""]
-        out += [f"- {fact}" for fact in facts]
-    out.append(markers[1])
-    return "\n".join(out)
+    return out
+
+
+def _ablation_table(ablation: Sequence[Dict], window: int) -> List[str]:
+    """Table 6: the balancing losses' weights against perplexity and balance."""
+    out = ["", f"### Balancing losses (Table 6, {ablation[0]['model']})", "",
+           f"CV and max/mean load: the last {window} training steps (per-batch values "
+           "averaged); max/mean counts the tokens each expert received.", "",
+           "| w_importance | w_load | test ppl | valid ppl | CV(importance) | CV(load) "
+           "| max/mean load |", "|---|---|---|---|---|---|---|"]
+    for r in ablation:
+        out.append(f"| {r['importance_weight']:g} | {r['load_weight']:g} | "
+                   f"{r['test_perplexity']:.2f} | {r['valid_perplexity']:.2f} | "
+                   f"{_number(r['cv_importance'])} | {_number(r['cv_load'])} | "
+                   f"{_number(r['max_mean_load'])} |")
+    return out
+
+
+def _specialisation_table(s: Dict) -> List[str]:
+    """Table 9: what some experts receive (`expert_specialisation`'s report)."""
+    out = ["", f"### Expert specialisation (Table 9, `{os.path.basename(s['model_dir'])}`)",
+           "", f"{s['positions']:,} positions of {s['sentences']} valid-split sentences "
+           f"routed through the trained gate (each position goes to 4 experts); experts with "
+           f"evenly spaced ids. A context "
+           f"is the preceding subwords and, in brackets, the subword at the position "
+           f"(the gate sees the first LSTM's state after reading it). Median over "
+           f"experts of the share of an expert's positions taken by its most frequent "
+           f"subword: {_number(s['median_top_piece_share'], 3)} (whole split: "
+           f"{_number(s['overall_top_piece_share'], 3)}).", "",
+           "| expert | share of positions | most frequent subwords | contexts with the "
+           "highest gate values |", "|---|---|---|---|"]
+    for e in s["experts"]:
+        frequent = ", ".join(f"`{p}` {n}" for p, n in e["frequent_pieces"])
+        contexts = "<br>".join(f"{c['gate']:.2f}: {c['context']}".replace("|", "\\|")
+                               for c in e["top_contexts"])
+        out.append(f"| {e['expert']} | {e['share_of_positions']:.1%} | {frequent} | "
+                   f"{contexts} |")
+    return out
 
 
 def replace_block(document: str, block: str,
@@ -697,82 +714,96 @@ def table_text(preset_name: str, preset: Dict, steps: int, epochs: Optional[floa
                       f"(issue 19; Tables 6, 7, 9)")
 
 
+def finished_runs(specs: Sequence[ModelSpec], output_dir: str, steps: int) -> List[Dict]:
+    """The rows of the runs among `specs` that trained all `steps`."""
+    rows = []
+    for spec in specs:
+        model_dir = os.path.join(output_dir, spec.directory)
+        metrics = read_metrics(model_dir, steps)
+        if metrics is not None:
+            rows.append(collect_row(spec, metrics, model_dir))
+    return rows
+
+
+def training_epochs(seed_runs: Dict[str, List[ModelSpec]], output_dir: str, steps: int,
+                    preset: Dict) -> Optional[float]:
+    """Training epochs of one run, from the corpus's subword count (cached beside the
+    results once a run has finished; None before)."""
+    first = [spec for spec in run_order(seed_runs)
+             if read_metrics(os.path.join(output_dir, spec.directory), steps)]
+    if not first:
+        return None
+    cache = output_dir + "_corpus.json"
+    if not os.path.exists(cache):
+        subwords = corpus_subwords(os.path.join(output_dir, first[0].directory),
+                                   preset.get("data", "builtin:en"))
+        write_text_atomically(cache, json.dumps({"train_subwords": subwords}))
+    with open(cache, encoding="utf-8") as f:
+        return steps * preset["batch_tokens"] / json.load(f)["train_subwords"]
+
+
+def specialisation_report(model: str, output_dir: str, steps: int) -> Optional[Dict]:
+    """Table 9's report of `model`'s finished run (None before it finishes), cached
+    beside the results and recomputed when the cache is of another run or fewer steps."""
+    model_dir = os.path.join(output_dir, model.lower())
+    metrics = read_metrics(model_dir, steps)
+    if metrics is None:
+        return None
+    cache = output_dir + "_specialisation.json"
+    if os.path.exists(cache):
+        with open(cache, encoding="utf-8") as f:
+            report = json.load(f)
+        if (report["model_dir"], report.get("global_step")) == (model_dir,
+                                                                 metrics["global_step"]):
+            return report
+    report = dict(expert_specialisation(model_dir), global_step=metrics["global_step"])
+    write_text_atomically(cache, json.dumps(report, indent=2))
+    return report
+
+
+def write_outputs(args: argparse.Namespace, preset: Dict, steps: int, output_dir: str) -> None:
+    """The table's JSON files, plot and Markdown block from the runs finished so far."""
+    rows = []
+    for runs in args.seed_runs.values():
+        finished = finished_runs(runs, output_dir, steps)
+        if finished and finished[0]["seed"] == 0:  # a row once its first seed is in
+            rows.append(merge_seed_runs(finished, train_tokens=steps * preset["batch_tokens"]))
+    ablation = finished_runs(ablation_runs(args), output_dir, steps)
+    ablation.sort(key=lambda r: (r["importance_weight"], r["load_weight"]))
+    specialisation = (specialisation_report(args.specialisation_model, output_dir, steps)
+                      if args.specialisation_model else None)
+    write_text_atomically(output_dir + ".json", json.dumps(rows, indent=2))
+    write_text_atomically(output_dir + "_ablation.json", json.dumps(ablation, indent=2))
+    if rows:
+        plot(rows, output_dir + ".png")
+    markers = block_markers(output_dir)
+    update_markdown(args.markdown, markdown(
+        rows, ablation, specialisation, window=preset["log_every"],
+        plot_path=output_dir + ".png", markdown_path=args.markdown, markers=markers,
+        **table_text(args.preset, preset, steps,
+                     training_epochs(args.seed_runs, output_dir, steps, preset))), markers)
+
+
+def ablation_runs(args: argparse.Namespace) -> List[ModelSpec]:
+    """Table 6's runs: the ablated model's main run (its (0.1, 0.1) row) and the others."""
+    return [s for s in FAMILY if s.name == args.ablation_model] + args.ablation_specs
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
     steps = args.train_steps or preset["train_steps"]
     output_dir = os.path.abspath(args.output_dir)
-    markers = block_markers(output_dir)
     for spec in args.specs + args.ablation_specs:  # every size error before any training
         matched_hidden_size(spec, model_dim=preset["model_dim"])
-    # The ablation's (0.1, 0.1) row is the main run of its model.
-    ablation_rows = [s for s in FAMILY if s.name == args.ablation_model] + args.ablation_specs
-    corpus_cache = output_dir + "_corpus.json"
-
-    def finished_runs(specs) -> List[Dict]:
-        rows = []
-        for spec in specs:
-            model_dir = os.path.join(output_dir, spec.directory)
-            metrics = read_metrics(model_dir, steps)
-            if metrics is not None:
-                rows.append(collect_row(spec, metrics, model_dir))
-        return rows
-
-    def epochs() -> Optional[float]:
-        """Training epochs of one run, from the corpus's subword count (cached)."""
-        first = [spec for spec in run_order(args.seed_runs)
-                 if read_metrics(os.path.join(output_dir, spec.directory), steps)]
-        if not first:
-            return None
-        if not os.path.exists(corpus_cache):
-            subwords = corpus_subwords(os.path.join(output_dir, first[0].directory),
-                                       preset.get("data", "builtin:en"))
-            write_text_atomically(corpus_cache, json.dumps({"train_subwords": subwords}))
-        with open(corpus_cache, encoding="utf-8") as f:
-            return steps * preset["batch_tokens"] / json.load(f)["train_subwords"]
-
-    def write_outputs():
-        rows = []
-        for runs in args.seed_runs.values():
-            finished = finished_runs(runs)
-            if finished and finished[0]["seed"] == 0:  # a row once its first seed is in
-                rows.append(merge_seed_runs(finished,
-                                            train_tokens=steps * preset["batch_tokens"]))
-        ablation = finished_runs(ablation_rows)
-        ablation.sort(key=lambda r: (r["importance_weight"], r["load_weight"]))
-        specialisation = None
-        if args.specialisation_model:
-            spec_dir = os.path.join(output_dir, args.specialisation_model.lower())
-            cache = output_dir + "_specialisation.json"
-            metrics = read_metrics(spec_dir, steps)
-            if metrics is not None:
-                if os.path.exists(cache):
-                    with open(cache, encoding="utf-8") as f:
-                        specialisation = json.load(f)
-                # Recomputed when the cache is of another run or of fewer steps.
-                if specialisation is None or (
-                        specialisation["model_dir"], specialisation.get("global_step")) != (
-                        spec_dir, metrics["global_step"]):
-                    specialisation = dict(expert_specialisation(spec_dir),
-                                          global_step=metrics["global_step"])
-                    write_text_atomically(cache, json.dumps(specialisation, indent=2))
-        write_text_atomically(output_dir + ".json", json.dumps(rows, indent=2))
-        write_text_atomically(output_dir + "_ablation.json", json.dumps(ablation, indent=2))
-        if rows:
-            plot(rows, output_dir + ".png")
-        update_markdown(args.markdown, markdown(
-            rows, ablation, specialisation, window=preset["log_every"],
-            plot_path=output_dir + ".png", markdown_path=args.markdown, markers=markers,
-            **table_text(args.preset, preset, steps, epochs())), markers)
-
     failed = []
     runs = run_order(args.seed_runs) + args.ablation_specs
     for spec in runs:
         if not run_model(spec, output_dir=output_dir, preset=preset, train_steps=steps):
             failed.append(spec.directory)
-        write_outputs()
+        write_outputs(args, preset, steps, output_dir)
     if not runs:
-        write_outputs()
+        write_outputs(args, preset, steps, output_dir)
     print(f"[lm_table] results: {output_dir}.json, {args.markdown}", flush=True)
     if failed:
         print(f"[lm_table] failed: {', '.join(failed)} (rerun to resume them)", flush=True)
