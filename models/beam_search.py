@@ -65,16 +65,16 @@ def beam_search(model, source, *, beam_width: int, length_penalty_alpha: float,
 def _search_step(model, *, beams: int, length_penalty_alpha: float, longest):
     """The search's loop body: one token for every sentence still searching; sentences
     whose slots have all finished write their best hypothesis into `found` and leave."""
-    vocab = model.config.vocab_size
-    next_log_probs = _next_token_log_probs(model, beams=beams)
+    next_candidates = _next_token_candidates(model, beams=beams)
 
     def step(steps, found, sentences, max_lengths, encoded, sequences, log_probs, lengths,
              finished, last, state):
-        step_log_probs, state = next_log_probs(last, state, finished, encoded)  # [S, K, V]
+        tokens, token_log_probs, state = next_candidates(last, state, finished,
+                                                         encoded)             # [S, K, C]
         slot, token, log_probs, lengths = _best_extensions(
-            log_probs[:, :, None] + step_log_probs,
+            log_probs[:, :, None] + token_log_probs, tokens,
             lengths + tf.cast(tf.logical_not(finished), tf.int32), length_penalty_alpha,
-            beams=beams, vocab=vocab)
+            beams=beams)
         finished = tf.logical_or(tf.gather(finished, slot, batch_dims=1), tf.logical_or(
             tf.equal(token, EOS_ID), lengths >= max_lengths[:, None]))
         # A slot that only -inf candidates could fill is dead: never a result.
@@ -125,32 +125,51 @@ def _initial_hypotheses(model, *, batch, beams: int):
             tf.fill([batch * beams], BOS_ID), model.initial_decoder_state(batch * beams))
 
 
-def _next_token_log_probs(model, *, beams: int):
-    """`(last tokens [S * K], state, finished [S, K], encoded) -> (log P of each next
-    token [S, K, V], next state)`: padding and bos are never generated, and the only
-    continuation of a finished slot is padding, at no cost."""
+def _next_token_candidates(model, *, beams: int):
+    """`(last tokens [S * K], state, finished [S, K], encoded) -> (each slot's best next
+    tokens [S, K, C], their log P [S, K, C], next state)`.
+
+    Only a slot's K best continuations can be among the K best of all slots, so each
+    slot offers C = min(K + 2, V): its K best and two more for padding and bos, which are
+    never generated (-inf). A finished slot offers padding only, at no cost. Ranking K + 2
+    tokens per slot rather than all V of every slot (and normalising only those) spares
+    the search most of its passes over `[S * K, V]`.
+    """
     vocab = model.config.vocab_size
-    ids = tf.range(vocab)
-    never = tf.logical_or(tf.equal(ids, PAD_ID), tf.equal(ids, BOS_ID))
-    finished_row = tf.where(tf.equal(ids, PAD_ID), 0.0, -float("inf"))
+    candidates = min(beams + 2, vocab)
+    finished_tokens = tf.constant([PAD_ID] * candidates)
+    finished_log_probs = tf.constant([0.0] + [-float("inf")] * (candidates - 1))
 
-    def next_log_probs(last, state, finished, encoded):
-        logits, state = model.decode_step(last, state, encoded)
-        step_log_probs = tf.where(never, -float("inf"), tf.nn.log_softmax(logits))
-        step_log_probs = tf.reshape(step_log_probs, [-1, beams, vocab])
-        return tf.where(finished[:, :, None], finished_row, step_log_probs), state
+    def next_candidates(last, state, finished, encoded):
+        logits, state = model.decode_step(last, state, encoded)               # [S * K, V]
+        top_logits, tokens = tf.math.top_k(logits, k=candidates)
+        # log P as tf.nn.log_softmax computes it: (logit - max) - log sum exp(. - max).
+        most = tf.reduce_max(logits, axis=-1, keepdims=True)
+        log_probs = (top_logits - most) - tf.math.log(
+            tf.reduce_sum(tf.exp(logits - most), axis=-1, keepdims=True))
+        never = tf.logical_or(tf.equal(tokens, PAD_ID), tf.equal(tokens, BOS_ID))
+        log_probs = tf.reshape(tf.where(never, -float("inf"), log_probs),
+                               [-1, beams, candidates])
+        tokens = tf.reshape(tokens, [-1, beams, candidates])
+        ended = finished[:, :, None]
+        return (tf.where(ended, finished_tokens, tokens),
+                tf.where(ended, finished_log_probs, log_probs), state)
 
-    return next_log_probs
+    return next_candidates
 
 
-def _best_extensions(candidates, lengths, length_penalty_alpha: float, *, beams: int,
-                     vocab: int):
-    """The `beams` best of all slots' candidates (log P `[B, K, V]`, of lengths `[B, K]`)
-    under log P / lp: the slot each extends, its token, log P and length, all `[B, K]`."""
+def _best_extensions(candidates, tokens, lengths, length_penalty_alpha: float, *,
+                     beams: int):
+    """The `beams` best of all slots' candidates (log P `[B, K, C]` of the tokens
+    `[B, K, C]`, each slot's of length `[B, K]`) under log P / lp: the slot each extends,
+    its token, log P and length, all `[B, K]`. Ties go to the lower slot, then to the
+    candidate ranked first (the lower token among equal log P)."""
     batch = tf.shape(candidates)[0]
+    offered = candidates.shape[-1]
     scores = candidates / length_penalty(lengths, length_penalty_alpha)[:, :, None]
-    _, top = tf.math.top_k(tf.reshape(scores, [batch, beams * vocab]), k=beams)
-    slot, token = top // vocab, top % vocab                                  # [B, K]
-    log_probs = tf.gather(tf.reshape(candidates, [batch, beams * vocab]), top,
-                          batch_dims=1)
-    return slot, token, log_probs, tf.gather(lengths, slot, batch_dims=1)
+    _, top = tf.math.top_k(tf.reshape(scores, [batch, beams * offered]), k=beams)
+    slot = top // offered                                                     # [B, K]
+    flat = lambda t: tf.reshape(t, [batch, beams * offered])
+    return (slot, tf.gather(flat(tokens), top, batch_dims=1),
+            tf.gather(flat(candidates), top, batch_dims=1),
+            tf.gather(lengths, slot, batch_dims=1))
