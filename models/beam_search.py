@@ -142,9 +142,9 @@ def _next_token_candidates(model, *, beams: int):
 
     def next_candidates(last, state, finished, encoded):
         logits, state = model.decode_step(last, state, encoded)               # [S * K, V]
-        top_logits, tokens = tf.math.top_k(logits, k=candidates)
+        top_logits, tokens = top_k_by_blocks(logits, candidates)
         # log P as tf.nn.log_softmax computes it: (logit - max) - log sum exp(. - max).
-        most = tf.reduce_max(logits, axis=-1, keepdims=True)
+        most = top_logits[:, :1]
         log_probs = (top_logits - most) - tf.math.log(
             tf.reduce_sum(tf.exp(logits - most), axis=-1, keepdims=True))
         never = tf.logical_or(tf.equal(tokens, PAD_ID), tf.equal(tokens, BOS_ID))
@@ -173,3 +173,26 @@ def _best_extensions(candidates, tokens, lengths, length_penalty_alpha: float, *
     return (slot, tf.gather(flat(tokens), top, batch_dims=1),
             tf.gather(flat(candidates), top, batch_dims=1),
             tf.gather(lengths, slot, batch_dims=1))
+
+
+# Elements per block of `top_k_by_blocks`.
+TOP_K_BLOCK = 128
+
+
+def top_k_by_blocks(values, k: int):
+    """`tf.math.top_k(values, k)` of `[rows, n]` (static n), ties included (the lower
+    index first), found among the k blocks of `TOP_K_BLOCK` elements with the largest
+    maxima: a block holding one of the k largest elements is among them. TensorFlow's CPU
+    top-k takes about 2 ns an element for a small k (9.5 ms for `[512, 8192]`); one max
+    per block and a top-k over k blocks' elements take a fraction of that. Falls back to
+    `tf.math.top_k` where n is not a multiple of the block or has fewer than k blocks."""
+    n = values.shape[-1]
+    if n is None or n % TOP_K_BLOCK or n // TOP_K_BLOCK < k:
+        return tf.math.top_k(values, k=k)
+    blocks = tf.reshape(values, [-1, n // TOP_K_BLOCK, TOP_K_BLOCK])
+    _, chosen = tf.math.top_k(tf.reduce_max(blocks, axis=-1), k=k)          # [rows, k]
+    chosen = tf.sort(chosen, axis=-1)  # by index, so that ties go to the lower index
+    top, at = tf.math.top_k(tf.reshape(tf.gather(blocks, chosen, batch_dims=1),
+                                       [-1, k * TOP_K_BLOCK]), k=k)
+    return top, tf.gather(chosen, at // TOP_K_BLOCK, batch_dims=1) * TOP_K_BLOCK + (
+        at % TOP_K_BLOCK)

@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 from models.attention import TanhProductAttention
-from models.beam_search import beam_search
+from models import beam_search as beam_search_module
+from models.beam_search import beam_search, top_k_by_blocks
 from models.projected_lstm import ProjectedLSTM
 from models.special_tokens import BOS_ID, EOS_ID, PAD_ID
 from models.translation_config import TRANSLATION_MOE, TranslationConfig, ops_per_timestep
@@ -476,8 +477,13 @@ def test_beam_search_against_brute_force(seed, softmax_scale, eos_bias, alpha):
     assert max(greedy_gaps) > 0.1  # the model is one where greedy decoding falls short
 
 
+@pytest.mark.parametrize("block", [beam_search_module.TOP_K_BLOCK, 1])
 @pytest.mark.parametrize("seed,softmax_scale,eos_bias", HARD_MODELS)
-def test_beam_search_matches_a_python_reference(seed, softmax_scale, eos_bias):
+def test_beam_search_matches_a_python_reference(seed, softmax_scale, eos_bias, block,
+                                                monkeypatch):
+    # Block 1 takes the slots' candidates through top_k_by_blocks (7 tokens are too
+    # few blocks of the default size).
+    monkeypatch.setattr(beam_search_module, "TOP_K_BLOCK", block)
     model = tiny_model(seed=seed, softmax_scale=softmax_scale, eos_bias=eos_bias,
                        vocab_size=7)
     log_probs = [next_token_log_probs(model, source, MAX_LENGTH) for source in SOURCES]
@@ -499,3 +505,17 @@ def test_beam_search_respects_each_sentences_max_length():
         assert 1 <= len(sequence) <= max_lengths[row]
         assert EOS_ID not in sequence[:-1]
         assert not set(sequence) & {PAD_ID, BOS_ID}
+
+
+@pytest.mark.parametrize("k", [1, 6, 8])
+def test_top_k_by_blocks_matches_numpy_ties_included(k):
+    rng = np.random.default_rng(k)
+    values = np.round(rng.normal(size=[6, 1024]) * 2).astype(np.float32)  # many ties
+    values[1] = 0.0                                  # a row of equal values
+    values[2, :1000] = -np.inf                       # fewer finite values than blocks
+    values[3, 5::128] = 9.0                          # the k largest in different blocks
+    values[4, 256:262] = 9.0                         # ... and all in one block
+    top, ids = top_k_by_blocks(tf.constant(values), k)
+    expected_ids = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(top, np.take_along_axis(values, expected_ids, axis=1))
