@@ -171,6 +171,14 @@ class MoEConfig:
         balanced gate sends k per token on average)."""
         return self.primary_k * self.k
 
+    @property
+    def depends_on_token_order(self) -> bool:
+        """Whether, at inference, a token's output can change with the order of the
+        call's tokens: the capacity dispatch fills the experts' slots (and forms its
+        groups) in token order and drops what overflows; with the sparse dispatch every
+        gate routes a call's tokens as a set (expert choice too) and nothing is dropped."""
+        return self.dispatch == "capacity"
+
     def ops_per_token(self, input_dim: int) -> int:
         """Forward multiply-adds per token, as the paper's Table 7 counts them: the gate's
         x W_g over all experts (or over the groups plus the `group_k` picked groups'

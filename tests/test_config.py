@@ -195,3 +195,24 @@ def test_compiled_kernels_true_names_why_they_cannot_run():
     if kernels.op_library() is None:
         with pytest.raises(ValueError, match="not built"):
             kernels.op_library_for(tf.zeros([2, 16]), required=True)
+
+
+@pytest.mark.parametrize("dispatch", ["sparse", "capacity"])
+@pytest.mark.parametrize("gating", sorted(GATES))
+def test_depends_on_token_order_says_whether_shuffling_changes_the_outputs(gating,
+                                                                           dispatch):
+    """At inference, every token's output is the same in a shuffled call exactly where the
+    config says so (packed scoring, which reorders the tokens, relies on it)."""
+    settings = dict(capacity_factor=0.5) if dispatch == "capacity" else {}
+    config = MoEConfig(num_experts=4, k=1 if gating == "switch" else 2, hidden_size=8,
+                       gating=gating, dispatch=dispatch, **settings)
+    layer = SparselyGatedMoE(config=config)
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=[24, 6]).astype(np.float32)
+    layer(tokens)
+    for weight in layer.weights:  # gates away from their all-equal zero start
+        weight.assign(rng.normal(0.0, 0.5, weight.shape).astype(np.float32))
+    order = rng.permutation(len(tokens))
+    together = layer(tokens, training=False).numpy()
+    shuffled = layer(tokens[order], training=False).numpy()[np.argsort(order)]
+    assert np.allclose(together, shuffled, atol=1e-5) != config.depends_on_token_order

@@ -36,11 +36,11 @@ def tokenizer(vocabulary):
     return SubwordTokenizer(vocabulary)
 
 
-def make_server(architecture, tokenizer):
+def make_server(architecture, tokenizer, **moe_settings):
     config = LanguageModelConfig(
         architecture=architecture, vocab_size=tokenizer.vocab_size, model_dim=16,
-        moe=MoEConfig(num_experts=4, k=2, hidden_size=8), dropout=0.0, num_layers=2,
-        num_heads=2)
+        moe=MoEConfig(num_experts=4, k=2, hidden_size=8, **moe_settings), dropout=0.0,
+        num_layers=2, num_heads=2)
     model = build_language_model(config)
     rng = np.random.default_rng(0)
     for weight in model.weights:  # far from the initial near-uniform predictions
@@ -149,3 +149,26 @@ def test_scoring_a_batch_equals_each_sentence_alone(architecture, tokenizer):
         want = sum(log_p[t, token] for t, token in enumerate(row[1:]))
         np.testing.assert_allclose(scored["log_prob"][i], want, rtol=1e-5, atol=1e-4)
         assert scored["num_tokens"][i] == len(row) - 1
+
+
+def test_capacity_dispatch_scores_as_the_padded_batch(tokenizer):
+    """The capacity dispatch's drops depend on the order of a call's tokens, so such a
+    model scores a batch padded, as the model runs it in training, not packed."""
+    server = make_server("moe", tokenizer, dispatch="capacity", capacity_factor=0.5)
+    assert server.config.moe.depends_on_token_order
+    sentences = ["and the LORD spake unto Moses", "of the children of Israel", "",
+                 "saying unto the children and the LORD"]
+    scored = server.score(tf.constant(sentences))["log_prob"].numpy()
+    ids = tf.concat([tf.fill([len(sentences), 1], BOS_ID),
+                     tokenizer.tokenize(tf.constant(sentences)),
+                     tf.fill([len(sentences), 1], EOS_ID)], axis=1)
+    rows = ids.to_tensor(0).numpy()[:, :server.max_length + 1]  # training's cut
+    # As training runs the batch: a shorter row's eos is an input too (its target is
+    # padding), and takes its share of the experts' slots.
+    logits = server.model(tf.constant(rows[:, :-1]), training=False).numpy().astype(
+        np.float64)
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    want = [sum(log_p[i, t, token] for t, token in enumerate(row[1:]) if token)
+            for i, row in enumerate(rows)]
+    np.testing.assert_allclose(scored, want, rtol=1e-5)

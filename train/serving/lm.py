@@ -39,10 +39,9 @@ class LanguageModelServer(tf.Module):
                  tokenizer: SubwordTokenizer, max_length: int):
         super().__init__(name="language_model_server")
         self.model = model
-        # The Transformers up to their softmax layer: scoring computes the logits of the
-        # real positions only (padding is about half of a batch of mixed lengths).
-        self.hidden_states = (keras.Model(model.input, model.get_layer("softmax").input)
-                              if config.is_transformer else None)
+        # The model up to its softmax layer, for the models scored padded: scoring
+        # computes the logits of the real positions only.
+        self.hidden_states = keras.Model(model.input, model.get_layer("softmax").input)
         self.config = config
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -96,8 +95,10 @@ class LanguageModelServer(tf.Module):
         (row, step) `[tokens, 2]`.
 
         The LSTM models run packed (`packed_hidden_states`: no step of padding, about
-        half of a batch of mixed lengths); the Transformers run on the padded batch."""
-        if self.config.is_transformer:
+        half of a batch of mixed lengths), which hands the MoE the same tokens in another
+        order; the Transformers, and an MoE whose drops depend on that order (the capacity
+        dispatch), run on the padded batch, as in training."""
+        if self.config.is_transformer or self.config.moe.depends_on_token_order:
             real = tf.where(targets != 0)
             return tf.gather_nd(self.hidden_states(inputs, training=False), real), real
         # A shorter row's last input is its end-of-sentence, which predicts nothing.
