@@ -48,6 +48,12 @@ def make_server(architecture, tokenizer, **moe_settings):
     return LanguageModelServer(model, config, tokenizer, max_length=24)
 
 
+def log_softmax(logits):
+    """NumPy log-probabilities over the last axis, in float64."""
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
 def prompt_ids(tokenizer):
     pieces = tokenizer.tokenize(tf.constant(PROMPTS))
     return left_padded(tf.concat([tf.fill([len(PROMPTS), 1], BOS_ID), pieces], axis=1))
@@ -143,9 +149,7 @@ def test_scoring_a_batch_equals_each_sentence_alone(architecture, tokenizer):
                             input_signature=[tf.TensorSpec([1, None], tf.int32)])
     for i, row in enumerate(ids.to_list()):
         row = row[:server.max_length + 1]  # a long sentence is cut (training's cut)
-        logits = run_alone(tf.constant([row[:-1]]))[0].numpy()
-        log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
-            -1, keepdims=True)) - logits.max(-1, keepdims=True)
+        log_p = log_softmax(run_alone(tf.constant([row[:-1]]))[0].numpy())
         want = sum(log_p[t, token] for t, token in enumerate(row[1:]))
         np.testing.assert_allclose(scored["log_prob"][i], want, rtol=1e-5, atol=1e-4)
         assert scored["num_tokens"][i] == len(row) - 1
@@ -165,10 +169,7 @@ def test_capacity_dispatch_scores_as_the_padded_batch(tokenizer):
     rows = ids.to_tensor(0).numpy()[:, :server.max_length + 1]  # training's cut
     # As training runs the batch: a shorter row's eos is an input too (its target is
     # padding), and takes its share of the experts' slots.
-    logits = server.model(tf.constant(rows[:, :-1]), training=False).numpy().astype(
-        np.float64)
-    log_p = logits - logits.max(-1, keepdims=True)
-    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    log_p = log_softmax(server.model(tf.constant(rows[:, :-1]), training=False).numpy())
     want = [sum(log_p[i, t, token] for t, token in enumerate(row[1:]) if token)
             for i, row in enumerate(rows)]
     np.testing.assert_allclose(scored, want, rtol=1e-5)
