@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 
@@ -153,7 +154,10 @@ def main(argv=None):
     os.environ["TF_DUMP_GRAPH_PREFIX"] = dump_dir
     os.environ["TF_DUMP_GRAPH_NAME_FILTER"] = "*"  # unset, nothing is dumped
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    collectives, sharding = traced_step_collectives(args, dump_dir)
+    try:
+        collectives, sharding = traced_step_collectives(args, dump_dir)
+    finally:
+        shutil.rmtree(dump_dir, ignore_errors=True)  # tens of MB of graph dumps
     result = report(args, collectives, sharding)
     print(f"mesh {args.mesh}: {args.tokens} tokens of d={args.model_dim}, "
           f"E={args.num_experts}, k={args.k}, capacity_factor={args.capacity_factor}")

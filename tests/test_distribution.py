@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.test_lm import (ROOT, assert_export_serves_the_checkpoint, lm_command,
+from tests.test_lm import (ROOT, assert_export_serves_the_checkpoint, left_in, lm_command,
                            metrics, run_ok)
 
 DTENSOR_SHARDS_RUNNER = os.path.join(os.path.dirname(__file__), "dtensor_shards_runner.py")
@@ -67,13 +67,17 @@ def free_port():
 
 def test_multi_worker_on_localhost_matches_one_device(default_run, tmp_path):
     cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
-    run_processes_ok(lm_command(tmp_path, *EXACT, "--strategy=multi_worker"),
-                     [{"TF_CONFIG": json.dumps({"cluster": cluster,
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    run_processes_ok(lm_command(tmp_path / "run", *EXACT, "--strategy=multi_worker"),
+                     [{"TMPDIR": str(scratch),
+                       "TF_CONFIG": json.dumps({"cluster": cluster,
                                                 "task": {"type": "worker", "index": index}})}
                       for index in range(2)], timeout=300)
-    assert_same_run(metrics(tmp_path), default_run)
-    # Only the chief (worker 0) writes into --model_dir.
-    assert sorted(os.listdir(tmp_path / "checkpoints")).count("checkpoint") == 1
+    assert_same_run(metrics(tmp_path / "run"), default_run)
+    # Only the chief (worker 0) writes into --model_dir; the other's scratch is removed.
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")).count("checkpoint") == 1
+    assert not left_in(scratch)
 
 
 def test_multi_worker_without_tf_config_is_refused(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.test_lm import run_ok
+from tests.test_lm import left_in, run_ok
 
 LAYER_RUNNER = os.path.join(os.path.dirname(__file__), "dtensor_layer_runner.py")
 
@@ -43,9 +43,12 @@ def test_expert_parallel_layer_equals_one_device(layer_runs, case):
 @pytest.mark.parametrize("mesh", ["batch:2,expert:2", "batch:1,expert:4"])
 def test_dtensor_comm_lists_an_all_to_all_of_the_ideal_size(tmp_path, mesh):
     report_file = tmp_path / "comm.json"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     run_ok([sys.executable, "-m", "benchmarks.dtensor_comm", f"--mesh={mesh}",
             "--tokens=256", "--model_dim=8", "--hidden_size=8", "--num_experts=8",
-            f"--json={report_file}"], timeout=300)
+            f"--json={report_file}"], timeout=300, env=dict(os.environ, TMPDIR=str(scratch)))
+    assert not left_in(scratch)
     report = json.loads(report_file.read_text())
     by_op = {}
     for collective in report["collectives"]:

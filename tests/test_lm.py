@@ -37,6 +37,13 @@ def run_ok(command, timeout=300, env=None):
     return result
 
 
+def left_in(directory):
+    """What processes left in `directory`, their TMPDIR, apart from AutoGraph's files
+    (removed at exit, unless a process ends by os._exit, as the DTensor ones do)."""
+    return [name for name in os.listdir(directory)
+            if not name.startswith("__autograph_generated_file")]
+
+
 def metrics(model_dir):
     with open(os.path.join(model_dir, "metrics.json")) as f:
         return json.load(f)

@@ -86,8 +86,11 @@ class Trainer:
         self.config = config
         self.placement = placement or distribution.make_placement("default")
         self.is_chief = self.placement.is_chief
-        # Other workers save their (identical) checkpoints where nobody reads them.
-        self.write_dir = config.model_dir if self.is_chief else tempfile.mkdtemp()
+        # Other workers save their (identical) checkpoints where nobody reads them, in a
+        # directory removed when the loop is collected or the process exits.
+        self._scratch = (None if self.is_chief
+                         else tempfile.TemporaryDirectory(prefix="moe_tf_worker_"))
+        self.write_dir = config.model_dir if self.is_chief else self._scratch.name
         # Unless each process holds only its shards of the model: then every process
         # writes its own into the one checkpoint (multi-client DTensor).
         self.model_checkpoint_dir = (config.model_dir if self.placement.shards_checkpoints
