@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from benchmarks import layer_bench, memory_bench
+from benchmarks import layer_bench, memory_bench, profile_layer
 
 
 def result(num_experts, times, dense_times, dispatch="sparse"):
@@ -60,6 +60,7 @@ def test_table_row_reports_throughput_memory_and_both_ratios():
     (layer_bench.main, ["--quick", "--jit-compile"], "needs --dispatch capacity"),
     (layer_bench.main, ["--dispatch", "sparse", "--capacity-factor", "1"],
      "applies to --dispatch capacity only"),
+    (profile_layer.main, ["--experts", "8", "--jit-compile"], "needs --dispatch capacity"),
     (memory_bench.main, ["--experts", "100"], "must be a multiple of --groups (64)"),
     (memory_bench.main, ["--experts", "64"], "at least k = 2 experts per group"),
     (memory_bench.main, ["--groups", "1"], "at least group_k = 2"),
@@ -71,6 +72,22 @@ def test_benchmarks_reject_bad_arguments_by_name(main, argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_profile_layer_times_the_steps_ops(jit_compile, capsys):
+    """Op types and their time per step; under XLA the compiled program's instructions
+    (its dots named after the TensorFlow MatMuls they came from), not the program's call."""
+    profile_layer.main(["--experts", "4", "--dispatch", "capacity", "--capacity-factor", "1",
+                        "--tokens", "64", "--steps", "1"]
+                       + ["--jit-compile"] * jit_compile)
+    table = capsys.readouterr().out.split("| op type |")[1].split("\n\n")[0]
+    times = {row.split(" | ")[0].strip("| "): float(row.split(" | ")[1])
+             for row in table.splitlines()[2:]}
+    assert times and all(ms >= 0 for ms in times.values())
+    if jit_compile:
+        assert "MatMul" in times and times["MatMul"] > 0
+    assert not [op for op in times if op.startswith("__inference")]
 
 
 def test_layer_bench_can_turn_the_compiled_kernels_off():
