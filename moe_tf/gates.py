@@ -40,6 +40,17 @@ class GateOutput(NamedTuple):
     router_z: Optional[tf.Tensor] = None
 
 
+def dense_gate_output(gate: tf.Tensor, logits: tf.Tensor,
+                      token_weight: tf.Tensor) -> GateOutput:
+    """The output of a gate that weights experts densely (`gate` `[tokens, experts]`,
+    zero where an expert is not chosen): importance and load counted from `gate`, the
+    router z-loss of `logits` `[tokens, experts]` for the tokens of weight 1."""
+    routing = DenseRouting(gate=gate)
+    return GateOutput(routing=routing, importance=routing.importance(),
+                      load=routing.expert_counts(),
+                      router_z=routers.router_z(logits) * token_weight)
+
+
 def mask_as_float(mask: Optional[tf.Tensor], num_tokens) -> tf.Tensor:
     """`[tokens]` float32 of 1.0 for tokens that count, 0.0 for masked ones."""
     if mask is None:
@@ -426,10 +437,7 @@ class StrictlyBalancedGate(Gate):
             selected = threshold_mask
         kept = probs * selected * token_weight[:, None]
         gate = tf.math.divide_no_nan(kept, tf.reduce_sum(kept, axis=-1, keepdims=True))
-        routing = DenseRouting(gate=gate)
-        return GateOutput(routing=routing, importance=routing.importance(),
-                          load=routing.expert_counts(),
-                          router_z=routers.router_z(logits) * token_weight)
+        return dense_gate_output(gate, logits, token_weight)
 
     def get_config(self):
         config = super().get_config()

@@ -19,8 +19,9 @@ import keras
 import tensorflow as tf
 
 from moe_tf import gating, routers
-from moe_tf.gates import Gate, GateOutput, mask_as_float, register_gate
-from moe_tf.routing import DenseRouting, SlotRouting, split_into_token_groups
+from moe_tf.gates import (Gate, GateOutput, dense_gate_output, mask_as_float,
+                          register_gate)
+from moe_tf.routing import SlotRouting, split_into_token_groups
 
 # The Switch Transformer's weight of its balancing loss (alpha).
 DEFAULT_SWITCH_LOSS_WEIGHT = 0.01
@@ -201,10 +202,7 @@ class ExpertChoiceGate(_SoftmaxRouter):
         chosen = gating.batchwise_mask(
             grouped, split_into_token_groups(token_weight, self.token_group_size), self.k)
         gate = tf.reshape(grouped * chosen, [-1, self.num_experts])[:num_tokens]
-        routing = DenseRouting(gate=gate)
-        return GateOutput(routing=routing, importance=routing.importance(),
-                          load=routing.expert_counts(),
-                          router_z=routers.router_z(logits) * token_weight)
+        return dense_gate_output(gate, logits, token_weight)
 
     def get_config(self):
         config = super().get_config()
