@@ -1,11 +1,29 @@
 """Test-wide settings."""
 
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402  (after the log level is set)
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_under_basetemp(tmp_path_factory):
+    """The suite's processes write their temporary files under pytest's base temporary
+    directory, which pytest prunes (it keeps the last three runs'): the processes that
+    end by os._exit (DTensor's, the binary runner) cannot remove AutoGraph's generated
+    modules, and TFDS's mock data leaves directories."""
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp", numbered=False))
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    yield
+    if previous is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = previous
+    tempfile.tempdir = None
 
 
 @pytest.fixture
