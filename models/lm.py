@@ -216,13 +216,44 @@ def packed_hidden_states(model: keras.Model, config: LanguageModelConfig,
     Returns:
         `[positions, model_dim]`, in `packed`'s order.
     """
-    if config.is_transformer:
-        raise ValueError("packed_hidden_states runs the LSTM models; "
-                         f"{config.architecture} attends over padded sequences.")
+    _check_packable(config, "packed_hidden_states")
     x = tf.identity(model.get_layer("embedding")(packed.values))
     return _inference_blocks(
         model, config, x,
         lambda layer, x: packed_lstm(layer, x, packed.batch_sizes))
+
+
+def packed_last_logits_and_state(model: keras.Model, config: LanguageModelConfig,
+                                 packed: PackedSequences, batch_size):
+    """The LSTM models after reading packed ids: each row's next-token logits after its
+    last position `[batch, vocab]`, and the state there, as `language_model_step` leaves
+    them after stepping through the row's ids; the softmax runs at those positions only.
+
+    Args:
+        packed: `pack_sequences` of int32 `[batch, time]` right-padded ids, every row at
+            least one id long.
+        batch_size: the padded batch's rows; the outputs are in its order.
+    """
+    _check_packable(config, "packed_last_logits_and_state")
+    last = tf.math.unsorted_segment_max(  # each row's last position; time-major packing
+        tf.range(tf.shape(packed.indices)[0]), packed.indices[:, 0], batch_size)
+    state = {}
+
+    def run_lstm(layer: keras.layers.LSTM, x):
+        outputs, cell_states = packed_lstm(layer, x, packed.batch_sizes,
+                                           return_cell_states=True)
+        state[layer.name] = [tf.gather(outputs, last), tf.gather(cell_states, last)]
+        return outputs
+
+    x = tf.identity(model.get_layer("embedding")(packed.values))
+    x = _inference_blocks(model, config, x, run_lstm)
+    return model.get_layer("softmax")(tf.gather(x, last)), state
+
+
+def _check_packable(config: LanguageModelConfig, function: str) -> None:
+    if config.is_transformer:
+        raise ValueError(f"{function} runs the LSTM models; {config.architecture} attends "
+                         "over padded sequences.")
 
 
 def _inference_blocks(model: keras.Model, config: LanguageModelConfig, x, run_lstm):

@@ -45,10 +45,12 @@ def pack_sequences(ids: tf.Tensor) -> PackedSequences:
                            indices=indices)
 
 
-def packed_lstm(layer: keras.layers.LSTM, inputs: tf.Tensor,
-                batch_sizes: tf.Tensor) -> tf.Tensor:
+def packed_lstm(layer: keras.layers.LSTM, inputs: tf.Tensor, batch_sizes: tf.Tensor, *,
+                return_cell_states: bool = False):
     """`layer` at inference over packed sequences: `[positions, d]` -> `[positions,
-    units]`, the outputs `layer(padded, mask=...)` gives at the real positions.
+    units]`, the outputs `layer(padded, mask=...)` gives at the real positions; with
+    `return_cell_states`, also the cell state there `[positions, units]` (a row's state
+    after its last position is then its output and cell state there).
 
     The input projection of every position is one matmul; the loop multiplies only the
     recurrent state of the rows still running (step t: the first `batch_sizes[t]`).
@@ -64,7 +66,7 @@ def packed_lstm(layer: keras.layers.LSTM, inputs: tf.Tensor,
     starts = tf.concat([[0], tf.cumsum(batch_sizes)], axis=0)
     steps = tf.shape(batch_sizes)[0]
 
-    def step(t, h, c, outputs):
+    def step(t, h, c, outputs, cell_states):
         running = batch_sizes[t]
         z = projected[starts[t]:starts[t + 1]] + tf.matmul(h[:running],
                                                             cell.recurrent_kernel)
@@ -72,13 +74,18 @@ def packed_lstm(layer: keras.layers.LSTM, inputs: tf.Tensor,
         c = (cell.recurrent_activation(z_forget) * c[:running]
              + cell.recurrent_activation(z_input) * cell.activation(z_cell))
         h = cell.recurrent_activation(z_output) * cell.activation(c)
-        return t + 1, h, c, outputs.write(t, h)
+        if return_cell_states:
+            cell_states = cell_states.write(t, c)
+        return t + 1, h, c, outputs.write(t, h), cell_states
 
     zeros = tf.zeros([tf.reduce_sum(batch_sizes[:1]), cell.units], cell.compute_dtype)
     state_shape = tf.TensorShape([None, cell.units])
-    _, _, _, outputs = tf.while_loop(
-        lambda t, *_: t < steps, step,
-        (0, zeros, zeros, tf.TensorArray(cell.compute_dtype, size=steps, infer_shape=False,
-                                         element_shape=state_shape)),
-        shape_invariants=(tf.TensorShape([]), state_shape, state_shape, None))
-    return tf.reshape(outputs.concat(), [-1, cell.units])
+    per_step = lambda: tf.TensorArray(cell.compute_dtype, size=steps, infer_shape=False,
+                                      element_shape=state_shape)
+    _, _, _, outputs, cell_states = tf.while_loop(
+        lambda t, *_: t < steps, step, (0, zeros, zeros, per_step(), per_step()),
+        shape_invariants=(tf.TensorShape([]), state_shape, state_shape, None, None))
+    outputs = tf.reshape(outputs.concat(), [-1, cell.units])
+    if return_cell_states:
+        return outputs, tf.reshape(cell_states.concat(), [-1, cell.units])
+    return outputs

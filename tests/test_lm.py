@@ -309,6 +309,12 @@ def test_score_binary_and_serving_bench_read_the_export(tmp_path, capsys):
         text=True, timeout=300)
     assert sampled.returncode == 0, sampled.stderr[-2000:]
     assert sampled.stdout.startswith("And God")
+    nothing = subprocess.run(  # no token to draw: the prompt, nothing after it
+        [sys.executable, "-m", "train.score", f"--saved_model={tmp_path / 'export'}",
+         "--prompt=And God", "--max_new_tokens=0"], cwd=ROOT, capture_output=True,
+        text=True, timeout=300)
+    assert nothing.returncode == 0, nothing.stderr[-2000:]
+    assert nothing.stdout.strip() == "And God"
 
     # The benchmark measures in a fresh process of its own; its driver runs here.
     from benchmarks import serving_bench

@@ -15,7 +15,7 @@ from models.lm import (LanguageModelConfig, build_language_model, initial_state,
 from models.special_tokens import BOS_ID, EOS_ID
 from moe_tf import MoEConfig
 from train.data.tokenizer import SubwordTokenizer
-from train.serving.lm import LanguageModelServer, left_padded, sample_next
+from train.serving.lm import LanguageModelServer, sample_next
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["In the beginning", "And God said unto Moses, Go", ""]
@@ -55,47 +55,56 @@ def log_softmax(logits):
 
 
 def prompt_ids(tokenizer):
+    """int32 ragged `[prompts, (n)]`: begin-of-sentence and each prompt's ids."""
     pieces = tokenizer.tokenize(tf.constant(PROMPTS))
-    return left_padded(tf.concat([tf.fill([len(PROMPTS), 1], BOS_ID), pieces], axis=1))
+    return tf.concat([tf.fill([len(PROMPTS), 1], BOS_ID), pieces], axis=1)
 
 
-def last_logits_of_whole_prefixes(model, ids):
-    """`[batch, vocab]`: the model run over each row's prefix alone, without its
-    padding (the reference the stepped state must reproduce)."""
-    return tf.concat([model(row[row != 0][None], training=False)[:, -1]
-                      for row in np.asarray(ids)], axis=0)
+def last_logits_of_whole_prefixes(model, rows):
+    """`[batch, vocab]`: the model run over each row's prefix alone (`rows`: lists of
+    ids), without padding (the reference the read prompts and stepped state must
+    reproduce)."""
+    return tf.concat([model(tf.constant([row]), training=False)[:, -1] for row in rows],
+                     axis=0)
 
 
 def generated_by_recomputing(server, ids, max_new_tokens, temperature, seed):
     """The reference: every token from the model run over the whole prefix, as the
     export generated before it carried the state."""
-    ended = np.zeros(len(PROMPTS), bool)
+    rows = ids.to_list()
+    ended = np.zeros(len(rows), bool)
     new = []
     for i in range(max_new_tokens):
-        logits = last_logits_of_whole_prefixes(server.model, ids)
+        logits = last_logits_of_whole_prefixes(server.model, rows)
         next_ids = np.where(ended, 0, sample_next(logits, temperature, seed, i).numpy())
         ended |= next_ids == EOS_ID
         new.append(next_ids)
-        ids = tf.concat([ids, next_ids[:, None].astype(np.int32)], axis=1)
+        rows = [row + [int(id_)] * (not done) for row, id_, done in zip(rows, next_ids, ended)]
         if ended.all():
             break
     return np.stack(new, axis=1)
 
 
-@pytest.mark.parametrize("architecture", ["moe", "4xlstm", "moe-1-deep",
-                                          "transformer-moe"])
-def test_stepping_the_state_gives_the_logits_of_the_whole_prefix(architecture, tokenizer):
-    server = make_server(architecture, tokenizer)
+# The LSTM models read prompts packed; with the capacity dispatch (drops depend on the
+# order of a call's tokens), and for a Transformer, position by position.
+SERVED_MODELS = {"moe": {}, "4xlstm": {}, "moe-1-deep": {}, "transformer-moe": {},
+                 "moe, capacity": dict(dispatch="capacity", capacity_factor=4.0)}
+
+
+@pytest.mark.parametrize("served", list(SERVED_MODELS))
+def test_read_prompts_give_the_logits_of_the_whole_prefix(served, tokenizer):
+    server = make_server(served.split(",")[0], tokenizer, **SERVED_MODELS[served])
+    assert server.packs == (served in ("moe", "4xlstm", "moe-1-deep"))
     ids = prompt_ids(tokenizer)
     logits, _ = server.read_prompts(ids)
-    expected = last_logits_of_whole_prefixes(server.model, ids)
+    expected = last_logits_of_whole_prefixes(server.model, ids.to_list())
     assert float(tf.reduce_max(tf.abs(expected))) > 1.0
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("architecture", ["moe", "transformer-moe"])
-def test_generate_with_state_equals_recomputing_the_prefix(architecture, tokenizer):
-    server = make_server(architecture, tokenizer)
+@pytest.mark.parametrize("served", ["moe", "transformer-moe", "moe, capacity"])
+def test_generate_with_state_equals_recomputing_the_prefix(served, tokenizer):
+    server = make_server(served.split(",")[0], tokenizer, **SERVED_MODELS[served])
     ids = prompt_ids(tokenizer)
     want = generated_by_recomputing(server, ids, max_new_tokens=12, temperature=1.0,
                                     seed=7)
@@ -108,6 +117,17 @@ def test_generate_with_state_equals_recomputing_the_prefix(architecture, tokeniz
     alone = server.generate(tf.constant(PROMPTS[:1]), tf.constant(12), tf.constant(1.0),
                             tf.constant(7))["text"].numpy()
     assert alone.tolist() == got[:1].tolist()
+
+
+@pytest.mark.parametrize("architecture", ["moe", "transformer-moe"])
+def test_generate_answers_an_empty_batch_and_no_new_tokens(architecture, tokenizer):
+    server = make_server(architecture, tokenizer)
+    args = (tf.constant(1.0), tf.constant(7))
+    empty = server.generate(tf.constant([], tf.string), tf.constant(5), *args)
+    assert empty["text"].shape == empty["num_tokens"].shape == (0,)
+    nothing = server.generate(tf.constant(PROMPTS), tf.constant(0), *args)
+    assert nothing["text"].numpy().tolist() == [b""] * len(PROMPTS)
+    assert nothing["num_tokens"].numpy().tolist() == [0] * len(PROMPTS)
 
 
 def test_padding_keeps_the_state(tokenizer):

@@ -60,6 +60,21 @@ def test_packed_lstm_equals_keras_lstm_at_real_positions(activation):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_packed_lstm_cell_states_end_each_row_in_keras_lstm_final_state():
+    layer, ids, inputs = lstm_and_padded_inputs([3, 7, 1, 7, 4, 2])
+    layer.return_state = True
+    _, final_h, final_c = layer(inputs, mask=ids != 0)  # each row's state at its end
+    packed = pack_sequences(ids)
+    outputs, cell_states = packed_lstm(layer, tf.gather_nd(inputs, packed.indices),
+                                       packed.batch_sizes, return_cell_states=True)
+    assert outputs.shape == cell_states.shape == (24, 6)
+    lengths = np.asarray(tf.reduce_sum(tf.cast(ids != 0, tf.int32), axis=1))
+    last = [packed.indices.numpy().tolist().index([row, length - 1])
+            for row, length in enumerate(lengths)]
+    np.testing.assert_allclose(tf.gather(outputs, last), final_h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tf.gather(cell_states, last), final_c, rtol=1e-5, atol=1e-6)
+
+
 def test_packed_lstm_in_a_graph_with_one_row():
     layer, ids, inputs = lstm_and_padded_inputs([5])
     packed = pack_sequences(ids)

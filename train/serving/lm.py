@@ -24,7 +24,7 @@ import keras
 import tensorflow as tf
 
 from models.lm import (LanguageModelConfig, initial_state, language_model_step,
-                       packed_hidden_states)
+                       packed_hidden_states, packed_last_logits_and_state)
 from models.packed_sequences import pack_sequences
 from models.special_tokens import BOS_ID, EOS_ID
 from train.data.text import sentence_sequences
@@ -77,11 +77,9 @@ class LanguageModelServer(tf.Module):
                                   tf.TensorSpec([], tf.float32, name="temperature"),
                                   tf.TensorSpec([], tf.int32, name="seed")])
     def generate(self, prompt, max_new_tokens, temperature, seed):
-        # bos + prompt, left-padded: padding keeps the state, so every row ends its
-        # prompt at the same position.
-        starts = left_padded(tf.concat([tf.fill([tf.shape(prompt)[0], 1], BOS_ID),
-                                        self.tokenizer.tokenize(prompt)], axis=1))
-        logits, state = self.read_prompts(starts, tf.shape(starts)[1] + max_new_tokens)
+        logits, state = self.read_prompts(
+            tf.concat([tf.fill([tf.shape(prompt)[0], 1], BOS_ID),
+                       self.tokenizer.tokenize(prompt)], axis=1), max_new_tokens)
         new_ids = generate_ids(
             lambda ids, state: language_model_step(self.model, self.config, ids, state),
             logits, state, max_new_tokens, temperature, seed)
@@ -98,27 +96,44 @@ class LanguageModelServer(tf.Module):
         half of a batch of mixed lengths), which hands the MoE the same tokens in another
         order; the Transformers, and an MoE whose drops depend on that order (the capacity
         dispatch), run on the padded batch, as in training."""
-        if self.config.is_transformer or self.config.moe.depends_on_token_order:
+        if not self.packs:
             real = tf.where(targets != 0)
             return tf.gather_nd(self.hidden_states(inputs, training=False), real), real
         # A shorter row's last input is its end-of-sentence, which predicts nothing.
         packed = pack_sequences(tf.where(targets != 0, inputs, 0))
         return packed_hidden_states(self.model, self.config, packed), packed.indices
 
-    def read_prompts(self, ids, length=None):
-        """int32 `[batch, n]` (left-padded) -> the next-token logits `[batch, vocab]`
-        after the last position, and the state there, with room for `length` positions
-        in all (default n)."""
+    @property
+    def packs(self) -> bool:
+        """Whether the model runs packed sequences (`models.packed_sequences`): the LSTM
+        models, unless their MoE's outputs depend on the order of a call's tokens (the
+        capacity dispatch's drops)."""
+        return not (self.config.is_transformer or self.config.moe.depends_on_token_order)
+
+    def read_prompts(self, ids: tf.RaggedTensor, max_new_tokens=0):
+        """int32 ragged `[batch, (n)]`, each row at least one id -> each row's next-token
+        logits after its last id `[batch, vocab]`, and the state there, with room for
+        `max_new_tokens` more positions.
+
+        A model that packs reads every row's ids at once (its LSTMs step, the rest runs
+        once, the softmax at the last ids only); the others step through them position
+        by position, left-padded: padding keeps the state, so every row ends at the
+        same position."""
+        batch = tf.shape(ids.row_lengths())[0]
+        if self.packs:
+            return packed_last_logits_and_state(
+                self.model, self.config, pack_sequences(ids.to_tensor(0)), batch)
+        ids = left_padded(ids)
+
         def read(t, logits, state):
             logits, state = language_model_step(self.model, self.config, ids[:, t], state)
             return t + 1, logits, state
 
-        batch = tf.shape(ids)[0]
         _, logits, state = tf.while_loop(
             lambda t, *_: t < tf.shape(ids)[1], read,
             (0, tf.zeros([batch, self.config.vocab_size]),
              initial_state(self.model, self.config, batch,
-                           tf.shape(ids)[1] if length is None else length)))
+                           tf.shape(ids)[1] + max_new_tokens)))
         return logits, state
 
     def save(self, path: str) -> None:
@@ -156,7 +171,10 @@ def generate_ids(step, logits, state, max_new_tokens, temperature, seed):
         & ~tf.reduce_all(ended), draw,
         (0, logits, state, tf.zeros([batch], tf.bool),
          tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None])))
-    return tf.transpose(tf.reshape(drawn.stack(), [-1, batch]))
+    # Nothing drawn (no rows, or max_new_tokens 0): a list TensorFlow cannot stack.
+    return tf.cond(drawn.size() > 0,
+                   lambda: tf.transpose(tf.reshape(drawn.stack(), [-1, batch])),
+                   lambda: tf.zeros([batch, 0], tf.int32))
 
 
 def left_padded(rows: tf.RaggedTensor) -> tf.Tensor:
