@@ -10,7 +10,9 @@ tensorflow_text and NumPy (as a serving process would), on the built-in test sen
 
 - a language model (`train.lm` export): scoring throughput (sentences/s) and the p50 /
   p99 latency of one call, at each `--batch_sizes`; `generate` tokens/s for
-  `--generate_batch_sizes` prompts of `--new_tokens` tokens; and the test perplexity of
+  `--generate_batch_sizes` prompts of `--prompt_words` words (each a test sentence's
+  first words, running on into the next sentences) and `--new_tokens` tokens
+  (`--new_tokens 1`: the p50 is the time to the first token); and the test perplexity of
   the export over the whole built-in test split (so that exports of one model with
   experts stored in float32, bfloat16 or int8, `--export_expert_dtype`, compare);
 - a translation model (`train.nmt` export): translation sentences/s and latency at each
@@ -123,9 +125,11 @@ def measure(path: str, args) -> Dict:
         generate = loaded.signatures["generate"]
         results["generate"] = {}
         for batch_size in args.generate_batch_sizes:
-            prompts = [b" ".join(sentence.split()[:4]) for sentence in sentences]
+            # As many prompts as the calls take, whatever --sentences is.
+            prompts = prompts_of_words(test_sentences(batch_size * args.generate_calls),
+                                       args.prompt_words)
             batches = [tf.constant(prompts[i:i + batch_size])
-                       for i in range(0, batch_size * args.generate_calls, batch_size)]
+                       for i in range(0, len(prompts), batch_size)]
 
             def call(batch):
                 out = generate(prompt=batch, max_new_tokens=tf.constant(args.new_tokens),
@@ -134,6 +138,15 @@ def measure(path: str, args) -> Dict:
 
             results["generate"][batch_size] = time_calls(call, batches)
     return results
+
+
+def prompts_of_words(sentences: List[bytes], words: int) -> List[bytes]:
+    """One prompt per sentence: the `words` words of the text from its start on."""
+    text, starts = [], []
+    for sentence in sentences:
+        starts.append(len(text))
+        text += sentence.split()
+    return [b" ".join(text[start:start + words]) for start in starts]
 
 
 def child_environment(allocator: str) -> Dict[str, str]:
@@ -192,6 +205,8 @@ def parse_args(argv=None):
                         type=lambda s: [int(v) for v in s.split(",")], default=[1, 32])
     parser.add_argument("--generate_calls", type=int, default=5)
     parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--prompt_words", type=int, default=4,
+                        help="Words of each generate prompt.")
     parser.add_argument("--allocator", choices=("pooled", "unpooled"), default="pooled",
                         help="TensorFlow's CPU allocator in the serving processes: its "
                              "pool (TF_CPU_ALLOCATOR_USE_BFC=true) or every large tensor "
@@ -211,7 +226,8 @@ def main(argv=None):
                   "--sentences", str(args.sentences),
                   "--generate_batch_sizes", ",".join(map(str, args.generate_batch_sizes)),
                   "--generate_calls", str(args.generate_calls),
-                  "--new_tokens", str(args.new_tokens)]
+                  "--new_tokens", str(args.new_tokens),
+                  "--prompt_words", str(args.prompt_words)]
     results = {}
     for spec in args.model:
         name, _, path = spec.partition("=")

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from benchmarks import layer_bench, memory_bench, profile_layer
+from benchmarks import layer_bench, memory_bench, profile_layer, serving_bench
 
 
 def result(num_experts, times, dense_times, dispatch="sparse"):
@@ -131,3 +131,10 @@ def test_quantized_experts_bench_times_every_storage():
                                          model_dim=4)
     assert set(ms) == {*quantized_experts_bench.STORAGES, "float32, sorted rows"}
     assert all(value > 0 for value in ms.values())
+
+
+def test_serving_bench_prompts_run_on_into_the_next_sentences():
+    sentences = [b"a b c", b"d e", b"f g h i"]
+    assert serving_bench.prompts_of_words(sentences, 4) == [b"a b c d", b"d e f g",
+                                                            b"f g h i"]
+    assert serving_bench.prompts_of_words(sentences, 1) == [b"a", b"d", b"f"]
