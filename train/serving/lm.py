@@ -119,7 +119,7 @@ class LanguageModelServer(tf.Module):
         once, the softmax at the last ids only); the others step through them position
         by position, left-padded: padding keeps the state, so every row ends at the
         same position."""
-        batch = tf.shape(ids.row_lengths())[0]
+        batch = ids.nrows(out_type=tf.int32)
         if self.packs:
             return packed_last_logits_and_state(
                 self.model, self.config, pack_sequences(ids.to_tensor(0)), batch)
