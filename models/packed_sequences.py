@@ -80,12 +80,17 @@ def packed_lstm(layer: keras.layers.LSTM, inputs: tf.Tensor, batch_sizes: tf.Ten
 
     zeros = tf.zeros([tf.reduce_sum(batch_sizes[:1]), cell.units], cell.compute_dtype)
     state_shape = tf.TensorShape([None, cell.units])
-    per_step = lambda: tf.TensorArray(cell.compute_dtype, size=steps, infer_shape=False,
-                                      element_shape=state_shape)
     _, _, _, outputs, cell_states = tf.while_loop(
-        lambda t, *_: t < steps, step, (0, zeros, zeros, per_step(), per_step()),
+        lambda t, *_: t < steps, step,
+        (0, zeros, zeros, _rows_per_step(cell.compute_dtype, steps, state_shape),
+         _rows_per_step(cell.compute_dtype, steps, state_shape)),
         shape_invariants=(tf.TensorShape([]), state_shape, state_shape, None, None))
     outputs = tf.reshape(outputs.concat(), [-1, cell.units])
     if return_cell_states:
         return outputs, tf.reshape(cell_states.concat(), [-1, cell.units])
     return outputs
+
+
+def _rows_per_step(dtype, steps, row_shape: tf.TensorShape) -> tf.TensorArray:
+    """A TensorArray of `steps` entries of a varying number of rows (`row_shape`)."""
+    return tf.TensorArray(dtype, size=steps, infer_shape=False, element_shape=row_shape)
