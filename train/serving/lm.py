@@ -39,10 +39,11 @@ class LanguageModelServer(tf.Module):
                  tokenizer: SubwordTokenizer, max_length: int):
         super().__init__(name="language_model_server")
         self.model = model
+        self.config = config
         # The model up to its softmax layer, for the models scored padded: scoring
         # computes the logits of the real positions only.
-        self.hidden_states = keras.Model(model.input, model.get_layer("softmax").input)
-        self.config = config
+        self.hidden_states = (None if self.packs else
+                              keras.Model(model.input, model.get_layer("softmax").input))
         self.tokenizer = tokenizer
         self.max_length = max_length
 
