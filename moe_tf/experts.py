@@ -627,6 +627,7 @@ class FeedForwardExperts(keras.layers.Layer):
 
     def build(self, input_shape):
         input_dim = input_shape[-1]
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
         kernel_init = _per_expert_initializer(self.kernel_initializer, self.num_experts)
         in_width = self.hidden_size * (2 if self.gated else 1)
         # This order (kernel_in, bias_in, kernel_out, bias_out) is the weights' order in

@@ -166,6 +166,8 @@ class SparselyGatedMoE(keras.layers.Layer):
             raise ValueError(
                 f"SparselyGatedMoE needs inputs of rank >= 2 ([..., input_dim]); got "
                 f"shape {tuple(input_shape)}.")
+        # Keras then names a later call's wrong width itself, before any matmul fails.
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
         self.gate.build((None, input_dim))
         self.experts = FeedForwardExperts(
             num_experts=self.num_experts, hidden_size=self.hidden_size,

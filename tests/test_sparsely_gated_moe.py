@@ -520,6 +520,16 @@ def test_input_errors_name_the_problem():
         layer(inputs((2, 3, 4)), mask=np.ones((2, 4), bool))
 
 
+def test_a_call_of_another_width_than_the_build_names_the_axis():
+    layer = SparselyGatedMoE(4, 2, 3, name="moe")
+    layer(inputs((2, 5)))
+    with pytest.raises(ValueError, match=r"layer 'moe'.*axis -1.*value 5.*\(2, 6\)"):
+        layer(inputs((2, 6)))
+    with pytest.raises(ValueError, match=r"layer 'experts'.*axis -1.*value 5"):
+        layer.experts(inputs((4, 6)))
+    layer(inputs((3, 2, 5)))  # any leading shape of the same width still runs
+
+
 def test_balanced_training_fits_capacity_factor_one_exactly():
     """Every expert takes exactly m = k T / n tokens, so capacity 1.0 drops nothing."""
     x = inputs((16, 3))
