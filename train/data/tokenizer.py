@@ -7,6 +7,7 @@ SavedModels take raw strings.
 """
 
 import io
+import re
 from typing import Iterable
 
 import tensorflow as tf
@@ -15,6 +16,25 @@ import tensorflow_text as tf_text
 from models.special_tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 TOKENIZER_FILE = "subword.model"
+
+
+_SPECIAL_IDS = (PAD_ID, UNK_ID, BOS_ID, EOS_ID)
+
+
+def _too_small_vocabulary(vocab_size: int, needed) -> ValueError:
+    return ValueError(
+        f"a vocabulary of {vocab_size} subwords is too small for these lines: they need "
+        f"at least {needed} (a subword for each distinct character, and the "
+        f"{len(_SPECIAL_IDS)} special ids).")
+
+
+def _sentencepiece_refusal(error: RuntimeError, vocab_size: int) -> Exception:
+    """SentencePiece's refusal of a `vocab_size` below its required pieces as a
+    ValueError that says so (SentencePiece's own text is a C++ check's); any other
+    error as it is."""
+    # The check's text ends "... required_chars. <asked> vs <needed>. ...".
+    needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(error))
+    return error if needed is None else _too_small_vocabulary(vocab_size, needed[1])
 
 
 class SubwordTokenizer(tf.Module):
@@ -28,17 +48,28 @@ class SubwordTokenizer(tf.Module):
     @classmethod
     def train(cls, lines: Iterable[str], *, vocab_size: int,
               model_type: str = "unigram") -> "SubwordTokenizer":
-        """Learns a vocabulary of at most `vocab_size` pieces from `lines`."""
+        """Learns a vocabulary of at most `vocab_size` pieces from `lines`.
+
+        Raises:
+            ValueError: `vocab_size` is below what the lines need: a piece for each of
+                their distinct characters (all are kept) and the 4 special ids.
+        """
         import sentencepiece  # only needed to learn a vocabulary, not to use one
 
+        if vocab_size <= len(_SPECIAL_IDS):
+            # SentencePiece would fail placing a special id beyond the vocabulary.
+            raise _too_small_vocabulary(vocab_size, f"{len(_SPECIAL_IDS) + 1}")
         model = io.BytesIO()
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-            model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID,
-            eos_id=EOS_ID, character_coverage=1.0, num_threads=2,
-            # A small corpus may not support the requested size: the caller sees how
-            # many pieces it got (train.training.from_flags refuses fewer).
-            hard_vocab_limit=False, minloglevel=2)
+        try:
+            sentencepiece.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+                model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID,
+                eos_id=EOS_ID, character_coverage=1.0, num_threads=2,
+                # A small corpus may not support the requested size: the caller sees
+                # how many pieces it got (train.training.from_flags refuses fewer).
+                hard_vocab_limit=False, minloglevel=2)
+        except RuntimeError as error:
+            raise _sentencepiece_refusal(error, vocab_size) from None
         return cls(model.getvalue())
 
     @classmethod

@@ -120,7 +120,11 @@ def _learn_vocabulary(lines) -> SubwordTokenizer:
     if not lines:
         raise ValueError(f"--data={FLAGS.data}: no valid training line (the lines are "
                          f"empty or not well-formed UTF-8).")
-    tokenizer = SubwordTokenizer.train(lines, vocab_size=FLAGS.vocab_size)
+    try:
+        tokenizer = SubwordTokenizer.train(lines, vocab_size=FLAGS.vocab_size)
+    except ValueError as error:
+        raise ValueError(f"--data={FLAGS.data} with --vocab_size={FLAGS.vocab_size}: "
+                         f"{error}") from None
     if tokenizer.vocab_size < FLAGS.vocab_size:
         raise ValueError(
             f"--data={FLAGS.data}: its {len(lines):,} valid training lines give "
