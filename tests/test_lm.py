@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tests.binary_runner import (check_refused, command_lines_fixture,
-                                 refused_setups_fixture)
+                                 refused_setups_fixture, run_command_lines)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TFDS_MOCK_RUNNER = os.path.join(os.path.dirname(__file__), "tfds_mock_runner.py")
@@ -335,6 +335,20 @@ def test_score_binary_and_serving_bench_read_the_export(tmp_path, capsys):
     unpooled = serving_bench.child_environment("unpooled")
     assert unpooled["TF_CPU_ALLOCATOR_USE_BFC"] == "false"
     assert unpooled["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] == "1"
+
+
+def test_score_binary_refuses_flags_out_of_range():
+    cases = [("--batch_size=0", "--batch_size must be >= 1"),
+             ("--max_new_tokens=-3", "--max_new_tokens must be >= 0"),
+             ("--temperature=-1", "--temperature must be >= 0"),
+             # In range: the flags pass, and the directory is what is refused.
+             ("--batch_size=1 --max_new_tokens=0 --temperature=0",
+              "Error: --saved_model=/nonexistent: no SavedModel there.")]
+    ends = run_command_lines("train.score", [["--saved_model=/nonexistent", *flag.split()]
+                                             for flag, _ in cases])
+    for (flag, message), end in zip(cases, ends):
+        assert end["status"] in (1, 2) and message in end["stderr"], (flag, end)
+        assert "Traceback" not in end["stderr"]
 
 
 def test_restore_trained_model_names_what_is_missing(tmp_path):

@@ -32,9 +32,16 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("prompt", None, "Sample a continuation of this text instead.",
                         **where)
     flags.DEFINE_integer("max_new_tokens", 40, "Tokens to sample after --prompt.", **where)
-    flags.DEFINE_float("temperature", 1.0, "Sampling temperature.", **where)
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 samples greedily.",
+                      **where)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", **where)
     flags.DEFINE_integer("batch_size", 64, "Lines scored at once.", **where)
+    flags.register_validator("batch_size", lambda v: v is not None and v >= 1,
+                             message="--batch_size must be >= 1.", **where)
+    flags.register_validator("max_new_tokens", lambda v: v is not None and v >= 0,
+                             message="--max_new_tokens must be >= 0.", **where)
+    flags.register_validator("temperature", lambda v: v is not None and v >= 0,
+                             message="--temperature must be >= 0 (0: greedy).", **where)
     flags.mark_flag_as_required("saved_model", **where)
 
 
