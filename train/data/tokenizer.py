@@ -8,7 +8,7 @@ SavedModels take raw strings.
 
 import io
 import re
-from typing import Iterable
+from typing import Iterable, Optional
 
 import tensorflow as tf
 import tensorflow_text as tf_text
@@ -28,13 +28,11 @@ def _too_small_vocabulary(vocab_size: int, needed) -> ValueError:
         f"{len(_SPECIAL_IDS)} special ids).")
 
 
-def _sentencepiece_refusal(error: RuntimeError, vocab_size: int) -> Exception:
-    """SentencePiece's refusal of a `vocab_size` below its required pieces as a
-    ValueError that says so (SentencePiece's own text is a C++ check's); any other
-    error as it is."""
-    # The check's text ends "... required_chars. <asked> vs <needed>. ...".
+def _pieces_needed(error: RuntimeError) -> Optional[str]:
+    """The pieces SentencePiece needed when it refused a too small vocabulary (its text
+    is a C++ check's: "... required_chars. <asked> vs <needed>. ..."); else None."""
     needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(error))
-    return error if needed is None else _too_small_vocabulary(vocab_size, needed[1])
+    return None if needed is None else needed[1]
 
 
 class SubwordTokenizer(tf.Module):
@@ -69,7 +67,10 @@ class SubwordTokenizer(tf.Module):
                 # how many pieces it got (train.training.from_flags refuses fewer).
                 hard_vocab_limit=False, minloglevel=2)
         except RuntimeError as error:
-            raise _sentencepiece_refusal(error, vocab_size) from None
+            needed = _pieces_needed(error)
+            if needed is None:
+                raise
+            raise _too_small_vocabulary(vocab_size, needed) from None
         return cls(model.getvalue())
 
     @classmethod
