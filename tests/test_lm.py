@@ -195,6 +195,10 @@ REFUSED_SETUPS = [
      "Error: --data=text:{tmp}/empty.txt: no valid training line"),
     # 2 MB of random bytes: a few dozen short lines are valid UTF-8.
     ("--data=text:{tmp}/random.bin", "valid training lines give"),
+    ("--data=text:{tmp}", "Error: data file is a directory: {tmp}"),
+    ("--valid_data={tmp}/a_file --test_data={tmp}/a_file",
+     "Error: --valid_data applies to --data=text:PATH only; --data=builtin:en has "
+     "held-out splits of its own."),
     ("--vocab_size=3", "--vocab_size=3: a vocabulary of 3 subwords is too small for "
                        "these lines: they need at least 5"),
     ("--vocab_size=20", "--vocab_size=20: a vocabulary of 20 subwords is too small for "

@@ -401,6 +401,9 @@ def test_translate_binary_reads_stdin(runs, restored, tmp_path):
 # data-spec messages themselves are checked in-process below.
 INVALID_FLAGS = [
     ("--data=builtin:fr-en", "Error: --data=builtin:fr-en"),
+    ("--test_data=/nonexistent.tsv",
+     "Error: --test_data applies to --data=tsv:PATH only; --data=builtin:en-es has "
+     "held-out splits of its own."),
     ("--model_dim=33", "--model_dim must be even"),
     ("--num_groups=4", "--num_groups: the translation model's MoE layers are flat"),
     ("--length_penalty=-1", "--length_penalty must be >= 0"),

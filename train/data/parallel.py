@@ -42,6 +42,7 @@ def load_parallel_corpora(spec: str, *, valid_data: Optional[str] = None,
                           test_data: Optional[str] = None) -> List[ParallelCorpus]:
     """The translation directions named by a `--data` spec (module docstring): one, or
     for `builtin:multi` both directions of the built-in corpus."""
+    text.check_held_out_files_apply(spec, valid_data, test_data, "tsv")
     kind, _, arg = spec.partition(":")
     if kind == "builtin":
         if arg not in BUILTIN_PAIRS:

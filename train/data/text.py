@@ -93,6 +93,8 @@ def first_clean_lines(lines: tf.data.Dataset, count: int) -> List:
 def _text_file(path: str) -> tf.data.Dataset:
     if not tf.io.gfile.exists(path):
         raise ValueError(f"data file not found: {path}")
+    if tf.io.gfile.isdir(path):
+        raise ValueError(f"data file is a directory: {path}")
     return tf.data.TextLineDataset(path, compression_type="GZIP" if path.endswith(".gz")
                                    else "")
 
@@ -124,9 +126,21 @@ def _manuals_splits() -> TextSplits:
     return TextSplits(*(_text_file(path) for path in paths))
 
 
+def check_held_out_files_apply(spec: str, valid_data: Optional[str],
+                               test_data: Optional[str], file_kind: str) -> None:
+    """`--valid_data` and `--test_data` name the held-out files of a `file_kind:PATH`
+    corpus; the other corpora have held-out splits of their own, which the files would
+    silently not replace."""
+    for flag, path in (("--valid_data", valid_data), ("--test_data", test_data)):
+        if path and not spec.startswith(f"{file_kind}:"):
+            raise ValueError(f"{flag} applies to --data={file_kind}:PATH only; "
+                             f"--data={spec} has held-out splits of its own.")
+
+
 def load_text_splits(spec: str, *, valid_data: Optional[str] = None,
                      test_data: Optional[str] = None) -> TextSplits:
     """The raw line datasets named by a `--data` spec (see the module docstring)."""
+    check_held_out_files_apply(spec, valid_data, test_data, "text")
     kind, _, arg = spec.partition(":")
     if kind == "builtin":
         if arg == "manuals":
