@@ -323,6 +323,13 @@ def test_score_binary_and_serving_bench_read_the_export(tmp_path, capsys):
         text=True, timeout=300)
     assert nothing.returncode == 0, nothing.stderr[-2000:]
     assert nothing.stdout.strip() == "And God"
+    translated = subprocess.run(  # a language model given to the translation binary
+        [sys.executable, "-m", "train.translate", f"--saved_model={tmp_path / 'export'}"],
+        input="In the beginning\n", cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert translated.returncode == 2 and "Traceback" not in translated.stderr
+    assert translated.stderr.strip().endswith("not a translation model of train.nmt (no "
+                                              "translation output); train.score serves "
+                                              "language models.")
 
     # The benchmark measures in a fresh process of its own; its driver runs here.
     from benchmarks import serving_bench

@@ -383,13 +383,18 @@ def test_translate_binary_reads_stdin(runs, restored, tmp_path):
         "missing": Run(translate_command(multi_dir), tmp_path, "missing", stdin="a\n"),
         "unknown": Run(translate_command(multi_dir, "--target_language=fr"), tmp_path,
                        "unknown", stdin="a\n"),
+        # A translation model given to the language models' binary.
+        "score": Run([sys.executable, "-m", "train.score",
+                      f"--saved_model={model_dir / 'export'}"], tmp_path, "score",
+                     stdin="a\n"),
     }
     expected = in_process(restored("en-es")[2], [lines[0], lines[2]])
     assert binaries["en-es"].wait_ok().split("\n")[:3] == [expected[0], "", expected[1]]
     expected = in_process(restored("multi")[2], SENTENCES[:1], ["es"])
     assert binaries["es"].wait_ok().split("\n")[:1] == expected
     for name, message in (("missing", "--target_language is required"),
-                          ("unknown", "target_language must be one of en, es")):
+                          ("unknown", "target_language must be one of en, es"),
+                          ("score", "not a language model of train.lm")):
         code, _, err = binaries[name].wait()
         assert code != 0 and message in err, err[-1500:]
         assert "Traceback" not in err

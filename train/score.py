@@ -66,6 +66,10 @@ def main(argv):
     if not tf.saved_model.contains_saved_model(FLAGS.saved_model):
         exit_with_error(f"--saved_model={FLAGS.saved_model}: no SavedModel there.")
     loaded = tf.saved_model.load(FLAGS.saved_model)
+    if "generate" not in loaded.signatures:
+        exit_with_error(f"--saved_model={FLAGS.saved_model}: not a language model of "
+                        f"train.lm (no generate signature); train.translate serves "
+                        f"translation models.")
     if FLAGS.prompt is not None:
         result = loaded.signatures["generate"](
             prompt=tf.constant([FLAGS.prompt]),

@@ -54,7 +54,11 @@ def main(argv):
     del argv
     if not tf.saved_model.contains_saved_model(FLAGS.saved_model):
         exit_with_error(f"--saved_model={FLAGS.saved_model}: no SavedModel there.")
-    translate = tf.saved_model.load(FLAGS.saved_model).signatures["serving_default"]
+    translate = tf.saved_model.load(FLAGS.saved_model).signatures.get("serving_default")
+    if translate is None or "translation" not in translate.structured_outputs:
+        exit_with_error(f"--saved_model={FLAGS.saved_model}: not a translation model of "
+                        f"train.nmt (no translation output); train.score serves language "
+                        f"models.")
     multilingual = "target_language" in translate.structured_input_signature[1]
     if multilingual and not FLAGS.target_language:
         exit_with_error("--target_language is required: this model is multilingual.")
