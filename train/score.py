@@ -33,7 +33,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                         **where)
     flags.DEFINE_integer("max_new_tokens", 40, "Tokens to sample after --prompt.", **where)
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 samples greedily.",
-                      **where)
+                       **where)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", **where)
     flags.DEFINE_integer("batch_size", 64, "Lines scored at once.", **where)
     flags.register_validator("batch_size", lambda v: v is not None and v >= 1,
