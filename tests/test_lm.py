@@ -203,6 +203,7 @@ REFUSED_SETUPS = [
                        "these lines: they need at least 5"),
     ("--vocab_size=20", "--vocab_size=20: a vocabulary of 20 subwords is too small for "
                         "these lines: they need at least"),
+    ("--model_dir=", "--model_dir must name the run's directory."),
     ("--model_dir={tmp}/a_file/run",
      "Error: --model_dir={tmp}/a_file/run cannot be created: {tmp}/a_file is a file."),
     ("--model_dir=/proc/sys/moe_tf_run",

@@ -127,6 +127,9 @@ def _register_checks(flag_values: flags.FlagValues) -> None:
                      flag_values)
     flags.register_validator("learning_rate", lambda v: v is not None and v > 0,
                              message="--learning_rate must be > 0.", **where)
+    # Empty, the run's files would land in the working directory.
+    flags.register_validator("model_dir", bool,
+                             message="--model_dir must name the run's directory.", **where)
     flags.register_validator("dropout", lambda v: v is not None and 0 <= v < 1,
                              message="--dropout must be in [0, 1).", **where)
     flags.register_multi_flags_validator(
