@@ -4,6 +4,9 @@
     python -m benchmarks.lm_table --models=4xLSTM,MoE-32 --train_steps=300
     python -m benchmarks.lm_table --preset=tiny --output_dir=/tmp/t --markdown=/tmp/R.md
     python -m benchmarks.lm_table --preset=manuals     # builtin:manuals, 4x budget, seeds
+    python -m benchmarks.lm_table --preset=manuals --models=MoE-256,MoE-1024-h \
+        --batch_tokens=16384 --train_steps=1000 --seeded_models= --ablation_model= \
+        --specialisation_model=                        # the same tokens in 4x larger steps
 
 Table 7: the compute-matched family (4xLSTM, MoE-1-Wide, MoE-1-Deep, MoE-4, MoE-32,
 MoE-256 flat with k = 4, MoE-256-h and MoE-1024-h hierarchical with 16 groups and k = 2 + 2)
@@ -24,7 +27,9 @@ OUTPUT_DIR.json (the table: a list of objects), OUTPUT_DIR_ablation.json,
 OUTPUT_DIR_specialisation.json, OUTPUT_DIR.png (test perplexity against experts) and the
 Markdown between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in --markdown, NAME being
 OUTPUT_DIR's base name (appended if the markers are missing; the rest is kept). OUTPUT_DIR
-defaults to benchmarks/results/lm_table, or lm_table_<corpus> for another corpus.
+defaults to benchmarks/results/lm_table, or lm_table_<corpus> for another corpus, with
+_batch<N> appended when --batch_tokens changes the preset's (a run of another step size
+is never taken for a finished one).
 """
 
 import argparse
@@ -135,9 +140,26 @@ def corpus_name(preset: Dict) -> str:
     return preset.get("data", "builtin:en").partition(":")[2] or "en"
 
 
-def default_output_dir(preset: Dict) -> str:
+def default_output_dir(preset_name: str, preset: Dict) -> str:
     corpus = corpus_name(preset)
-    return "benchmarks/results/lm_table" + ("" if corpus == "en" else f"_{corpus}")
+    batch = preset["batch_tokens"]
+    return ("benchmarks/results/lm_table" + ("" if corpus == "en" else f"_{corpus}")
+            + ("" if batch == PRESETS[preset_name]["batch_tokens"] else f"_batch{batch}"))
+
+
+def budget_preset(args: argparse.Namespace) -> Dict:
+    """The preset's train.lm flags with --batch_tokens and --train_steps applied."""
+    overrides = {name: getattr(args, name) for name in ("batch_tokens", "train_steps")
+                 if getattr(args, name) is not None}
+    return dict(PRESETS[args.preset], **overrides)
+
+
+def command_flags(args: argparse.Namespace) -> str:
+    """The flags that name the table's budget, as its Markdown block quotes the command."""
+    flags = [] if args.preset == "full" else [f"--preset={args.preset}"]
+    flags += [f"--{name}={getattr(args, name)}" for name in ("batch_tokens", "train_steps")
+              if getattr(args, name) is not None]
+    return "".join(f" {flag}" for flag in flags)
 
 
 def block_markers(output_dir: str) -> Tuple[str, str]:
@@ -650,6 +672,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--train_steps", type=int, default=None,
                         help="Steps of every model (the token budget); default: preset's.")
+    parser.add_argument("--batch_tokens", type=int, default=None,
+                        help="Tokens per step of every model; default: preset's.")
     parser.add_argument("--models", default=",".join(s.name for s in FAMILY),
                         help="Comma-separated subset of the family, in table order.")
     parser.add_argument("--seeds", type=int, default=None,
@@ -671,14 +695,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                                   if n]:
         if name not in by_name:
             parser.error(f"unknown model {name!r}; the family is {', '.join(by_name)}")
-    if args.train_steps is not None and args.train_steps < 1:
-        parser.error("--train_steps must be >= 1")
+    for name in ("train_steps", "batch_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
     if args.seeds is None:
         args.seeds = DEFAULT_SEEDS.get(args.preset, 1)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
     if args.output_dir is None:
-        args.output_dir = default_output_dir(PRESETS[args.preset])
+        args.output_dir = default_output_dir(args.preset, budget_preset(args))
     args.specs = [by_name[n] for n in names]
     args.seed_runs = {spec.name: [dataclasses.replace(spec, seed=seed) for seed in
                                   range(args.seeds if spec.name in seeded else 1)]
@@ -697,19 +722,19 @@ def run_order(seed_runs: Dict[str, List[ModelSpec]]) -> List[ModelSpec]:
             if seed < len(runs)]
 
 
-def table_text(preset_name: str, preset: Dict, steps: int, epochs: Optional[float]) -> Dict:
-    """The markdown block's title, corpus and budget sentences for a preset."""
+def table_text(args: argparse.Namespace, preset: Dict, steps: int,
+               epochs: Optional[float]) -> Dict:
+    """The markdown block's title, command, corpus and budget sentences for a preset."""
     corpus = corpus_name(preset)
     tokens = steps * preset["batch_tokens"]
     budget = (f"Budget: {steps} steps of about {preset['batch_tokens']} tokens (padding "
-              f"included; {tokens / 1e6:.1f}M tokens) for every run; preset `{preset_name}`, "
+              f"included; {tokens / 1e6:.1f}M tokens) for every run; preset `{args.preset}`, "
               f"model_dim {preset['model_dim']}.")
     if epochs is not None:
         budget += f" That is {epochs:.2f} epochs of the training split."
     if corpus == "en":
-        return dict(budget=budget)
-    return dict(budget=budget, corpus=f"`builtin:{corpus}`",
-                command=f" --preset={preset_name}",
+        return dict(budget=budget, command=command_flags(args))
+    return dict(budget=budget, corpus=f"`builtin:{corpus}`", command=command_flags(args),
                 title=f"## Language models on `builtin:{corpus}` at equal ops/timestep "
                       f"(issue 19; Tables 6, 7, 9)")
 
@@ -780,7 +805,7 @@ def write_outputs(args: argparse.Namespace, preset: Dict, steps: int, output_dir
     update_markdown(args.markdown, markdown(
         rows, ablation, specialisation, window=preset["log_every"],
         plot_path=output_dir + ".png", markdown_path=args.markdown, markers=markers,
-        **table_text(args.preset, preset, steps,
+        **table_text(args, preset, steps,
                      training_epochs(args.seed_runs, output_dir, steps, preset))), markers)
 
 
@@ -791,8 +816,8 @@ def ablation_runs(args: argparse.Namespace) -> List[ModelSpec]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    preset = PRESETS[args.preset]
-    steps = args.train_steps or preset["train_steps"]
+    preset = budget_preset(args)
+    steps = preset["train_steps"]
     output_dir = os.path.abspath(args.output_dir)
     for spec in args.specs + args.ablation_specs:  # every size error before any training
         matched_hidden_size(spec, model_dim=preset["model_dim"])

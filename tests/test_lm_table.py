@@ -182,3 +182,21 @@ def test_runs_go_seed_by_seed_and_each_seed_has_its_directory():
     assert lm_table.parse_args([]).output_dir == "benchmarks/results/lm_table"
     assert lm_table.block_markers("benchmarks/results/lm_table") == (
         lm_table.BEGIN_MARKER, lm_table.END_MARKER)
+
+
+def test_a_larger_step_trains_the_same_tokens_in_a_directory_of_its_own():
+    args = lm_table.parse_args(["--preset=manuals", "--models=MoE-256",
+                                "--batch_tokens=16384", "--train_steps=1000"])
+    assert args.output_dir == "benchmarks/results/lm_table_manuals_batch16384"
+    preset = lm_table.budget_preset(args)
+    flags = lm_table.train_flags(args.seed_runs["MoE-256"][0], preset=preset,
+                                 train_steps=preset["train_steps"], model_dir="/tmp/x")
+    assert "--batch_tokens=16384" in flags and "--train_steps=1000" in flags
+    text = lm_table.table_text(args, preset, preset["train_steps"], epochs=None)
+    assert text["command"] == " --preset=manuals --batch_tokens=16384 --train_steps=1000"
+    assert "1000 steps of about 16384 tokens (padding included; 16.4M tokens)" in text["budget"]
+    # the preset's own step size keeps the table's directory
+    assert lm_table.parse_args(["--preset=manuals", "--batch_tokens=4096"]).output_dir == (
+        "benchmarks/results/lm_table_manuals")
+    with pytest.raises(SystemExit):
+        lm_table.parse_args(["--batch_tokens=0"])
