@@ -230,14 +230,17 @@ def test_refused_setups_name_the_flag_or_file(flag, message, refused_setups):
     check_refused(refused_setups, flag, message)
 
 
-def test_saved_model_serves_the_trained_model_in_fresh_process(tmp_path):
+def test_trained_export_serves_in_fresh_process_and_through_the_binaries(tmp_path, capsys):
+    """One tiny trained run, as a user runs it (without the tests' TF_CPP_MIN_LOG_LEVEL),
+    and its export: served in a fresh process, by train.score and by serving_bench."""
     model_dir = tmp_path / "run"
-    # As a user runs it: without the tests' TF_CPP_MIN_LOG_LEVEL.
     env = {key: value for key, value in os.environ.items()
            if key != "TF_CPP_MIN_LOG_LEVEL"}
     trained = run_ok(lm_command(model_dir, "--train_steps=8"), env=env)
     assert_only_project_lines(trained.stderr)
     assert_export_serves_the_checkpoint(model_dir, tmp_path)
+    assert_score_binary_serves_the_export(model_dir / "export")
+    assert_serving_bench_reads_the_export(model_dir / "export", tmp_path, capsys)
 
 
 def assert_only_project_lines(stderr):
@@ -299,10 +302,11 @@ def assert_export_serves_the_checkpoint(model_dir, tmp_path):
     assert np.isnan(log_prob[4]) and num_tokens[4] == 0
 
 
-def test_score_binary_and_serving_bench_read_the_export(tmp_path, capsys):
-    run_ok(lm_command(tmp_path, "--train_steps=2"))
+def assert_score_binary_serves_the_export(export):
+    """train.score scores lines (naming invalid UTF-8 and cut ones) and samples from a
+    prompt; train.translate refuses a language model in one line."""
     scored = subprocess.run(
-        [sys.executable, "-m", "train.score", f"--saved_model={tmp_path / 'export'}"],
+        [sys.executable, "-m", "train.score", f"--saved_model={export}"],
         input=b"In the beginning\n\nAnd God said\n\xff\xfe\n" + b"the " * 50 + b"\n",
         cwd=ROOT, capture_output=True, timeout=300)
     assert scored.returncode == 0, scored.stderr[-2000:]
@@ -313,28 +317,30 @@ def test_score_binary_and_serving_bench_read_the_export(tmp_path, capsys):
     assert rows[2][0] == "nan" and rows[2][3] == "invalid UTF-8"
     assert rows[3][3] == "truncated"
     sampled = subprocess.run(
-        [sys.executable, "-m", "train.score", f"--saved_model={tmp_path / 'export'}",
+        [sys.executable, "-m", "train.score", f"--saved_model={export}",
          "--prompt=And God", "--max_new_tokens=5"], cwd=ROOT, capture_output=True,
         text=True, timeout=300)
     assert sampled.returncode == 0, sampled.stderr[-2000:]
     assert sampled.stdout.startswith("And God")
     nothing = subprocess.run(  # no token to draw: the prompt, nothing after it
-        [sys.executable, "-m", "train.score", f"--saved_model={tmp_path / 'export'}",
+        [sys.executable, "-m", "train.score", f"--saved_model={export}",
          "--prompt=And God", "--max_new_tokens=0"], cwd=ROOT, capture_output=True,
         text=True, timeout=300)
     assert nothing.returncode == 0, nothing.stderr[-2000:]
     assert nothing.stdout.strip() == "And God"
     translated = subprocess.run(  # a language model given to the translation binary
-        [sys.executable, "-m", "train.translate", f"--saved_model={tmp_path / 'export'}"],
+        [sys.executable, "-m", "train.translate", f"--saved_model={export}"],
         input="In the beginning\n", cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert translated.returncode == 2 and "Traceback" not in translated.stderr
     assert translated.stderr.strip().endswith("not a translation model of train.nmt (no "
                                               "translation output); train.score serves "
                                               "language models.")
 
-    # The benchmark measures in a fresh process of its own; its driver runs here.
+
+def assert_serving_bench_reads_the_export(export, tmp_path, capsys):
+    """The benchmark measures in a fresh process of its own; its driver runs here."""
     from benchmarks import serving_bench
-    serving_bench.main([f"--model=tiny={tmp_path / 'export'}", "--batch_sizes=1,8",
+    serving_bench.main([f"--model=tiny={export}", "--batch_sizes=1,8",
                         "--sentences=16", "--generate_batch_sizes=2", "--generate_calls=2",
                         "--new_tokens=4", f"--json={tmp_path / 'serving.json'}"])
     results = json.loads((tmp_path / "serving.json").read_text())["tiny"]
