@@ -732,11 +732,15 @@ def table_text(args: argparse.Namespace, preset: Dict, steps: int,
               f"model_dim {preset['model_dim']}.")
     if epochs is not None:
         budget += f" That is {epochs:.2f} epochs of the training split."
-    if corpus == "en":
-        return dict(budget=budget, command=command_flags(args))
-    return dict(budget=budget, corpus=f"`builtin:{corpus}`", command=command_flags(args),
-                title=f"## Language models on `builtin:{corpus}` at equal ops/timestep "
-                      f"(issue 19; Tables 6, 7, 9)")
+    text = dict(budget=budget, command=command_flags(args))
+    if corpus != "en":
+        text.update(corpus=f"`builtin:{corpus}`",
+                    title=f"## Language models on `builtin:{corpus}` at equal ops/timestep "
+                          f"(issue 19; Tables 6, 7, 9)")
+    if preset["batch_tokens"] != PRESETS[args.preset]["batch_tokens"]:
+        text["title"] = (f"## Language models on `builtin:{corpus}` in steps of "
+                         f"{preset['batch_tokens']} tokens (issue 19)")
+    return text
 
 
 def finished_runs(specs: Sequence[ModelSpec], output_dir: str, steps: int) -> List[Dict]:

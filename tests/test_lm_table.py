@@ -195,6 +195,8 @@ def test_a_larger_step_trains_the_same_tokens_in_a_directory_of_its_own():
     text = lm_table.table_text(args, preset, preset["train_steps"], epochs=None)
     assert text["command"] == " --preset=manuals --batch_tokens=16384 --train_steps=1000"
     assert "1000 steps of about 16384 tokens (padding included; 16.4M tokens)" in text["budget"]
+    assert text["title"] == ("## Language models on `builtin:manuals` in steps of 16384 "
+                             "tokens (issue 19)")  # not the preset's table's title
     # the preset's own step size keeps the table's directory
     assert lm_table.parse_args(["--preset=manuals", "--batch_tokens=4096"]).output_dir == (
         "benchmarks/results/lm_table_manuals")
