@@ -4,6 +4,8 @@
 import gzip
 import json
 import os
+import re
+import zlib
 
 import pytest
 
@@ -118,6 +120,38 @@ def test_build_splits_by_page_keeps_each_line_once_and_counts(sources, tmp_path)
         assert sum(s["splits"][split]["words"] for s in recorded) == sum(
             len(line.split()) for line in lines[split])
     assert sum(s["splits"][split]["pages"] for s in recorded for split in mc.SPLITS) == 90
+
+
+def _page_of(line):
+    """The page (source, path) a numbered fixture line comes from, else None."""
+    page = re.match(r"The page number (\d+) says", line) or re.match(
+        r"It has a second sentence (\d+) too", line)
+    if page:
+        number = int(page.group(1))
+        return "web", f"section{number % 3}/page{number}.html"
+    document = re.match(r"The document number (\d+) talks", line)
+    return ("perl", f"perl{document.group(1)}.pod") if document else None
+
+
+def test_training_pages_interleave_the_sources_and_held_out_pages_keep_their_order(
+        sources, tmp_path):
+    mc.build_corpus(str(tmp_path / "out"), sources)
+    for split in mc.SPLITS:
+        pages = []
+        for line in _lines(tmp_path / "out", split):
+            page = _page_of(line)
+            if page and (not pages or pages[-1] != page):
+                pages.append(page)
+        assert len(pages) == len(set(pages))  # a page's lines stay together
+        if split == "train":  # in the order of a CRC-32 of "order/<source>/<path>"
+            assert pages == sorted(pages, key=lambda page: zlib.crc32(
+                f"order/{page[0]}/{page[1]}".encode()))
+            sources_in_order = [source for source, _ in pages]
+            first_perl = sources_in_order.index("perl")
+            assert "web" in sources_in_order[first_perl:]  # interleaved, not one block
+        else:  # the sources' order: every web page before every perl document
+            names = [source for source, _ in pages]
+            assert names == sorted(names, key=["web", "perl"].index)
 
 
 def test_build_is_deterministic(sources, tmp_path):

@@ -17,7 +17,11 @@ Paragraphs are cut into sentences, one a line; lines with fewer than `MIN_WORDS`
 that look like code are dropped, and every line is kept once (its first occurrence in the
 order below), so no held-out line repeats a training line. Splits are by document (a
 page): a CRC-32 of the source name and the page's path sends `HELD_OUT_PERCENT` of pages
-to valid and as many to test. The build is deterministic.
+to valid and as many to test. The training split's pages are written in the order of
+another such hash, so that the sources interleave: a training stream read in file order
+and shuffled in a window of lines (`--shuffle_buffer`) then mixes every domain, where
+pages written source by source made it a curriculum of one domain after another. The
+held-out splits keep the sources' order. The build is deterministic.
 """
 
 from __future__ import annotations
@@ -247,6 +251,12 @@ def split_of(source: str, path: str) -> str:
     return "test" if bucket < 2 * HELD_OUT_PERCENT else "train"
 
 
+def training_page_rank(source: str, path: str) -> int:
+    """Where a training page goes in train.txt.gz: a stable CRC-32 of its source and path,
+    salted to be independent of `split_of`'s."""
+    return zlib.crc32(f"order/{source}/{path}".encode("utf-8"))
+
+
 def page_sentences(text: str, kind: str) -> Iterator[str]:
     """The prose sentences of one page's source text."""
     paragraphs = html_paragraphs(text) if kind == "html" else pod_paragraphs(text)
@@ -274,25 +284,33 @@ def _read(path: str) -> str:
 
 
 def build_lines(sources: Iterable[Source]) -> tuple[dict[str, list[str]], list[dict]]:
-    """Every source's sentences by split, each line once, and per-source statistics."""
+    """Every source's sentences by split, each line once (its first page in the sources'
+    order keeps it), the training pages interleaved by `training_page_rank`; and
+    per-source statistics."""
     seen: set[str] = set()
-    lines: dict[str, list[str]] = {split: [] for split in SPLITS}
+    pages: dict[str, list[tuple[int, list[str]]]] = {split: [] for split in SPLITS}
     statistics = []
     for source in sources:
         counts = {split: {"pages": 0, "lines": 0, "words": 0} for split in SPLITS}
         for path in source_pages(source):
             split = split_of(source.name, path)
             counts[split]["pages"] += 1
+            kept = []
             for sentence in page_sentences(_read(os.path.join(source.root, path)),
                                            source.kind):
                 if sentence in seen:
                     continue
                 seen.add(sentence)
-                lines[split].append(sentence)
+                kept.append(sentence)
                 counts[split]["lines"] += 1
                 counts[split]["words"] += len(sentence.split())
+            rank = (training_page_rank(source.name, path) if split == "train"
+                    else len(pages[split]))
+            pages[split].append((rank, kept))
         statistics.append({"name": source.name, "package": source.package,
                            "licence": source.licence, "splits": counts})
+    lines = {split: [line for _, kept in sorted(pages[split], key=lambda page: page[0])
+                     for line in kept] for split in SPLITS}
     return lines, statistics
 
 
