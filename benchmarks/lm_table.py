@@ -140,11 +140,12 @@ def corpus_name(preset: Dict) -> str:
     return preset.get("data", "builtin:en").partition(":")[2] or "en"
 
 
-def default_output_dir(preset_name: str, preset: Dict) -> str:
+def default_output_dir(preset_name: str, preset: Dict, label: str = "") -> str:
     corpus = corpus_name(preset)
     batch = preset["batch_tokens"]
     return ("benchmarks/results/lm_table" + ("" if corpus == "en" else f"_{corpus}")
-            + ("" if batch == PRESETS[preset_name]["batch_tokens"] else f"_batch{batch}"))
+            + ("" if batch == PRESETS[preset_name]["batch_tokens"] else f"_batch{batch}")
+            + ("_" + "_".join(label.split()) if label else ""))
 
 
 def budget_preset(args: argparse.Namespace) -> Dict:
@@ -159,6 +160,7 @@ def command_flags(args: argparse.Namespace) -> str:
     flags = [] if args.preset == "full" else [f"--preset={args.preset}"]
     flags += [f"--{name}={getattr(args, name)}" for name in ("batch_tokens", "train_steps")
               if getattr(args, name) is not None]
+    flags += [f"--label='{args.label}'"] if args.label else []
     return "".join(f" {flag}" for flag in flags)
 
 
@@ -674,6 +676,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Steps of every model (the token budget); default: preset's.")
     parser.add_argument("--batch_tokens", type=int, default=None,
                         help="Tokens per step of every model; default: preset's.")
+    parser.add_argument("--label", default="",
+                        help="Names a variant of the table (e.g. of its corpus's build): "
+                             "appended to the default output directory and the title.")
     parser.add_argument("--models", default=",".join(s.name for s in FAMILY),
                         help="Comma-separated subset of the family, in table order.")
     parser.add_argument("--seeds", type=int, default=None,
@@ -703,7 +708,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
     if args.output_dir is None:
-        args.output_dir = default_output_dir(args.preset, budget_preset(args))
+        args.output_dir = default_output_dir(args.preset, budget_preset(args), args.label)
     args.specs = [by_name[n] for n in names]
     args.seed_runs = {spec.name: [dataclasses.replace(spec, seed=seed) for seed in
                                   range(args.seeds if spec.name in seeded else 1)]
@@ -733,13 +738,14 @@ def table_text(args: argparse.Namespace, preset: Dict, steps: int,
     if epochs is not None:
         budget += f" That is {epochs:.2f} epochs of the training split."
     text = dict(budget=budget, command=command_flags(args))
-    if corpus != "en":
+    variant = "".join(
+        ([f", steps of {preset['batch_tokens']} tokens"]
+         if preset["batch_tokens"] != PRESETS[args.preset]["batch_tokens"] else [])
+        + ([f", {args.label}"] if args.label else []))
+    if corpus != "en" or variant:
         text.update(corpus=f"`builtin:{corpus}`",
-                    title=f"## Language models on `builtin:{corpus}` at equal ops/timestep "
-                          f"(issue 19; Tables 6, 7, 9)")
-    if preset["batch_tokens"] != PRESETS[args.preset]["batch_tokens"]:
-        text["title"] = (f"## Language models on `builtin:{corpus}` in steps of "
-                         f"{preset['batch_tokens']} tokens (issue 19)")
+                    title=f"## Language models on `builtin:{corpus}` at equal ops/timestep"
+                          f"{variant} (issue 19; Tables 6, 7, 9)")
     return text
 
 

@@ -195,10 +195,27 @@ def test_a_larger_step_trains_the_same_tokens_in_a_directory_of_its_own():
     text = lm_table.table_text(args, preset, preset["train_steps"], epochs=None)
     assert text["command"] == " --preset=manuals --batch_tokens=16384 --train_steps=1000"
     assert "1000 steps of about 16384 tokens (padding included; 16.4M tokens)" in text["budget"]
-    assert text["title"] == ("## Language models on `builtin:manuals` in steps of 16384 "
-                             "tokens (issue 19)")  # not the preset's table's title
+    assert text["title"] == ("## Language models on `builtin:manuals` at equal ops/timestep,"
+                             " steps of 16384 tokens (issue 19; Tables 6, 7, 9)")
     # the preset's own step size keeps the table's directory
     assert lm_table.parse_args(["--preset=manuals", "--batch_tokens=4096"]).output_dir == (
         "benchmarks/results/lm_table_manuals")
     with pytest.raises(SystemExit):
         lm_table.parse_args(["--batch_tokens=0"])
+
+
+def test_a_labelled_table_has_its_own_directory_and_title():
+    args = lm_table.parse_args(["--preset=manuals", "--label=interleaved pages"])
+    assert args.output_dir == "benchmarks/results/lm_table_manuals_interleaved_pages"
+    text = lm_table.table_text(args, lm_table.budget_preset(args), 4000, epochs=None)
+    assert text["title"] == ("## Language models on `builtin:manuals` at equal ops/timestep,"
+                             " interleaved pages (issue 19; Tables 6, 7, 9)")
+    assert text["command"] == " --preset=manuals --label='interleaved pages'"
+    assert lm_table.block_markers(args.output_dir)[0] == (
+        "<!-- lm_table_manuals_interleaved_pages:begin -->")
+    unlabelled = lm_table.parse_args(["--preset=manuals"])
+    assert "title" in lm_table.table_text(unlabelled, lm_table.budget_preset(unlabelled),
+                                          4000, epochs=None)
+    bible = lm_table.parse_args([])
+    assert "title" not in lm_table.table_text(bible, lm_table.budget_preset(bible), 1000,
+                                              epochs=None)  # the issue-7 table's own
