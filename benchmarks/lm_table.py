@@ -29,7 +29,7 @@ Markdown between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in --markdown, NA
 OUTPUT_DIR's base name (appended if the markers are missing; the rest is kept). OUTPUT_DIR
 defaults to benchmarks/results/lm_table, or lm_table_<corpus> for another corpus, with
 _batch<N> appended when --batch_tokens changes the preset's (a run of another step size
-is never taken for a finished one).
+is never taken for a finished one) and _<label> with --label (its spaces as underscores).
 """
 
 import argparse
