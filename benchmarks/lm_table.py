@@ -148,9 +148,13 @@ def default_output_dir(preset_name: str, preset: Dict, label: str = "") -> str:
             + ("_" + "_".join(label.split()) if label else ""))
 
 
+# The flags that override a preset's budget (None: the preset's).
+BUDGET_FLAGS = ("batch_tokens", "train_steps")
+
+
 def budget_preset(args: argparse.Namespace) -> Dict:
     """The preset's train.lm flags with --batch_tokens and --train_steps applied."""
-    overrides = {name: getattr(args, name) for name in ("batch_tokens", "train_steps")
+    overrides = {name: getattr(args, name) for name in BUDGET_FLAGS
                  if getattr(args, name) is not None}
     return dict(PRESETS[args.preset], **overrides)
 
@@ -158,7 +162,7 @@ def budget_preset(args: argparse.Namespace) -> Dict:
 def command_flags(args: argparse.Namespace) -> str:
     """The flags that name the table's budget, as its Markdown block quotes the command."""
     flags = [] if args.preset == "full" else [f"--preset={args.preset}"]
-    flags += [f"--{name}={getattr(args, name)}" for name in ("batch_tokens", "train_steps")
+    flags += [f"--{name}={getattr(args, name)}" for name in BUDGET_FLAGS
               if getattr(args, name) is not None]
     flags += [f"--label='{args.label}'"] if args.label else []
     return "".join(f" {flag}" for flag in flags)
@@ -700,7 +704,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                   if n]:
         if name not in by_name:
             parser.error(f"unknown model {name!r}; the family is {', '.join(by_name)}")
-    for name in ("train_steps", "batch_tokens"):
+    for name in BUDGET_FLAGS:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     if args.seeds is None:
@@ -738,10 +742,11 @@ def table_text(args: argparse.Namespace, preset: Dict, steps: int,
     if epochs is not None:
         budget += f" That is {epochs:.2f} epochs of the training split."
     text = dict(budget=budget, command=command_flags(args))
-    variant = "".join(
-        ([f", steps of {preset['batch_tokens']} tokens"]
-         if preset["batch_tokens"] != PRESETS[args.preset]["batch_tokens"] else [])
-        + ([f", {args.label}"] if args.label else []))
+    variant = ""
+    if preset["batch_tokens"] != PRESETS[args.preset]["batch_tokens"]:
+        variant += f", steps of {preset['batch_tokens']} tokens"
+    if args.label:
+        variant += f", {args.label}"
     if corpus != "en" or variant:
         text.update(corpus=f"`builtin:{corpus}`",
                     title=f"## Language models on `builtin:{corpus}` at equal ops/timestep"

@@ -288,7 +288,7 @@ def build_lines(sources: Iterable[Source]) -> tuple[dict[str, list[str]], list[d
     order keeps it), the training pages interleaved by `training_page_rank`; and
     per-source statistics."""
     seen: set[str] = set()
-    pages: dict[str, list[tuple[int, list[str]]]] = {split: [] for split in SPLITS}
+    pages: dict[str, list[tuple[str, str, list[str]]]] = {split: [] for split in SPLITS}
     statistics = []
     for source in sources:
         counts = {split: {"pages": 0, "lines": 0, "words": 0} for split in SPLITS}
@@ -304,13 +304,11 @@ def build_lines(sources: Iterable[Source]) -> tuple[dict[str, list[str]], list[d
                 kept.append(sentence)
                 counts[split]["lines"] += 1
                 counts[split]["words"] += len(sentence.split())
-            rank = (training_page_rank(source.name, path) if split == "train"
-                    else len(pages[split]))
-            pages[split].append((rank, kept))
+            pages[split].append((source.name, path, kept))
         statistics.append({"name": source.name, "package": source.package,
                            "licence": source.licence, "splits": counts})
-    lines = {split: [line for _, kept in sorted(pages[split], key=lambda page: page[0])
-                     for line in kept] for split in SPLITS}
+    pages["train"].sort(key=lambda page: training_page_rank(page[0], page[1]))
+    lines = {split: [line for *_, kept in pages[split] for line in kept] for split in SPLITS}
     return lines, statistics
 
 
