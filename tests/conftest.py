@@ -39,7 +39,14 @@ END_TO_END_MODULES = {"test_distribution", "test_faults", "test_lm", "test_lm_ta
                       "test_nmt", "test_saved_model"}
 
 
+def is_end_to_end(item):
+    return item.module.__name__.rpartition(".")[2] in END_TO_END_MODULES
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
-        if item.module.__name__.rpartition(".")[2] in END_TO_END_MODULES:
+        if is_end_to_end(item):
             item.add_marker(pytest.mark.slow)
+    # The end-to-end modules first: `make test` hands each module to one of two workers
+    # in this order, and the longest first leaves no long module to run alone at the end.
+    items.sort(key=lambda item: not is_end_to_end(item))
