@@ -30,7 +30,8 @@ setuptools.setup(
         # benchmarks.lm_table's plot.
         "matplotlib",
     ],
-    package_data={"train.data": ["bible/*"], "moe_tf": ["kernels/*.cc", "kernels/*.h"]},
+    package_data={"train.data": ["bible/*"], "moe_tf": ["kernels/*.cc", "kernels/*.h",
+                                                        "kernels/xla_header_stubs/**/*"]},
     entry_points={
         "console_scripts": [
             "moe-train-lm = train.lm:run",

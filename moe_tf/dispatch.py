@@ -9,7 +9,6 @@ import math
 from typing import NamedTuple, Optional, Union
 
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
 
 from moe_tf import kernels
 from moe_tf.routing import split_into_token_groups, static_shape
@@ -154,24 +153,27 @@ def expert_capacity(num_tokens, assignments_per_token: int, num_experts: int,
     return tf.maximum(1, tf.minimum(num_tokens, wanted))
 
 
-def _runs_blockwise() -> bool:
-    """Whether the capacity path's experts run as the sparse path's blocks of rows (on a
-    CPU, outside XLA) rather than as batched matmuls (XLA, GPUs, DTensor).
+def _runs_blockwise(experts, sorted_rows, compiled_kernels) -> bool:
+    """Whether the capacity path's experts run as the sparse path's blocks of
+    `sorted_rows` (on a CPU) rather than as batched matmuls (GPUs, and XLA where the
+    compiled kernels do not run).
 
     On a CPU the sparse path's experts (per-expert matmuls forward, a backward pass
     chosen by block size, the compiled kernels) beat TensorFlow's batched matmuls over
-    many small buffers; XLA compiles batched matmuls well and cannot compile the
-    blocks' loop and in-place writes.
+    many small buffers, and the compiled kernels beat XLA's batched dots (they run there
+    as custom calls); XLA cannot compile the blocks' TensorFlow loop.
     """
-    # TensorFlow has no public way to ask whether a graph is being compiled by XLA.
-    in_xla = control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-    return not in_xla and not tf.config.list_logical_devices("GPU")
+    if tf.config.list_logical_devices("GPU"):
+        return False
+    return (not kernels.compiling_with_xla()
+            or experts.runs_compiled_kernels(sorted_rows, compiled_kernels))
 
 
-def _run_experts_on_buffers(experts, buffers, *, blockwise: bool):
+def _run_experts_on_buffers(experts, buffers, *, sharded: bool, compiled_kernels):
     """`[*groups, experts, capacity, d_in]` -> `[*groups, experts, capacity, d_out]`, each
-    expert on its rows of every group; `blockwise`: as equal blocks of sorted rows (see
-    `_runs_blockwise`), else as batched matmuls over `[experts, rows, d_in]`."""
+    expert on its rows of every group: as equal blocks of sorted rows where
+    `_runs_blockwise` (never when `sharded` over a DTensor mesh), else as batched matmuls
+    over `[experts, rows, d_in]`."""
     shape = static_shape(buffers)
     groups_rank = len(shape) - 3
     num_experts = shape[groups_rank]
@@ -180,8 +182,9 @@ def _run_experts_on_buffers(experts, buffers, *, blockwise: bool):
     # Under DTensor the groups' first axis is split over "batch": merging it with the
     # whole axes after it keeps that split.
     rows = tf.reshape(tf.transpose(buffers, experts_first), [num_experts, -1, shape[-1]])
-    if blockwise:
-        outputs = experts(tf.reshape(rows, [-1, shape[-1]]),
+    sorted_rows = tf.reshape(rows, [-1, shape[-1]])
+    if not sharded and _runs_blockwise(experts, sorted_rows, compiled_kernels):
+        outputs = experts(sorted_rows,
                           expert_row_counts=tf.fill([num_experts], tf.shape(rows)[1]))
     else:
         outputs = experts(rows)
@@ -319,7 +322,8 @@ class CapacityDispatch(NamedTuple):
 
 
 def capacity_dispatch(inputs, routing, experts, *, capacity, token_group_size=None,
-                      expert_sharding=None) -> CapacityDispatch:
+                      expert_sharding=None,
+                      compiled_kernels: Union[str, bool] = False) -> CapacityDispatch:
     """GShard-style fixed-capacity dispatch by index arithmetic, with static shapes.
 
     The tokens are routed in token groups, each with `capacity` slots per expert;
@@ -329,7 +333,9 @@ def capacity_dispatch(inputs, routing, experts, *, capacity, token_group_size=No
     slot's token and each assignment's slot (`CapacitySlots`): nothing of size
     tokens x experts x capacity, and the experts run as batched matmuls (or the sparse
     path's blocks, see `_runs_blockwise`). All shapes are static when the token count
-    is, as XLA and DTensor want.
+    is, as XLA and DTensor want. `compiled_kernels` is the experts' setting as the layer
+    passes it (False outside training calls): under XLA the experts run as blocks only
+    where it lets the compiled kernels run.
 
     On one device the groups are `token_group_size` tokens each (the last one padded
     with unused tokens), or the whole batch without it. With `expert_sharding` (an
@@ -350,9 +356,9 @@ def capacity_dispatch(inputs, routing, experts, *, capacity, token_group_size=No
     buffers = moves.dispatch(tokens)
     if expert_sharding is not None:
         buffers = expert_sharding.to_experts(buffers)
-    outputs = _run_experts_on_buffers(experts, buffers,
-                                      blockwise=expert_sharding is None
-                                      and _runs_blockwise())   # [*G, E, C, d_out]
+    outputs = _run_experts_on_buffers(
+        experts, buffers, sharded=expert_sharding is not None,
+        compiled_kernels=compiled_kernels)                              # [*G, E, C, d_out]
     if expert_sharding is not None:
         outputs = expert_sharding.from_experts(outputs)
     combined = moves.combine(outputs)

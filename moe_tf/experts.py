@@ -374,15 +374,16 @@ def _compiled_grad(blocks: _ExpertBlocks, ops, hidden, d_outputs):
 
 def _use_compiled_kernels(blocks: _ExpertBlocks, ops, compiled_kernels):
     """Whether the compiled kernels run both passes: when they suit the operands (`ops`
-    is not None) and, unless they are required (`compiled_kernels=True`), the experts
-    average at most `_COMPILED_KERNEL_ROWS` rows.
+    is not None) and, unless they are required (`compiled_kernels=True`) or XLA compiles
+    the call (its custom calls are the only blocks XLA runs), the experts average at most
+    `_COMPILED_KERNEL_ROWS` rows.
 
     A Python bool when that is known while tracing (the shapes are static), else a
     boolean tensor: `_cond` then decides at run time.
     """
     if ops is None:
         return False
-    if compiled_kernels is True:
+    if compiled_kernels is True or kernels.compiling_with_xla():
         return True
     inputs, kernel_in = blocks.inputs, blocks.kernel_in
     rows = inputs.shape[0] if inputs.shape[0] is not None else tf.shape(inputs)[0]
@@ -624,6 +625,18 @@ class FeedForwardExperts(keras.layers.Layer):
     def _is_paper_expert(self) -> bool:
         """ReLU, not gated: the experts the fused passes and compiled kernels run."""
         return self.gated is None and self.activation is keras.activations.relu
+
+    def runs_compiled_kernels(self, sorted_rows: tf.Tensor,
+                              compiled_kernels: Union[str, bool]) -> bool:
+        """Whether a call on `sorted_rows` (`[rows, input_dim]` in blocks) that XLA
+        compiles runs the compiled kernels, with `compiled_kernels` as the layer passes it
+        ("auto" or True in training calls, else False): the paper's experts, kept in
+        float32 and computed in float32, with widths the kernels take, kernels built, no
+        GPU."""
+        return (compiled_kernels is not False and self._is_paper_expert
+                and self.kernel_storage == "float32"
+                and _compiled_kernels_for(sorted_rows, self.kernel_in, self.kernel_out,
+                                          required=False) is not None)
 
     def build(self, input_shape):
         input_dim = input_shape[-1]

@@ -219,9 +219,10 @@ class SparselyGatedMoE(keras.layers.Layer):
         token_group_size = self.capacity_group_size or num_tokens
         capacity = expert_capacity(token_group_size, self.assignments_per_token,
                                    self.num_experts, self.capacity_factor)
-        return capacity_dispatch(tokens, routing, self.experts, capacity=capacity,
-                                 token_group_size=self.capacity_group_size,
-                                 expert_sharding=self.expert_sharding)
+        return capacity_dispatch(
+            tokens, routing, self.experts, capacity=capacity,
+            token_group_size=self.capacity_group_size, expert_sharding=self.expert_sharding,
+            compiled_kernels=self.compiled_kernels if training is True else False)
 
     def shard_experts(self, expert_sharding: Optional[ExpertSharding]) -> None:
         """Runs the layer with its experts split over a DTensor mesh, or (None) not.

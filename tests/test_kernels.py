@@ -101,6 +101,34 @@ def test_ops_match_numpy(d_in, hidden, d_out, keep_hidden):
                                    atol=1e-5 * max(10.0, np.abs(want).max()), err_msg=name)
 
 
+@pytest.mark.parametrize("keep_hidden", [True, False])
+def test_ops_under_xla_match_numpy(keep_hidden):
+    """Inside a compiled function the ops are XLA custom calls (on XLA's threads): the
+    same numbers, an empty hidden recomputed, the padding rows zero."""
+    expert_row_counts = [1, 0, 7, 13, 37, 600]
+    rows, d_outputs, weights = random_problem(expert_row_counts, 48, 112, 96)
+    x, dy = tf.constant(rows, tf.float32), tf.constant(d_outputs, tf.float32)
+    w = [tf.constant(v, tf.float32) for v in weights]
+    sizes = tf.constant(expert_row_counts, tf.int32)
+
+    @tf.function(jit_compile=True)
+    def forward_and_gradients(x, dy):
+        outputs, act = ops().moe_grouped_feed_forward(x, sizes, *w, keep_hidden=keep_hidden)
+        return outputs, act, ops().moe_grouped_feed_forward_grad(x, sizes, *w[:3], act, dy)
+
+    hlo = forward_and_gradients.experimental_get_compiler_ir(x, dy)(stage="hlo")
+    for target in ("moe_grouped_feed_forward", "moe_grouped_feed_forward_grad"):
+        assert f'custom_call_target="{target}"' in hlo
+    outputs, act, grads = forward_and_gradients(x, dy)
+    assert act.shape == ((x.shape[0], 112) if keep_hidden else (0, 112))
+    want_y, want_grads = ref.sorted_rows_ffn_and_gradients(rows, expert_row_counts,
+                                                           d_outputs, *weights)
+    np.testing.assert_allclose(outputs.numpy(), want_y, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4,
+                                   atol=1e-5 * max(10.0, np.abs(want).max()))
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 def test_experts_on_sorted_rows_train_with_the_kernels(recompute):
     """FeedForwardExperts takes the compiled path in training calls only, and its
@@ -176,14 +204,18 @@ def test_kernels_are_skipped_where_they_do_not_apply(monkeypatch):
     (dict(d_in=12), "multiples of 16"),
     (dict(kernel_in_experts=3), r"kernel_in must be \[experts, d, h\]"),
 ])
-def test_bad_operands_are_named(change, message):
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_bad_operands_are_named(change, message, jit_compile):
+    """In TensorFlow's kernel, and under XLA: the shapes when compiling, the group sizes
+    in the custom call."""
     d_in = change.get("d_in", 16)
     x = tf.ones([8, d_in])
     sizes = tf.constant(change.get("expert_row_counts", [3, 4]), tf.int32)
     kernel_in = tf.ones([change.get("kernel_in_experts", 2), d_in, 32])
+    run = tf.function(ops().moe_grouped_feed_forward, jit_compile=True) if jit_compile \
+        else ops().moe_grouped_feed_forward
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
-        ops().moe_grouped_feed_forward(x, sizes, kernel_in, tf.ones([2, 32]),
-                                       tf.ones([2, 32, 16]), tf.ones([2, 16]))
+        run(x, sizes, kernel_in, tf.ones([2, 32]), tf.ones([2, 32, 16]), tf.ones([2, 16]))
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -330,3 +362,56 @@ def test_sparse_dispatch_sums_train_with_the_kernels(gating, monkeypatch):
             assert got is None
             continue
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def capacity_layer(**kwargs):
+    """A capacity-dispatch layer whose experts the kernels take (widths of 16 and 32),
+    with weights large enough for the routing to matter and drops at F = 1."""
+    moe = SparselyGatedMoE(4, 2, 32, dispatch="capacity", capacity_factor=1.0,
+                           noisy_gating=False, **kwargs)
+    moe.build((None, 16))
+    rng = np.random.default_rng(6)
+    for weight in moe.weights:
+        weight.assign(rng.normal(size=weight.shape) * 0.5)
+    return moe
+
+
+@pytest.mark.parametrize("group_size", [None, 8])
+def test_capacity_dispatch_under_xla_runs_the_kernels(group_size):
+    """Compiled with XLA, the capacity path's training step runs its experts as the
+    kernels' custom calls, with the outputs and gradients of the uncompiled step (which
+    runs the same kernels as TensorFlow ops); inference calls and compiled_kernels=False
+    compile to XLA's batched dots instead, with the same numbers."""
+    x = tf.constant(np.random.default_rng(7).normal(size=(21, 16)), tf.float32)
+
+    def step_of(layer, training):
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=training)
+                loss = tf.reduce_sum(tf.sin(y) * tf.range(16, dtype=tf.float32))
+            return [y, *tape.gradient(loss, [x] + layer.experts.trainable_weights)]
+        return step
+
+    def custom_calls(step):
+        hlo = tf.function(step, jit_compile=True).experimental_get_compiler_ir(x)(
+            stage="hlo")
+        return {target for target in ("moe_grouped_feed_forward",
+                                      "moe_grouped_feed_forward_grad")
+                if f'custom_call_target="{target}"' in hlo}
+
+    layer = capacity_layer(capacity_group_size=group_size)
+    plain = capacity_layer(capacity_group_size=group_size, compiled_kernels=False)
+    assert custom_calls(step_of(layer, True)) == {"moe_grouped_feed_forward",
+                                                  "moe_grouped_feed_forward_grad"}
+    assert custom_calls(step_of(layer, False)) == set()
+    assert custom_calls(step_of(plain, True)) == set()
+
+    want = step_of(layer, True)(x)
+    assert float(layer.balance_statistics()["dropped_fraction"]) > 0
+    for layer_and_mode in ((layer, True), (layer, False), (plain, True)):
+        got = tf.function(step_of(*layer_and_mode), jit_compile=True)(x)
+        for g, w in zip(got, want):
+            # float32 sums in other orders: rounding grows with the values' scale.
+            np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-4,
+                                       atol=1e-5 * max(1.0, np.abs(w.numpy()).max()))

@@ -1,6 +1,7 @@
 """The layer's compiled CPU kernels, when built (`python -m moe_tf.kernels.build`).
 
-`grouped_feed_forward.cc`: the experts' FFNs, forward and backward. `weighted_row_sum.cc`:
+`grouped_feed_forward.cc`: the experts' FFNs, forward and backward; inside a program XLA
+compiles they run as XLA custom calls (`xla_custom_calls.cc`). `weighted_row_sum.cc`:
 the sparse dispatch's gate-weighted sums of rows per token, and their gradient.
 """
 
@@ -9,6 +10,7 @@ import os
 from typing import Optional
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 # The -march levels the kernels are written for, best first, with the /proc/cpuinfo flags
 # each needs (x86-64-v4 implies v3's).
@@ -85,3 +87,11 @@ def unsuitable_reason(*tensors):
                 "compiler; build them with "
                 "`python -m moe_tf.kernels.build`)")
     return None
+
+
+def compiling_with_xla() -> bool:
+    """Whether the graph being traced is one XLA compiles (`jit_compile=True`): there the
+    experts' kernels run as custom calls, and TensorFlow ops without an XLA kernel (the
+    layer's loops over the experts) cannot run."""
+    # TensorFlow has no public way to ask this.
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())

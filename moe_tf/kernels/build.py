@@ -23,6 +23,8 @@ from moe_tf.kernels import LIBRARY, target_march
 # Every source next to this file, as the Makefile's dependency and setup.py's package data
 # take them (simd.h is included by both).
 SOURCES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.cc")))
+# Declarations that XLA's headers need and TensorFlow's wheel lacks (see its README).
+XLA_HEADER_STUBS = os.path.join(os.path.dirname(__file__), "xla_header_stubs")
 
 def compiler() -> str:
     return os.environ.get("CXX", "g++")
@@ -37,13 +39,21 @@ def why_not_buildable() -> Optional[str]:
     return None
 
 
+def system_include(flag: str) -> str:
+    """TensorFlow's include directory as a system one: its headers' own warnings (XLA's
+    are many) are not this build's."""
+    return "-isystem" + flag[2:] if flag.startswith("-I") else flag
+
+
 def build(output: str = LIBRARY, march: Optional[str] = None) -> None:
     """Compiles the kernels into `output` for `-march=<march>` (default: this CPU's);
     raises CalledProcessError on failure."""
+    # libtensorflow_cc holds XLA's op-kernel classes, which xla_custom_calls.cc extends.
     command = [compiler(), "-shared", "-fPIC", "-O3",
                f"-march={march or target_march()}", "-Wno-deprecated-declarations",
                "-Wno-interference-size", "-o", output + ".tmp", *SOURCES,
-               *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+               f"-I{XLA_HEADER_STUBS}", *map(system_include, tf.sysconfig.get_compile_flags()),
+               *tf.sysconfig.get_link_flags(), "-l:libtensorflow_cc.so.2"]
     subprocess.run(command, check=True)
     os.replace(output + ".tmp", output)  # a reader never sees a half-written library
 

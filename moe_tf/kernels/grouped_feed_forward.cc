@@ -1,6 +1,7 @@
-// The experts' feed-forward networks over rows sorted by expert, forward and backward,
-// as two CPU ops: each expert's matmuls run on one thread while the experts are spread
-// over the intra-op threads.
+// The experts' feed-forward networks over rows sorted by expert, forward and backward
+// (grouped_feed_forward.h), and the two CPU ops that run them in TensorFlow: each
+// expert's matmuls run on one thread while the experts are spread over the threads.
+// xla_custom_calls.cc runs the same functions inside programs that XLA compiles.
 //
 // Why: with a few dozen rows per expert (512 experts, 4096 tokens, k = 4) a oneDNN
 // matmul per expert is half as fast as the same FLOPs in one large matmul, and a batched
@@ -8,11 +9,6 @@
 // weights once per pass through register-blocked vector loops (AVX-512 or AVX2, simd.h)
 // and writes its rows and weight gradients in place; nothing is padded, gathered or
 // scattered.
-//
-// Layouts (row-major float32): inputs [rows, d], group_sizes [experts] (int32, rows of
-// each expert in order; rows after the last group are padding), kernel_in [experts, d, h],
-// bias_in [experts, h], kernel_out [experts, h, o], bias_out [experts, o]. d, h and o
-// must be multiples of 16 (simd::kWidthMultiple).
 
 #include <algorithm>
 #include <cstdint>
@@ -24,6 +20,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/platform/threadpool.h"
+#include "grouped_feed_forward.h"
 #include "simd.h"
 
 namespace moe_tf {
@@ -245,39 +242,34 @@ Prefetch WeightsOf(const float* stacked, int64_t e, int64_t size, int64_t expert
   return {begin, begin + sizeof(float) * size};
 }
 
-struct Dims {
-  int64_t rows, experts, d, h, o;
-};
+// Runs fn(e) for every expert through `parallel_for`. An expert's work grows with its
+// rows, plus a fixed part for streaming its weights.
+void ForEachExpert(const ParallelFor& parallel_for, const Dims& dims, int64_t flops_per_row,
+                   const std::function<void(int64_t)>& fn) {
+  const int64_t mean_rows = std::max<int64_t>(1, dims.rows / std::max<int64_t>(1, dims.experts));
+  const int64_t cost = mean_rows * flops_per_row + 4 * dims.h * (dims.d + dims.o);
+  parallel_for(dims.experts, cost, [&fn](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) fn(e);
+  });
+}
 
-// The inputs both ops start with (inputs, group_sizes, kernel_in, bias_in, kernel_out),
-// checked: their data, their sizes and each group's first row (offsets[e]; the last
-// entry is the number of rows in use).
-struct Operands {
-  const float *x, *w1, *b1, *w2;
-  std::vector<int64_t> offsets;
-  Dims dims;
-};
+}  // namespace
 
-tensorflow::Status ReadOperands(OpKernelContext* ctx, Operands* operands) {
-  const Tensor& inputs = ctx->input(0);
-  const Tensor& group_sizes = ctx->input(1);
-  const Tensor& kernel_in = ctx->input(2);
-  const Tensor& bias_in = ctx->input(3);
-  const Tensor& kernel_out = ctx->input(4);
-  Dims* dims = &operands->dims;
-  std::vector<int64_t>* offsets = &operands->offsets;
+tensorflow::Status CheckFeedForwardShapes(const TensorShape& inputs,
+                                          const TensorShape& group_sizes,
+                                          const TensorShape& kernel_in,
+                                          const TensorShape& bias_in,
+                                          const TensorShape& kernel_out, Dims* dims) {
   if (inputs.dims() != 2) {
-    return InvalidArgument("inputs must be [rows, d], got shape ",
-                           inputs.shape().DebugString());
+    return InvalidArgument("inputs must be [rows, d], got shape ", inputs.DebugString());
   }
   if (group_sizes.dims() != 1) {
     return InvalidArgument("group_sizes must be [experts], got shape ",
-                           group_sizes.shape().DebugString());
+                           group_sizes.DebugString());
   }
   if (kernel_in.dims() != 3 || kernel_out.dims() != 3) {
     return InvalidArgument("kernel_in and kernel_out must be [experts, ., .], got ",
-                           kernel_in.shape().DebugString(), " and ",
-                           kernel_out.shape().DebugString());
+                           kernel_in.DebugString(), " and ", kernel_out.DebugString());
   }
   *dims = {inputs.dim_size(0), group_sizes.dim_size(0), inputs.dim_size(1),
            kernel_in.dim_size(2), kernel_out.dim_size(2)};
@@ -285,47 +277,167 @@ tensorflow::Status ReadOperands(OpKernelContext* ctx, Operands* operands) {
       kernel_in.dim_size(1) != dims->d || kernel_out.dim_size(1) != dims->h) {
     return InvalidArgument("kernel_in must be [experts, d, h] and kernel_out [experts, h, o] "
                            "for ", dims->experts, " experts and d = ", dims->d, "; got ",
-                           kernel_in.shape().DebugString(), " and ",
-                           kernel_out.shape().DebugString());
+                           kernel_in.DebugString(), " and ", kernel_out.DebugString());
   }
   constexpr int kMultiple = simd::kWidthMultiple;
   if (dims->d % kMultiple != 0 || dims->h % kMultiple != 0 || dims->o % kMultiple != 0) {
     return InvalidArgument("d, h and o must be multiples of ", kMultiple, ", got ", dims->d,
                            ", ", dims->h, ", ", dims->o);
   }
-  const auto sizes = group_sizes.flat<int32_t>();
-  offsets->assign(dims->experts + 1, 0);
-  for (int64_t e = 0; e < dims->experts; ++e) {
-    if (sizes(e) < 0) {
-      return InvalidArgument("group_sizes[", e, "] = ", sizes(e), " is negative");
-    }
-    (*offsets)[e + 1] = (*offsets)[e] + sizes(e);
-  }
-  if (offsets->back() > dims->rows) {
-    return InvalidArgument("group_sizes sum to ", offsets->back(), ", more than the ",
-                           dims->rows, " rows of inputs");
-  }
-  if (bias_in.NumElements() != dims->experts * dims->h) {
+  if (bias_in.num_elements() != dims->experts * dims->h) {
     return InvalidArgument("bias_in must be [experts, h] = [", dims->experts, ", ", dims->h,
-                           "], got ", bias_in.shape().DebugString());
+                           "], got ", bias_in.DebugString());
   }
-  operands->x = inputs.flat<float>().data();
-  operands->w1 = kernel_in.flat<float>().data();
-  operands->b1 = bias_in.flat<float>().data();
-  operands->w2 = kernel_out.flat<float>().data();
   return tensorflow::OkStatus();
 }
 
-// Runs fn(e) for every expert, spread over the intra-op threads. An expert's work grows
-// with its rows, plus a fixed part for streaming its weights.
-void ForEachExpert(OpKernelContext* ctx, const Dims& dims, int64_t flops_per_row,
-                   const std::function<void(int64_t)>& fn) {
-  const int64_t mean_rows = std::max<int64_t>(1, dims.rows / std::max<int64_t>(1, dims.experts));
-  const int64_t cost = mean_rows * flops_per_row + 4 * dims.h * (dims.d + dims.o);
-  ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
-      dims.experts, cost, [&fn](int64_t begin, int64_t end) {
-        for (int64_t e = begin; e < end; ++e) fn(e);
-      });
+tensorflow::Status CheckBiasOut(const TensorShape& bias_out, const Dims& dims) {
+  if (bias_out.num_elements() != dims.experts * dims.o) {
+    return InvalidArgument("bias_out must be [experts, o] = [", dims.experts, ", ", dims.o,
+                           "], got ", bias_out.DebugString());
+  }
+  return tensorflow::OkStatus();
+}
+
+tensorflow::Status CheckGradientShapes(const TensorShape& hidden,
+                                       const TensorShape& d_outputs, const Dims& dims) {
+  if (hidden.num_elements() != 0 &&
+      !(hidden.dims() == 2 && hidden.dim_size(0) == dims.rows && hidden.dim_size(1) == dims.h)) {
+    return InvalidArgument("hidden must be [rows, h] or empty (recomputed), got ",
+                           hidden.DebugString());
+  }
+  if (!(d_outputs.dims() == 2 && d_outputs.dim_size(0) == dims.rows &&
+        d_outputs.dim_size(1) == dims.o)) {
+    return InvalidArgument("d_outputs must be [rows, o] = [", dims.rows, ", ", dims.o,
+                           "], got ", d_outputs.DebugString());
+  }
+  return tensorflow::OkStatus();
+}
+
+tensorflow::Status GroupOffsets(const int32_t* group_sizes, const Dims& dims,
+                                std::vector<int64_t>* offsets) {
+  offsets->assign(dims.experts + 1, 0);
+  for (int64_t e = 0; e < dims.experts; ++e) {
+    if (group_sizes[e] < 0) {
+      return InvalidArgument("group_sizes[", e, "] = ", group_sizes[e], " is negative");
+    }
+    (*offsets)[e + 1] = (*offsets)[e] + group_sizes[e];
+  }
+  if (offsets->back() > dims.rows) {
+    return InvalidArgument("group_sizes sum to ", offsets->back(), ", more than the ",
+                           dims.rows, " rows of inputs");
+  }
+  return tensorflow::OkStatus();
+}
+
+void FeedForward(const Dims& n, const std::vector<int64_t>& offsets,
+                 const FeedForwardWeights& weights, float* y, float* hid,
+                 const ParallelFor& parallel_for) {
+  const float *x = weights.x, *w1 = weights.w1, *b1 = weights.b1, *w2 = weights.w2;
+  ForEachExpert(parallel_for, n, 2 * n.h * (n.d + n.o), [&](int64_t e) {
+    const int64_t begin = offsets[e], m = offsets[e + 1] - offsets[e];
+    if (m == 0) return;
+    // While one kernel is multiplied, the next one is fetched.
+    Prefetch next_out = WeightsOf(w2, e, n.h * n.o, n.experts);
+    Prefetch next_in = WeightsOf(w1, e + 1, n.d * n.h, n.experts);
+    Output output_layer;
+    output_layer.bias = weights.b2 + e * n.o;
+    for (int64_t r = begin; r < begin + m; r += kChunkRows) {
+      const int64_t rows = std::min(kChunkRows, begin + m - r);
+      float* act = hid != nullptr ? hid + r * n.h : ThreadScratch(0, rows * n.h);
+      Times(rows, n.h, n.d, x + r * n.d, n.d, w1 + e * n.d * n.h, n.h, act, n.h, &next_out,
+            HiddenLayer(b1 + e * n.h));
+      Times(rows, n.o, n.h, act, n.h, w2 + e * n.h * n.o, n.o, y + r * n.o, n.o, &next_in,
+            output_layer);
+    }
+  });
+  const int64_t used = offsets.back();
+  std::memset(y + used * n.o, 0, sizeof(float) * (n.rows - used) * n.o);
+  if (hid != nullptr) std::memset(hid + used * n.h, 0, sizeof(float) * (n.rows - used) * n.h);
+}
+
+void FeedForwardGrad(const Dims& n, const std::vector<int64_t>& offsets,
+                     const FeedForwardWeights& weights, const float* hid,
+                     const float* dy_all, const FeedForwardGradients& gradients,
+                     const ParallelFor& parallel_for) {
+  const float *x = weights.x, *w1 = weights.w1, *b1 = weights.b1, *w2 = weights.w2;
+  const bool recompute = hid == nullptr;
+  ForEachExpert(parallel_for, n, 4 * n.h * (n.d + n.o), [&](int64_t e) {
+    const int64_t begin = offsets[e], m = offsets[e + 1] - offsets[e];
+    const float* w1e = w1 + e * n.d * n.h;
+    const float* w2e = w2 + e * n.h * n.o;
+    // While one kernel is read, the next one is fetched: kernel_in for dx, then the
+    // next expert's kernel_out.
+    Prefetch next_in = WeightsOf(w1, e, n.d * n.h, n.experts);
+    Prefetch next_out = WeightsOf(w2, e + 1, n.h * n.o, n.experts);
+    // One pass even without rows, which writes the expert's zero weight gradients.
+    int64_t r = begin;
+    do {
+      const int64_t rows = std::min(kChunkRows, begin + m - r);
+      const bool first = r == begin, last = r + rows == begin + m;
+      const float* xr = x + r * n.d;
+      const float* dy = dy_all + r * n.o;
+      // The gradient at the hidden pre-activations, then the recomputed activations.
+      float* d_pre = ThreadScratch(0, (recompute ? 2 : 1) * rows * n.h);
+      const float* act = recompute ? nullptr : hid + r * n.h;
+      if (recompute) {
+        float* recomputed = d_pre + rows * n.h;
+        Times(rows, n.h, n.d, xr, n.d, w1e, n.h, recomputed, n.h, &next_out,
+              HiddenLayer(b1 + e * n.h));
+        act = recomputed;
+      }
+      // d_pre = (dy W2^T) where the ReLU passed its input, else 0.
+      TimesTransposed(rows, n.h, n.o, dy, n.o, w2e, n.o, d_pre, n.h, &next_in);
+      for (int64_t i = 0; i < rows * n.h; i += kLanes) {
+        simd::Store(d_pre + i, simd::WherePositive(simd::Load(act + i), simd::Load(d_pre + i)));
+      }
+      // Weight gradients act^T dy and x^T d_pre, summed over the chunks.
+      Output weight_gradient;
+      weight_gradient.accumulate = !first;
+      weight_gradient.stream = last;
+      TransposedTimes(n.h, n.o, rows, act, n.h, dy, n.o, gradients.dw2 + e * n.h * n.o, n.o,
+                      &next_out, weight_gradient);
+      ColumnSums(rows, n.o, dy, gradients.db2 + e * n.o, !first);
+      TransposedTimes(n.d, n.h, rows, xr, n.d, d_pre, n.h, gradients.dw1 + e * n.d * n.h, n.h,
+                      &next_out, weight_gradient);
+      ColumnSums(rows, n.h, d_pre, gradients.db1 + e * n.h, !first);
+      TimesTransposed(rows, n.d, n.h, d_pre, n.h, w1e, n.h, gradients.dx + r * n.d, n.d,
+                      &next_out);
+      r += rows;
+    } while (r < begin + m);
+    // Streaming stores are weakly ordered: make them visible before the op's output is.
+    _mm_sfence();
+  });
+  const int64_t used = offsets.back();
+  std::memset(gradients.dx + used * n.d, 0, sizeof(float) * (n.rows - used) * n.d);
+}
+
+namespace {
+
+// ParallelFor over the intra-op threads of the op's device.
+ParallelFor DeviceThreads(OpKernelContext* ctx) {
+  return [ctx](int64_t n, int64_t cost, const std::function<void(int64_t, int64_t)>& body) {
+    ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(n, cost, body);
+  };
+}
+
+// The shapes, group offsets and weights both op kernels start with.
+struct Operands {
+  Dims dims;
+  std::vector<int64_t> offsets;
+  FeedForwardWeights weights;
+};
+
+tensorflow::Status ReadOperands(OpKernelContext* ctx, Operands* operands) {
+  TF_RETURN_IF_ERROR(CheckFeedForwardShapes(ctx->input(0).shape(), ctx->input(1).shape(),
+                                            ctx->input(2).shape(), ctx->input(3).shape(),
+                                            ctx->input(4).shape(), &operands->dims));
+  TF_RETURN_IF_ERROR(GroupOffsets(ctx->input(1).flat<int32_t>().data(), operands->dims,
+                                  &operands->offsets));
+  operands->weights = {ctx->input(0).flat<float>().data(), ctx->input(2).flat<float>().data(),
+                       ctx->input(3).flat<float>().data(), ctx->input(4).flat<float>().data(),
+                       nullptr};
+  return tensorflow::OkStatus();
 }
 
 class GroupedFeedForwardOp : public OpKernel {
@@ -338,42 +450,17 @@ class GroupedFeedForwardOp : public OpKernel {
     Operands operands;
     OP_REQUIRES_OK(ctx, ReadOperands(ctx, &operands));
     const Dims& n = operands.dims;
-    const std::vector<int64_t>& offsets = operands.offsets;
     const Tensor& bias_out = ctx->input(5);
-    OP_REQUIRES(ctx, bias_out.NumElements() == n.experts * n.o,
-                InvalidArgument("bias_out must be [experts, o] = [", n.experts, ", ", n.o,
-                                "], got ", bias_out.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckBiasOut(bias_out.shape(), n));
+    operands.weights.b2 = bias_out.flat<float>().data();
 
     Tensor* outputs = nullptr;
     Tensor* hidden = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n.rows, n.o}), &outputs));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             1, TensorShape({keep_hidden_ ? n.rows : 0, n.h}), &hidden));
-    float* hid = hidden->flat<float>().data();
-    const float *x = operands.x, *w1 = operands.w1, *b1 = operands.b1, *w2 = operands.w2;
-    float* y = outputs->flat<float>().data();
-    const float* b2 = bias_out.flat<float>().data();
-
-    ForEachExpert(ctx, n, 2 * n.h * (n.d + n.o), [&](int64_t e) {
-      const int64_t begin = offsets[e], m = offsets[e + 1] - offsets[e];
-      if (m == 0) return;
-      // While one kernel is multiplied, the next one is fetched.
-      Prefetch next_out = WeightsOf(w2, e, n.h * n.o, n.experts);
-      Prefetch next_in = WeightsOf(w1, e + 1, n.d * n.h, n.experts);
-      Output output_layer;
-      output_layer.bias = b2 + e * n.o;
-      for (int64_t r = begin; r < begin + m; r += kChunkRows) {
-        const int64_t rows = std::min(kChunkRows, begin + m - r);
-        float* act = keep_hidden_ ? hid + r * n.h : ThreadScratch(0, rows * n.h);
-        Times(rows, n.h, n.d, x + r * n.d, n.d, w1 + e * n.d * n.h, n.h, act, n.h, &next_out,
-              HiddenLayer(b1 + e * n.h));
-        Times(rows, n.o, n.h, act, n.h, w2 + e * n.h * n.o, n.o, y + r * n.o, n.o, &next_in,
-              output_layer);
-      }
-    });
-    const int64_t used = offsets.back();
-    std::memset(y + used * n.o, 0, sizeof(float) * (n.rows - used) * n.o);
-    if (keep_hidden_) std::memset(hid + used * n.h, 0, sizeof(float) * (n.rows - used) * n.h);
+    FeedForward(n, operands.offsets, operands.weights, outputs->flat<float>().data(),
+                keep_hidden_ ? hidden->flat<float>().data() : nullptr, DeviceThreads(ctx));
   }
 
  private:
@@ -388,18 +475,9 @@ class GroupedFeedForwardGradOp : public OpKernel {
     Operands operands;
     OP_REQUIRES_OK(ctx, ReadOperands(ctx, &operands));
     const Dims& n = operands.dims;
-    const std::vector<int64_t>& offsets = operands.offsets;
     const Tensor& hidden = ctx->input(5);
     const Tensor& d_outputs = ctx->input(6);
-    const bool recompute = hidden.NumElements() == 0;
-    OP_REQUIRES(ctx, recompute || (hidden.dims() == 2 && hidden.dim_size(0) == n.rows &&
-                                   hidden.dim_size(1) == n.h),
-                InvalidArgument("hidden must be [rows, h] or empty (recomputed), got ",
-                                hidden.shape().DebugString()));
-    OP_REQUIRES(ctx, d_outputs.dims() == 2 && d_outputs.dim_size(0) == n.rows &&
-                         d_outputs.dim_size(1) == n.o,
-                InvalidArgument("d_outputs must be [rows, o] = [", n.rows, ", ", n.o,
-                                "], got ", d_outputs.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, CheckGradientShapes(hidden.shape(), d_outputs.shape(), n));
 
     Tensor *d_inputs, *d_kernel_in, *d_bias_in, *d_kernel_out, *d_bias_out;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, ctx->input(2).shape(), &d_kernel_in));
@@ -410,63 +488,13 @@ class GroupedFeedForwardGradOp : public OpKernel {
                                                               &d_inputs));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({n.experts, n.h}), &d_bias_in));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({n.experts, n.o}), &d_bias_out));
-    const float *x = operands.x, *w1 = operands.w1, *b1 = operands.b1, *w2 = operands.w2;
-    const float* hid = hidden.flat<float>().data();
-    const float* dy_all = d_outputs.flat<float>().data();
-    float* dx_all = d_inputs->flat<float>().data();
-    float* dw1_all = d_kernel_in->flat<float>().data();
-    float* db1_all = d_bias_in->flat<float>().data();
-    float* dw2_all = d_kernel_out->flat<float>().data();
-    float* db2_all = d_bias_out->flat<float>().data();
-
-    ForEachExpert(ctx, n, 4 * n.h * (n.d + n.o), [&](int64_t e) {
-      const int64_t begin = offsets[e], m = offsets[e + 1] - offsets[e];
-      const float* w1e = w1 + e * n.d * n.h;
-      const float* w2e = w2 + e * n.h * n.o;
-      // While one kernel is read, the next one is fetched: kernel_in for dx, then the
-      // next expert's kernel_out.
-      Prefetch next_in = WeightsOf(w1, e, n.d * n.h, n.experts);
-      Prefetch next_out = WeightsOf(w2, e + 1, n.h * n.o, n.experts);
-      // One pass even without rows, which writes the expert's zero weight gradients.
-      int64_t r = begin;
-      do {
-        const int64_t rows = std::min(kChunkRows, begin + m - r);
-        const bool first = r == begin, last = r + rows == begin + m;
-        const float* xr = x + r * n.d;
-        const float* dy = dy_all + r * n.o;
-        // The gradient at the hidden pre-activations, then the recomputed activations.
-        float* d_pre = ThreadScratch(0, (recompute ? 2 : 1) * rows * n.h);
-        const float* act = hid + r * n.h;
-        if (recompute) {
-          float* recomputed = d_pre + rows * n.h;
-          Times(rows, n.h, n.d, xr, n.d, w1e, n.h, recomputed, n.h, &next_out,
-                HiddenLayer(b1 + e * n.h));
-          act = recomputed;
-        }
-        // d_pre = (dy W2^T) where the ReLU passed its input, else 0.
-        TimesTransposed(rows, n.h, n.o, dy, n.o, w2e, n.o, d_pre, n.h, &next_in);
-        for (int64_t i = 0; i < rows * n.h; i += kLanes) {
-          simd::Store(d_pre + i, simd::WherePositive(simd::Load(act + i), simd::Load(d_pre + i)));
-        }
-        // Weight gradients act^T dy and x^T d_pre, summed over the chunks.
-        Output weight_gradient;
-        weight_gradient.accumulate = !first;
-        weight_gradient.stream = last;
-        TransposedTimes(n.h, n.o, rows, act, n.h, dy, n.o, dw2_all + e * n.h * n.o, n.o,
-                        &next_out, weight_gradient);
-        ColumnSums(rows, n.o, dy, db2_all + e * n.o, !first);
-        TransposedTimes(n.d, n.h, rows, xr, n.d, d_pre, n.h, dw1_all + e * n.d * n.h, n.h,
-                        &next_out, weight_gradient);
-        ColumnSums(rows, n.h, d_pre, db1_all + e * n.h, !first);
-        TimesTransposed(rows, n.d, n.h, d_pre, n.h, w1e, n.h, dx_all + r * n.d, n.d,
-                        &next_out);
-        r += rows;
-      } while (r < begin + m);
-      // Streaming stores are weakly ordered: make them visible before the op's output is.
-      _mm_sfence();
-    });
-    const int64_t used = offsets.back();
-    std::memset(dx_all + used * n.d, 0, sizeof(float) * (n.rows - used) * n.d);
+    FeedForwardGrad(n, operands.offsets, operands.weights,
+                    hidden.NumElements() == 0 ? nullptr : hidden.flat<float>().data(),
+                    d_outputs.flat<float>().data(),
+                    {d_inputs->flat<float>().data(), d_kernel_in->flat<float>().data(),
+                     d_bias_in->flat<float>().data(), d_kernel_out->flat<float>().data(),
+                     d_bias_out->flat<float>().data()},
+                    DeviceThreads(ctx));
   }
 };
 
