@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Optional
+from typing import Optional, Sequence
 
 import tensorflow as tf
 
@@ -45,13 +45,14 @@ def system_include(flag: str) -> str:
     return "-isystem" + flag[2:] if flag.startswith("-I") else flag
 
 
-def build(output: str = LIBRARY, march: Optional[str] = None) -> None:
-    """Compiles the kernels into `output` for `-march=<march>` (default: this CPU's);
-    raises CalledProcessError on failure."""
+def build(output: str = LIBRARY, march: Optional[str] = None,
+          sources: Sequence[str] = SOURCES) -> None:
+    """Compiles `sources` (default: all) into `output` for `-march=<march>` (default: this
+    CPU's); raises CalledProcessError on failure."""
     # libtensorflow_cc holds XLA's op-kernel classes, which xla_custom_calls.cc extends.
     command = [compiler(), "-shared", "-fPIC", "-O3",
                f"-march={march or target_march()}", "-Wno-deprecated-declarations",
-               "-Wno-interference-size", "-o", output + ".tmp", *SOURCES,
+               "-Wno-interference-size", "-o", output + ".tmp", *sources,
                f"-I{XLA_HEADER_STUBS}", *map(system_include, tf.sysconfig.get_compile_flags()),
                *tf.sysconfig.get_link_flags(), "-l:libtensorflow_cc.so.2"]
     subprocess.run(command, check=True)
