@@ -70,17 +70,18 @@ ParallelFor PoolThreads(ffi::ThreadPool* pool) {
   };
 }
 
-template <typename T>
-ffi::Error AsFfiError(const T& status) {
+// The sizes the compilation kernel checked, read back from the buffers, and each group's
+// first row (group_sizes are only known now; a bad one is the call's error).
+ffi::Error ReadGroups(const ffi::Buffer<ffi::F32>& inputs,
+                      const ffi::Buffer<ffi::S32>& group_sizes,
+                      const ffi::Buffer<ffi::F32>& kernel_in,
+                      const ffi::Buffer<ffi::F32>& kernel_out, Dims* dims,
+                      std::vector<int64_t>* offsets) {
+  *dims = {inputs.dimensions()[0], group_sizes.dimensions()[0], inputs.dimensions()[1],
+           kernel_in.dimensions()[2], kernel_out.dimensions()[2]};
+  const tensorflow::Status status = GroupOffsets(group_sizes.typed_data(), *dims, offsets);
   return status.ok() ? ffi::Error::Success()
                      : ffi::Error::InvalidArgument(std::string(status.message()));
-}
-
-// The sizes the compilation kernel checked, read back from the buffers.
-Dims DimsOf(const ffi::Buffer<ffi::F32>& inputs, const ffi::Buffer<ffi::S32>& group_sizes,
-            const ffi::Buffer<ffi::F32>& kernel_in, const ffi::Buffer<ffi::F32>& kernel_out) {
-  return {inputs.dimensions()[0], group_sizes.dimensions()[0], inputs.dimensions()[1],
-          kernel_in.dimensions()[2], kernel_out.dimensions()[2]};
 }
 
 ffi::Error FeedForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> inputs,
@@ -89,12 +90,10 @@ ffi::Error FeedForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> inputs,
                            ffi::Buffer<ffi::F32> bias_out,
                            ffi::ResultBuffer<ffi::F32> outputs,
                            ffi::ResultBuffer<ffi::F32> hidden) {
-  const Dims dims = DimsOf(inputs, group_sizes, kernel_in, kernel_out);
+  Dims dims;
   std::vector<int64_t> offsets;
-  if (ffi::Error error = AsFfiError(GroupOffsets(group_sizes.typed_data(), dims, &offsets));
-      error.failure()) {
-    return error;
-  }
+  ffi::Error error = ReadGroups(inputs, group_sizes, kernel_in, kernel_out, &dims, &offsets);
+  if (error.failure()) return error;
   const bool keep_hidden = hidden->element_count() > 0;
   FeedForward(dims, offsets,
               {inputs.typed_data(), kernel_in.typed_data(), bias_in.typed_data(),
@@ -114,12 +113,10 @@ ffi::Error FeedForwardGradCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input
                                ffi::ResultBuffer<ffi::F32> d_bias_in,
                                ffi::ResultBuffer<ffi::F32> d_kernel_out,
                                ffi::ResultBuffer<ffi::F32> d_bias_out) {
-  const Dims dims = DimsOf(inputs, group_sizes, kernel_in, kernel_out);
+  Dims dims;
   std::vector<int64_t> offsets;
-  if (ffi::Error error = AsFfiError(GroupOffsets(group_sizes.typed_data(), dims, &offsets));
-      error.failure()) {
-    return error;
-  }
+  ffi::Error error = ReadGroups(inputs, group_sizes, kernel_in, kernel_out, &dims, &offsets);
+  if (error.failure()) return error;
   FeedForwardGrad(dims, offsets,
                   {inputs.typed_data(), kernel_in.typed_data(), bias_in.typed_data(),
                    kernel_out.typed_data(), nullptr},
@@ -131,35 +128,33 @@ ffi::Error FeedForwardGradCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input
   return ffi::Error::Success();
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    MoeGroupedFeedForwardHandler, FeedForwardCall,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::Buffer<ffi::F32>>()   // inputs
-        .Arg<ffi::Buffer<ffi::S32>>()   // group_sizes
-        .Arg<ffi::Buffer<ffi::F32>>()   // kernel_in
-        .Arg<ffi::Buffer<ffi::F32>>()   // bias_in
-        .Arg<ffi::Buffer<ffi::F32>>()   // kernel_out
-        .Arg<ffi::Buffer<ffi::F32>>()   // bias_out
-        .Ret<ffi::Buffer<ffi::F32>>()   // outputs
-        .Ret<ffi::Buffer<ffi::F32>>()); // hidden
+// The operands both handlers start with, in the ops' order: inputs, group_sizes,
+// kernel_in, bias_in, kernel_out.
+auto BindFeedForwardOperands() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>();
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    MoeGroupedFeedForwardGradHandler, FeedForwardGradCall,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::Buffer<ffi::F32>>()   // inputs
-        .Arg<ffi::Buffer<ffi::S32>>()   // group_sizes
-        .Arg<ffi::Buffer<ffi::F32>>()   // kernel_in
-        .Arg<ffi::Buffer<ffi::F32>>()   // bias_in
-        .Arg<ffi::Buffer<ffi::F32>>()   // kernel_out
-        .Arg<ffi::Buffer<ffi::F32>>()   // hidden
-        .Arg<ffi::Buffer<ffi::F32>>()   // d_outputs
-        .Ret<ffi::Buffer<ffi::F32>>()   // d_inputs
-        .Ret<ffi::Buffer<ffi::F32>>()   // d_kernel_in
-        .Ret<ffi::Buffer<ffi::F32>>()   // d_bias_in
-        .Ret<ffi::Buffer<ffi::F32>>()   // d_kernel_out
-        .Ret<ffi::Buffer<ffi::F32>>()); // d_bias_out
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeGroupedFeedForwardHandler, FeedForwardCall,
+                              BindFeedForwardOperands()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bias_out
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // outputs
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // hidden
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeGroupedFeedForwardGradHandler, FeedForwardGradCall,
+                              BindFeedForwardOperands()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // hidden
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // d_outputs
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // d_inputs
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // d_kernel_in
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // d_bias_in
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // d_kernel_out
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // d_bias_out
 
 XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kFeedForwardTarget, "Host",
                          MoeGroupedFeedForwardHandler);
