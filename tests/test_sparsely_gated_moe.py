@@ -223,11 +223,12 @@ def test_capacity_groups_have_their_own_slots(gating):
 def test_capacity_dispatch_under_xla_matches_numpy_with_drops(gating, group_size):
     """dispatch="capacity" compiles with XLA: outputs equal the NumPy capacity reference
     (with drops) and the gradients equal the uncompiled layer's; the dropped fraction is
-    the reference's."""
-    layer = build(num_experts=4, k=2, hidden_size=6, dispatch="capacity",
+    the reference's. Widths of 16 and 32: where the compiled kernels are built the
+    experts run as their XLA custom calls (tests/test_kernels.py checks that they do)."""
+    layer = build(input_dim=16, num_experts=4, k=2, hidden_size=32, dispatch="capacity",
                   capacity_factor=1.0, capacity_group_size=group_size, gating=gating,
                   **({} if gating == "balanced" else {"noisy_gating": False}))
-    x = tf.constant(inputs((11, 4)))
+    x = tf.constant(inputs((11, 16)))
     gates = layer.gate_values(x).numpy().astype(np.float64)
     size = group_size or 11
     kept = capacity_gates(gates, group_size=size,
