@@ -25,10 +25,11 @@ install: $(STAMP) $(KERNELS_STAMP)
 # Two pytest processes: the end-to-end tests spend much of their time starting
 # TensorFlow in subprocesses, which two workers overlap (see docs/development.md). Each
 # module runs on one worker (`--dist loadscope`): with `--dist load` both workers ran the
-# module-scoped fixtures, the training runs the end-to-end tests share, twice. The 25
+# module-scoped fixtures, the training runs the end-to-end tests share, twice. Modules go
+# in tests/conftest.py's order, longest first (`--no-loadscope-reorder`). The 25
 # slowest tests close the report: where the suite's 15 minutes go.
 test: install
-	$(PY) -m pytest -n 2 --dist loadscope --durations=25 tests
+	$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder --durations=25 tests
 
 # The default MoE language model on the built-in English corpus (12 minutes of training
 # on a 2-core CPU without AVX-512, 14 in all from a fresh clone), then a sentence scored
