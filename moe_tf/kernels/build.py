@@ -47,7 +47,7 @@ def system_include(flag: str) -> str:
     return "-isystem" + flag[2:] if flag.startswith("-I") else flag
 
 
-def compile_flags(march: str) -> list:
+def compile_flags(march: str) -> list[str]:
     return ["-fPIC", "-O3", f"-march={march}", "-Wno-deprecated-declarations",
             "-Wno-interference-size", f"-I{XLA_HEADER_STUBS}",
             *map(system_include, tf.sysconfig.get_compile_flags())]
