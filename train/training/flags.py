@@ -164,9 +164,14 @@ _COMPILED_KERNELS = {"auto": "auto", "true": True, "false": False}
 
 def define_moe_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """The MoE flags (`moe_config_from_flags` reads them) in `flag_values`."""
+    define_layer_size_flags(flag_values)
+    define_gating_flags(flag_values)
+    define_dispatch_and_expert_flags(flag_values)
+
+
+def define_layer_size_flags(flag_values: flags.FlagValues) -> None:
+    """Experts, k, their width and the hierarchical groups."""
     default, where = _MOE_DEFAULTS, dict(flag_values=flag_values)
-    top_k, balanced = GATES["top_k"].options, GATES["balanced"].options
-    top_p = GATES["top_p"].options
     flags.DEFINE_integer("num_experts", default["num_experts"], "Experts in each MoE layer.",
                          **where)
     flags.DEFINE_integer("k", default["k"],
@@ -179,6 +184,13 @@ def define_moe_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                          **where)
     flags.DEFINE_integer("group_k", default["group_k"],
                          "Groups per token of a hierarchical MoE; default: --k.", **where)
+
+
+def define_gating_flags(flag_values: flags.FlagValues) -> None:
+    """The gate and its options, and the balancing losses' weights."""
+    default, where = _MOE_DEFAULTS, dict(flag_values=flag_values)
+    top_k, balanced = GATES["top_k"].options, GATES["balanced"].options
+    top_p, softmax_top_k = GATES["top_p"].options, GATES["softmax_top_k"].options
     flags.DEFINE_enum("gating", default["gating"], list(GATES),
                       "MoE gating: top_k (noisy top-k, Eq. 3-5), balanced (strictly "
                       "balanced, Appendix F), switch (top-1, needs --k=1), top_p (dynamic "
@@ -204,7 +216,6 @@ def define_moe_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_float("top_p_threshold", default["top_p_threshold"],
                        "--gating=top_p: the probability mass a token's experts reach; "
                        f"default {top_p['top_p_threshold']}.", **where)
-    softmax_top_k = GATES["softmax_top_k"].options
     flags.DEFINE_boolean("normalize_top_k", default["normalize_top_k"],
                          "--gating=softmax_top_k: renormalise the k gates to sum to 1; "
                          f"default {softmax_top_k['normalize_top_k']}.", **where)
@@ -218,6 +229,11 @@ def define_moe_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                        "(switch, top_p, expert_choice, --bias_update_rate).", **where)
     flags.DEFINE_float("load_weight", default["load_weight"],
                        "w_load; default as --importance_weight.", **where)
+
+
+def define_dispatch_and_expert_flags(flag_values: flags.FlagValues) -> None:
+    """How tokens reach the experts, and what the experts are."""
+    default, where = _MOE_DEFAULTS, dict(flag_values=flag_values)
     flags.DEFINE_enum("dispatch", default["dispatch"], list(DISPATCHES),
                       "MoE dispatch: sparse (dropless) or capacity (fixed-size expert "
                       "buffers; needed by --strategy=dtensor).", **where)
