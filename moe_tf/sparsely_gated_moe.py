@@ -126,7 +126,10 @@ class SparselyGatedMoE(keras.layers.Layer):
         self.expert_sharding = None  # runtime placement (see `shard_experts`)
         # The sparse path has dynamic shapes and a while loop: no XLA.
         self.supports_jit = self.config.dispatch == "capacity"
+        self._create_balance_metrics()
 
+    def _create_balance_metrics(self):
+        """The metrics behind `balance_statistics`, named after the layer."""
         self.cv_importance_metric = keras.metrics.Mean(name=f"{self.name}_cv_importance")
         self.cv_load_metric = keras.metrics.Mean(name=f"{self.name}_cv_load")
         self.max_mean_load_metric = keras.metrics.Mean(name=f"{self.name}_max_mean_load")
