@@ -22,7 +22,10 @@ whose row reports the mean, the standard deviation and every run). Each run is o
 `python -m train.lm` subprocess in OUTPUT_DIR/<model>[_seedN]/, so a crash loses one run
 only and a rerun resumes it from its checkpoint; runs whose metrics.json is complete are
 skipped. Runs go seed by seed (every model's first seed before any second one), then the
-ablation. After every finished run the results are rewritten:
+ablation; `--parallel_runs=N` trains N at a time, each pinned to its own share of the
+CPUs (on 2 cores two 1-core runs do 1.36x the work of one 2-core run: an LSTM step's
+small matmuls do not keep two threads busy). After every finished run the results are
+rewritten:
 OUTPUT_DIR.json (the table: a list of objects), OUTPUT_DIR_ablation.json,
 OUTPUT_DIR_specialisation.json, OUTPUT_DIR.png (test perplexity against experts) and the
 Markdown between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in --markdown, NAME being
@@ -34,10 +37,12 @@ is never taken for a finished one) and _<label> with --label (its spaces as unde
 
 import argparse
 import collections
+import concurrent.futures
 import dataclasses
 import json
 import math
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -243,31 +248,42 @@ def read_metrics(model_dir: str, train_steps: int) -> Optional[Dict]:
     return metrics
 
 
-def run_model(spec: ModelSpec, *, output_dir: str, preset: Dict, train_steps: int) -> bool:
+def run_model(spec: ModelSpec, *, output_dir: str, preset: Dict, train_steps: int,
+              cpus: Optional[Sequence[int]] = None) -> bool:
     """Trains one model in a subprocess (resuming its checkpoint); True if it completed."""
     model_dir = os.path.join(output_dir, spec.directory)
     return run_training(
         f"[lm_table] {spec.name} ({spec.directory})", model_dir,
         train_flags(spec, preset=preset, train_steps=train_steps, model_dir=model_dir),
-        train_steps)
+        train_steps, cpus=cpus)
 
 
-def run_training(label: str, model_dir: str, flags: List[str], train_steps: int) -> bool:
+def run_training(label: str, model_dir: str, flags: List[str], train_steps: int, *,
+                 cpus: Optional[Sequence[int]] = None) -> bool:
     """Runs `python -m train.lm` with `flags` in a subprocess, its output appended to
     model_dir/train.log, unless model_dir holds a run complete for `train_steps` (a
-    rerun resumes a partial one from its checkpoint); True if the run is complete."""
+    rerun resumes a partial one from its checkpoint); True if the run is complete.
+
+    With `cpus`, the calling thread is pinned to them, and so is the subprocess it starts
+    (Linux gives a child its parent thread's CPU mask), with as many intra-op threads."""
     if read_metrics(model_dir, train_steps) is not None:
         print(f"{label}: complete, skipped", flush=True)
         return True
     os.makedirs(model_dir, exist_ok=True)
     command = [sys.executable, "-m", "train.lm", *flags]
-    print(f"{label}: training; log {model_dir}/train.log", flush=True)
+    env = None
+    where = ""
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+        env = dict(os.environ, TF_NUM_INTRAOP_THREADS=str(len(cpus)))
+        where = f" on CPUs {','.join(map(str, cpus))}"
+    print(f"{label}: training{where}; log {model_dir}/train.log", flush=True)
     start = time.time()
     with open(os.path.join(model_dir, "train.log"), "a", encoding="utf-8") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
         # The subprocess imports train/ and models/ from this tree, not from elsewhere.
-        returncode = subprocess.run(command, cwd=REPO_ROOT, stdout=log,
+        returncode = subprocess.run(command, cwd=REPO_ROOT, stdout=log, env=env,
                                     stderr=subprocess.STDOUT, check=False).returncode
     done = returncode == 0 and read_metrics(model_dir, train_steps) is not None
     print(f"{label}: {'done' if done else f'FAILED ({returncode})'} in "
@@ -343,15 +359,15 @@ def collect_row(spec: ModelSpec, metrics: Dict, model_dir: str) -> Dict:
 
 def merge_seed_runs(runs: Sequence[Dict], *, train_tokens: int) -> Dict:
     """One row from the runs of one model that differ only in seed (the first run first):
-    the first run's fields and curve, with valid and test perplexity and tokens/s the
-    means over runs, plus `seeds`, `test_perplexity_runs`, `test_perplexity_std` (sample
-    standard deviation; None for one run) and `train_tokens` (steps x batch tokens)."""
+    the first run's fields, curve and tokens/s (later seeds may have run beside others,
+    `--parallel_runs`), with valid and test perplexity the means over runs, plus `seeds`,
+    `test_perplexity_runs`, `test_perplexity_std` (sample standard deviation; None for one
+    run) and `train_tokens` (steps x batch tokens)."""
     test = [run["test_perplexity"] for run in runs]
     return dict(
         runs[0],
         valid_perplexity=statistics.fmean(run["valid_perplexity"] for run in runs),
         test_perplexity=statistics.fmean(test),
-        tokens_per_second=statistics.fmean(run["tokens_per_second"] for run in runs),
         seeds=len(runs), test_perplexity_runs=test,
         test_perplexity_std=statistics.stdev(test) if len(test) > 1 else None,
         train_tokens=train_tokens)
@@ -561,8 +577,8 @@ def markdown(rows: Sequence[Dict], ablation: Sequence[Dict], specialisation: Opt
            f"Perplexities are per subword of {corpus}, so they are not "
            "comparable with the paper's per-word 1B-word numbers (shown for the trend only). "
            f"Train perplexity: the last {window} training steps, with dropout, of the first "
-           "seed. Test ppl: the mean over seeds ± their standard deviation. tokens/s: "
-           "measured while other jobs shared the 2-core machine.", ""]
+           "seed. Test ppl: the mean over seeds ± their standard deviation. tokens/s: the "
+           "first seed's, measured while other jobs shared the 2-core machine.", ""]
     out += _family_table(rows)
     if rows:
         relative = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(markdown_path)))
@@ -696,6 +712,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="w_importance:w_load pairs trained besides 0.1:0.1.")
     parser.add_argument("--specialisation_model", default="MoE-256",
                         help="Model of the Table 9 report; empty: none.")
+    parser.add_argument("--parallel_runs", type=int, default=1,
+                        help="Runs trained at a time, each on its own share of the CPUs.")
     args = parser.parse_args(argv)
     by_name = {s.name: s for s in FAMILY}
     names = [n for n in args.models.split(",") if n]
@@ -711,6 +729,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.seeds = DEFAULT_SEEDS.get(args.preset, 1)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
+    cpus = len(os.sched_getaffinity(0))
+    if not 1 <= args.parallel_runs <= cpus:
+        parser.error(f"--parallel_runs must be between 1 and the {cpus} CPUs this process "
+                     f"may use; got {args.parallel_runs}")
     if args.output_dir is None:
         args.output_dir = default_output_dir(args.preset, budget_preset(args), args.label)
     args.specs = [by_name[n] for n in names]
@@ -729,6 +751,26 @@ def run_order(seed_runs: Dict[str, List[ModelSpec]]) -> List[ModelSpec]:
     depth = max((len(runs) for runs in seed_runs.values()), default=0)
     return [runs[seed] for seed in range(depth) for runs in seed_runs.values()
             if seed < len(runs)]
+
+
+def cpu_slots(cpus: Sequence[int], parallel_runs: int) -> List[List[int]]:
+    """`cpus` cut into `parallel_runs` contiguous slots, as even as they go:
+    [0, 1, 2, 3, 4], 2 -> [[0, 1, 2], [3, 4]]."""
+    if not 1 <= parallel_runs <= len(cpus):
+        raise ValueError(f"cannot cut {len(cpus)} CPUs into {parallel_runs} slots")
+    size, extra = divmod(len(cpus), parallel_runs)
+    bounds = [slot * size + min(slot, extra) for slot in range(parallel_runs + 1)]
+    return [list(cpus[begin:end]) for begin, end in zip(bounds, bounds[1:])]
+
+
+def run_model_on_free_cpus(spec: ModelSpec, *, slots: "queue.Queue[List[int]]",
+                           **run_model_kwargs) -> bool:
+    """`run_model` on a slot of CPUs taken from `slots` and given back after."""
+    cpus = slots.get()
+    try:
+        return run_model(spec, cpus=cpus, **run_model_kwargs)
+    finally:
+        slots.put(cpus)
 
 
 def table_text(args: argparse.Namespace, preset: Dict, steps: int,
@@ -838,10 +880,17 @@ def main(argv=None) -> int:
         matched_hidden_size(spec, model_dim=preset["model_dim"])
     failed = []
     runs = run_order(args.seed_runs) + args.ablation_specs
-    for spec in runs:
-        if not run_model(spec, output_dir=output_dir, preset=preset, train_steps=steps):
-            failed.append(spec.directory)
-        write_outputs(args, preset, steps, output_dir)
+    slots = queue.Queue()
+    for cpus in cpu_slots(sorted(os.sched_getaffinity(0)), args.parallel_runs):
+        slots.put(cpus)
+    with concurrent.futures.ThreadPoolExecutor(args.parallel_runs) as pool:
+        futures = {pool.submit(run_model_on_free_cpus, spec, slots=slots,
+                               output_dir=output_dir, preset=preset, train_steps=steps): spec
+                   for spec in runs}  # started in submission order
+        for future in concurrent.futures.as_completed(futures):
+            if not future.result():
+                failed.append(futures[future].directory)
+            write_outputs(args, preset, steps, output_dir)  # only this thread writes
     if not runs:
         write_outputs(args, preset, steps, output_dir)
     print(f"[lm_table] results: {output_dir}.json, {args.markdown}", flush=True)

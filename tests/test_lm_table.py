@@ -77,8 +77,8 @@ def test_markdown_block_replaced_or_appended(document, expected):
     assert lm_table.replace_block(document, block) == expected
 
 
-def run_table(output_dir, markdown):
-    command = [sys.executable, "-m", "benchmarks.lm_table", "--preset=tiny",
+def run_table(output_dir, markdown, *flags):
+    command = [sys.executable, "-m", "benchmarks.lm_table", "--preset=tiny", *flags,
                "--models=4xLSTM,MoE-4", "--ablation_model=MoE-4", "--ablation_weights=",
                "--specialisation_model=MoE-4", "--seeds=2", "--seeded_models=MoE-4",
                f"--output_dir={output_dir}",
@@ -92,7 +92,11 @@ def test_tiny_table_end_to_end_and_resumed(tmp_path):
     output_dir, markdown = tmp_path / "lm_table", tmp_path / "RESULTS.md"
     markdown.write_text("# Results\n\nother section\n\n<!-- lm_table:begin -->\nstale\n"
                         "<!-- lm_table:end -->\n\n## After\n")
-    run_table(output_dir, markdown)
+    # Two runs at a time, each on its own CPUs (where the machine has two).
+    parallel_runs = min(2, len(os.sched_getaffinity(0)))
+    stdout = run_table(output_dir, markdown, f"--parallel_runs={parallel_runs}")
+    for cpus in lm_table.cpu_slots(sorted(os.sched_getaffinity(0)), parallel_runs):
+        assert f"training on CPUs {','.join(map(str, cpus))};" in stdout
 
     rows = json.loads((tmp_path / "lm_table.json").read_text())
     assert [r["model"] for r in rows] == ["4xLSTM", "MoE-4"]
@@ -154,6 +158,24 @@ def test_tiny_table_end_to_end_and_resumed(tmp_path):
     assert json.loads((tmp_path / "lm_table.json").read_text()) == rows
 
 
+def test_cpu_slots_are_disjoint_and_as_even_as_they_go():
+    assert lm_table.cpu_slots([0, 1], 2) == [[0], [1]]
+    assert lm_table.cpu_slots([0, 1], 1) == [[0, 1]]
+    assert lm_table.cpu_slots([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]
+    assert lm_table.cpu_slots([3, 5, 8, 9], 3) == [[3, 5], [8], [9]]
+    with pytest.raises(ValueError, match="cannot cut 2 CPUs into 3 slots"):
+        lm_table.cpu_slots([0, 1], 3)
+
+
+def test_parallel_runs_beyond_the_cpus_are_refused(capsys):
+    cpus = len(os.sched_getaffinity(0))
+    for bad in (0, cpus + 1):
+        with pytest.raises(SystemExit):
+            lm_table.parse_args([f"--parallel_runs={bad}"])
+        assert (f"--parallel_runs must be between 1 and the {cpus} CPUs this process may "
+                f"use; got {bad}") in capsys.readouterr().err
+
+
 def test_merge_seed_runs_reports_mean_spread_and_runs():
     runs = [dict(model="MoE-32", test_perplexity=p, valid_perplexity=v, tokens_per_second=t,
                  valid_perplexity_curve={"1": v}) for p, v, t in
@@ -163,7 +185,8 @@ def test_merge_seed_runs_reports_mean_spread_and_runs():
     assert row["valid_perplexity"] == pytest.approx(53.0)
     assert row["test_perplexity_std"] == pytest.approx(2.2546248764)  # sample std
     assert row["test_perplexity_runs"] == [50.0, 52.0, 54.5] and row["seeds"] == 3
-    assert row["tokens_per_second"] == 200.0 and row["train_tokens"] == 4096
+    # tokens/s is the first seed's: later seeds may have shared the CPUs (--parallel_runs).
+    assert row["tokens_per_second"] == 100.0 and row["train_tokens"] == 4096
     assert row["valid_perplexity_curve"] == {"1": 51.0}  # the first seed's
     assert lm_table.merge_seed_runs(runs[:1], train_tokens=1)["test_perplexity_std"] is None
 
