@@ -32,7 +32,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from benchmarks import lm_table
+from benchmarks.expert_specialisation import restore_language_model, valid_positions
+from benchmarks.results_table import write_text_atomically
 from moe_tf import gating
 from train.data import text as text_data
 from train.serving.lm import LanguageModelServer
@@ -198,8 +199,8 @@ def routing_perplexities(trained: TrainedModel, num_sentences: int,
 def probe_run(model_dir: str, *, num_sentences: int = 1000,
               gradient_tokens: int = 4096) -> Dict:
     """Every probe of the module docstring for one trained run."""
-    trained = lm_table.restore_language_model(model_dir)
-    positions = lm_table.valid_positions(trained, num_sentences)
+    trained = restore_language_model(model_dir)
+    positions = valid_positions(trained, num_sentences)
     gate = positions.moe.gate
     num_groups = getattr(gate, "num_groups", 0)
     gates = positions.moe.gate_values(positions.inputs).numpy()
@@ -260,7 +261,7 @@ def main(argv=None) -> int:
     results = [probe_run(model_dir, num_sentences=args.num_sentences)
                for model_dir in args.model_dir]
     if args.json:
-        lm_table.write_text_atomically(args.json, json.dumps(results, indent=2) + "\n")
+        write_text_atomically(args.json, json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     return 0
 

@@ -37,38 +37,32 @@ is never taken for a finished one) and _<label> with --label (its spaces as unde
 
 import argparse
 import collections
-import concurrent.futures
 import dataclasses
 import json
 import math
 import os
-import queue
 import statistics
-import subprocess
 import sys
-import time
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import keras
 import matplotlib
-import numpy as np
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
-from models.lm import LanguageModelConfig, build_language_model, ops_per_timestep
-from models.special_tokens import PAD_ID
+from benchmarks.expert_specialisation import expert_specialisation
+from benchmarks.results_table import (TrainingRun, add_parallel_runs_argument,
+                                      check_parallel_runs, format_number, read_metrics,
+                                      save_figure, train_runs, update_markdown,
+                                      write_text_atomically)
+from models.lm import LanguageModelConfig, ops_per_timestep
 from moe_tf import MoEConfig
 from train.data import text as text_data
-from train.serving.trained_model import TrainedModel, restore_trained_model
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN_MARKER = "<!-- lm_table:begin -->"
 END_MARKER = "<!-- lm_table:end -->"
-METRIC_KEYS = ("global_step", "valid_perplexity", "test_perplexity", "tokens_per_second",
-               "ops_per_timestep", "params_excluding_embedding_softmax", "final_train_loss")
 TABLE_KEYS = ("model", "num_experts", "hierarchical", "ops_per_timestep",
               "params_excl_embedding_softmax", "valid_perplexity", "test_perplexity",
               "tokens_per_second")
@@ -236,59 +230,13 @@ def train_flags(spec: ModelSpec, *, preset: Dict, train_steps: int, model_dir: s
     return [f"--{name}={value}" for name, value in values.items()]
 
 
-def read_metrics(model_dir: str, train_steps: int) -> Optional[Dict]:
-    """The run's metrics.json if it is complete for `train_steps`, else None."""
-    path = os.path.join(model_dir, "metrics.json")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        metrics = json.load(f)
-    if any(key not in metrics for key in METRIC_KEYS) or metrics["global_step"] < train_steps:
-        return None
-    return metrics
-
-
-def run_model(spec: ModelSpec, *, output_dir: str, preset: Dict, train_steps: int,
-              cpus: Optional[Sequence[int]] = None) -> bool:
-    """Trains one model in a subprocess (resuming its checkpoint); True if it completed."""
+def training_run(spec: ModelSpec, *, output_dir: str, preset: Dict,
+                 train_steps: int) -> TrainingRun:
+    """The `train.lm` run of one model (or seed, or ablation row) in its directory."""
     model_dir = os.path.join(output_dir, spec.directory)
-    return run_training(
+    return TrainingRun(
         f"[lm_table] {spec.name} ({spec.directory})", model_dir,
-        train_flags(spec, preset=preset, train_steps=train_steps, model_dir=model_dir),
-        train_steps, cpus=cpus)
-
-
-def run_training(label: str, model_dir: str, flags: List[str], train_steps: int, *,
-                 cpus: Optional[Sequence[int]] = None) -> bool:
-    """Runs `python -m train.lm` with `flags` in a subprocess, its output appended to
-    model_dir/train.log, unless model_dir holds a run complete for `train_steps` (a
-    rerun resumes a partial one from its checkpoint); True if the run is complete.
-
-    With `cpus`, the calling thread is pinned to them, and so is the subprocess it starts
-    (Linux gives a child its parent thread's CPU mask), with as many intra-op threads."""
-    if read_metrics(model_dir, train_steps) is not None:
-        print(f"{label}: complete, skipped", flush=True)
-        return True
-    os.makedirs(model_dir, exist_ok=True)
-    command = [sys.executable, "-m", "train.lm", *flags]
-    env = None
-    where = ""
-    if cpus is not None:
-        os.sched_setaffinity(0, cpus)
-        env = dict(os.environ, TF_NUM_INTRAOP_THREADS=str(len(cpus)))
-        where = f" on CPUs {','.join(map(str, cpus))}"
-    print(f"{label}: training{where}; log {model_dir}/train.log", flush=True)
-    start = time.time()
-    with open(os.path.join(model_dir, "train.log"), "a", encoding="utf-8") as log:
-        log.write(" ".join(command) + "\n")
-        log.flush()
-        # The subprocess imports train/ and models/ from this tree, not from elsewhere.
-        returncode = subprocess.run(command, cwd=REPO_ROOT, stdout=log, env=env,
-                                    stderr=subprocess.STDOUT, check=False).returncode
-    done = returncode == 0 and read_metrics(model_dir, train_steps) is not None
-    print(f"{label}: {'done' if done else f'FAILED ({returncode})'} in "
-          f"{(time.time() - start) / 60:.1f} min", flush=True)
-    return done
+        train_flags(spec, preset=preset, train_steps=train_steps, model_dir=model_dir))
 
 
 def read_scalars(directory: str) -> Dict[str, Dict[int, float]]:
@@ -394,103 +342,6 @@ def parse_weights(text: str) -> List[Tuple[float, float]]:
     return pairs
 
 
-# ---------------------------------------------------------------- specialisation (Table 9)
-
-class ValidPositions(NamedTuple):
-    """A trained MoE language model's MoE layer and what it reads at the real (not
-    padding) positions of valid-split sentences."""
-
-    moe: keras.layers.Layer
-    tokenizer: object
-    inputs: np.ndarray            # float32 [positions, model_dim]: the MoE's inputs
-    tokens: np.ndarray            # int [positions]: the piece read at each position
-    contexts: List[Tuple[np.ndarray, int]]  # (the sentence's ids, the position)
-
-
-def restore_language_model(model_dir: str) -> TrainedModel:
-    """The trained `train.lm` run in `model_dir`, at its latest checkpoint."""
-    return restore_trained_model(model_dir, LanguageModelConfig, build_language_model)
-
-
-def valid_positions(trained: TrainedModel, num_sentences: int) -> ValidPositions:
-    """Runs the first `num_sentences` valid sentences of a trained language model's run
-    up to its MoE layer. A position's MoE input is the first LSTM's residual output
-    after reading that piece (models.lm's wiring)."""
-    model, tokenizer, run_config, _ = trained
-    moe_inputs = keras.Model(model.inputs, model.get_layer("lstm_1_residual").output)
-    lines = text_data.clean_lines(text_data.load_text_splits(run_config["data"]).valid)
-    ids = text_data.sentence_ids(lines.take(num_sentences), tokenizer,
-                                 max_length=run_config["max_length"])
-    inputs, tokens, contexts = [], [], []
-    for batch in ids.padded_batch(64, padded_shapes=[None]):
-        states = moe_inputs(batch, training=False).numpy()
-        batch = batch.numpy()
-        for row, sentence in enumerate(batch):
-            for position in np.flatnonzero(sentence != PAD_ID):
-                inputs.append(states[row, position])
-                tokens.append(sentence[position])
-                contexts.append((sentence, position))
-    return ValidPositions(moe=model.get_layer("moe"), tokenizer=tokenizer,
-                          inputs=np.array(inputs, np.float32), tokens=np.array(tokens),
-                          contexts=contexts)
-
-
-def expert_specialisation(model_dir: str, *, num_sentences: int = 1000,
-                          experts_shown: int = 6, contexts_shown: int = 6,
-                          context_pieces: int = 5) -> Dict:
-    """Routes valid-split sentences through a trained MoE language model's gate.
-
-    For `experts_shown` experts with evenly spaced ids: the share of positions routed to
-    it, its most frequent input subwords, and the distinct contexts (the preceding pieces
-    and the piece at the position, in brackets) with its highest gate values (see
-    `valid_positions` for what a position's gate sees). Also, over all experts that
-    receive >= 20 positions, the median share of an expert's positions taken by its most
-    frequent subword, against the same share for the whole split.
-    """
-    positions = valid_positions(restore_language_model(model_dir), num_sentences)
-    tokenizer, tokens, contexts = positions.tokenizer, positions.tokens, positions.contexts
-    gates = positions.moe.gate_values(positions.inputs).numpy()
-    pieces = [p.decode("utf-8") for p in
-              tokenizer.tokenizer.id_to_string(tf.range(tokenizer.vocab_size)).numpy()]
-
-    def text(piece_ids) -> str:
-        return "".join(pieces[i] for i in piece_ids).replace("\u2581", " ").strip()
-
-    def piece_text(piece_id) -> str:  # a lone word-start marker stays visible
-        return text([piece_id]) or pieces[piece_id]
-
-    routed = gates > 0
-    counts = routed.sum(axis=0)
-    overall_top_share = np.bincount(tokens).max() / len(tokens)
-    top_shares = [np.bincount(tokens[routed[:, e]]).max() / counts[e]
-                  for e in range(gates.shape[1]) if counts[e] >= 20]
-    experts = []
-    for expert in np.unique(np.linspace(0, gates.shape[1] - 1, experts_shown).round()
-                            .astype(int)):
-        mine = np.flatnonzero(routed[:, expert])
-        frequent = collections.Counter(tokens[mine].tolist()).most_common(5)
-        best = {}  # distinct context text -> its highest gate value, best first
-        for i in mine[np.argsort(-gates[mine, expert])]:
-            start = max(contexts[i][1] - context_pieces, 0)
-            context = (text(contexts[i][0][start:contexts[i][1]])
-                       + f" [{piece_text(tokens[i])}]").strip()
-            best.setdefault(context, float(gates[i, expert]))
-            if len(best) == contexts_shown:
-                break
-        experts.append({
-            "expert": int(expert),
-            "share_of_positions": float(counts[expert] / len(tokens)),
-            "frequent_pieces": [[piece_text(piece), n] for piece, n in frequent],
-            "top_contexts": [{"gate": gate, "context": context}
-                             for context, gate in best.items()],
-        })
-    return {"model_dir": model_dir, "sentences": num_sentences,
-            "positions": int(len(tokens)),
-            "median_top_piece_share": float(np.median(top_shares)) if top_shares else None,
-            "overall_top_piece_share": float(overall_top_share),
-            "experts": experts}
-
-
 # ---------------------------------------------------------------------------- outputs
 
 def plot(rows: Sequence[Dict], path: str) -> None:
@@ -513,18 +364,6 @@ def plot(rows: Sequence[Dict], path: str) -> None:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize="small")
     save_figure(figure, path)
-
-
-def save_figure(figure, path: str) -> None:
-    """Writes `figure` as a PNG to `path` (whole or not at all) and closes it."""
-    figure.tight_layout()
-    figure.savefig(path + ".tmp.png", dpi=120)
-    plt.close(figure)
-    os.replace(path + ".tmp.png", path)
-
-
-def _number(value, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
 
 
 def _observations(rows: Sequence[Dict]) -> List[str]:
@@ -626,8 +465,8 @@ def _ablation_table(ablation: Sequence[Dict], window: int) -> List[str]:
     for r in ablation:
         out.append(f"| {r['importance_weight']:g} | {r['load_weight']:g} | "
                    f"{r['test_perplexity']:.2f} | {r['valid_perplexity']:.2f} | "
-                   f"{_number(r['cv_importance'])} | {_number(r['cv_load'])} | "
-                   f"{_number(r['max_mean_load'])} |")
+                   f"{format_number(r['cv_importance'])} | {format_number(r['cv_load'])} | "
+                   f"{format_number(r['max_mean_load'])} |")
     return out
 
 
@@ -640,8 +479,8 @@ def _specialisation_table(s: Dict) -> List[str]:
            f"is the preceding subwords and, in brackets, the subword at the position "
            f"(the gate sees the first LSTM's state after reading it). Median over "
            f"experts of the share of an expert's positions taken by its most frequent "
-           f"subword: {_number(s['median_top_piece_share'], 3)} (whole split: "
-           f"{_number(s['overall_top_piece_share'], 3)}).", "",
+           f"subword: {format_number(s['median_top_piece_share'], 3)} (whole split: "
+           f"{format_number(s['overall_top_piece_share'], 3)}).", "",
            "| expert | share of positions | most frequent subwords | contexts with the "
            "highest gate values |", "|---|---|---|---|"]
     for e in s["experts"]:
@@ -651,34 +490,6 @@ def _specialisation_table(s: Dict) -> List[str]:
         out.append(f"| {e['expert']} | {e['share_of_positions']:.1%} | {frequent} | "
                    f"{contexts} |")
     return out
-
-
-def replace_block(document: str, block: str,
-                  markers: Tuple[str, str] = (BEGIN_MARKER, END_MARKER)) -> str:
-    """`document` with the block between `markers` replaced by `block` (which starts and
-    ends with them; appended when the document has none)."""
-    begin, end = document.find(markers[0]), document.find(markers[1])
-    if begin == -1 or end < begin:
-        separator = "" if not document or document.endswith("\n\n") else (
-            "\n" if document.endswith("\n") else "\n\n")
-        return document + separator + block + "\n"
-    return document[:begin] + block + document[end + len(markers[1]):]
-
-
-def write_text_atomically(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def update_markdown(path: str, block: str,
-                    markers: Tuple[str, str] = (BEGIN_MARKER, END_MARKER)) -> None:
-    document = ""
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            document = f.read()
-    write_text_atomically(path, replace_block(document, block, markers))
 
 
 # ------------------------------------------------------------------------------- main
@@ -712,8 +523,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="w_importance:w_load pairs trained besides 0.1:0.1.")
     parser.add_argument("--specialisation_model", default="MoE-256",
                         help="Model of the Table 9 report; empty: none.")
-    parser.add_argument("--parallel_runs", type=int, default=1,
-                        help="Runs trained at a time, each on its own share of the CPUs.")
+    add_parallel_runs_argument(parser)
     args = parser.parse_args(argv)
     by_name = {s.name: s for s in FAMILY}
     names = [n for n in args.models.split(",") if n]
@@ -729,10 +539,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.seeds = DEFAULT_SEEDS.get(args.preset, 1)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
-    cpus = len(os.sched_getaffinity(0))
-    if not 1 <= args.parallel_runs <= cpus:
-        parser.error(f"--parallel_runs must be between 1 and the {cpus} CPUs this process "
-                     f"may use; got {args.parallel_runs}")
+    check_parallel_runs(parser, args)
     if args.output_dir is None:
         args.output_dir = default_output_dir(args.preset, budget_preset(args), args.label)
     args.specs = [by_name[n] for n in names]
@@ -751,26 +558,6 @@ def run_order(seed_runs: Dict[str, List[ModelSpec]]) -> List[ModelSpec]:
     depth = max((len(runs) for runs in seed_runs.values()), default=0)
     return [runs[seed] for seed in range(depth) for runs in seed_runs.values()
             if seed < len(runs)]
-
-
-def cpu_slots(cpus: Sequence[int], parallel_runs: int) -> List[List[int]]:
-    """`cpus` cut into `parallel_runs` contiguous slots, as even as they go:
-    [0, 1, 2, 3, 4], 2 -> [[0, 1, 2], [3, 4]]."""
-    if not 1 <= parallel_runs <= len(cpus):
-        raise ValueError(f"cannot cut {len(cpus)} CPUs into {parallel_runs} slots")
-    size, extra = divmod(len(cpus), parallel_runs)
-    bounds = [slot * size + min(slot, extra) for slot in range(parallel_runs + 1)]
-    return [list(cpus[begin:end]) for begin, end in zip(bounds, bounds[1:])]
-
-
-def run_model_on_free_cpus(spec: ModelSpec, *, slots: "queue.Queue[List[int]]",
-                           **run_model_kwargs) -> bool:
-    """`run_model` on a slot of CPUs taken from `slots` and given back after."""
-    cpus = slots.get()
-    try:
-        return run_model(spec, cpus=cpus, **run_model_kwargs)
-    finally:
-        slots.put(cpus)
 
 
 def table_text(args: argparse.Namespace, preset: Dict, steps: int,
@@ -878,24 +665,16 @@ def main(argv=None) -> int:
     output_dir = os.path.abspath(args.output_dir)
     for spec in args.specs + args.ablation_specs:  # every size error before any training
         matched_hidden_size(spec, model_dim=preset["model_dim"])
-    failed = []
-    runs = run_order(args.seed_runs) + args.ablation_specs
-    slots = queue.Queue()
-    for cpus in cpu_slots(sorted(os.sched_getaffinity(0)), args.parallel_runs):
-        slots.put(cpus)
-    with concurrent.futures.ThreadPoolExecutor(args.parallel_runs) as pool:
-        futures = {pool.submit(run_model_on_free_cpus, spec, slots=slots,
-                               output_dir=output_dir, preset=preset, train_steps=steps): spec
-                   for spec in runs}  # started in submission order
-        for future in concurrent.futures.as_completed(futures):
-            if not future.result():
-                failed.append(futures[future].directory)
-            write_outputs(args, preset, steps, output_dir)  # only this thread writes
+    runs = [training_run(spec, output_dir=output_dir, preset=preset, train_steps=steps)
+            for spec in run_order(args.seed_runs) + args.ablation_specs]
+    failed = train_runs(runs, steps, parallel_runs=args.parallel_runs,
+                        after_each=lambda: write_outputs(args, preset, steps, output_dir))
     if not runs:
         write_outputs(args, preset, steps, output_dir)
     print(f"[lm_table] results: {output_dir}.json, {args.markdown}", flush=True)
     if failed:
-        print(f"[lm_table] failed: {', '.join(failed)} (rerun to resume them)", flush=True)
+        print(f"[lm_table] failed: {', '.join(os.path.basename(run.model_dir) for run in failed)}"
+              " (rerun to resume them)", flush=True)
         return 1
     return 0
 

@@ -16,7 +16,8 @@ noise or balancing loss) and the router z-loss on top of noisy top-2; and the LS
 with the best valid perplexity of the language-model table (MoE-256).
 
 Each row is one subprocess in OUTPUT_DIR/<row>/ (a crash loses one row; a rerun resumes it
-from its checkpoint; complete rows are skipped). After every row the results are
+from its checkpoint; complete rows are skipped), `--parallel_runs` of them at a time, each
+on its own share of the CPUs (`benchmarks.results_table`). After every row the results are
 rewritten: OUTPUT_DIR.json, OUTPUT_DIR.png, and the Markdown between
 `<!-- router_table:begin -->` and `<!-- router_table:end -->` in --markdown.
 """
@@ -32,6 +33,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import matplotlib
 
 from benchmarks import lm_table
+from benchmarks.results_table import (TrainingRun, add_parallel_runs_argument,
+                                      check_parallel_runs, format_number, read_metrics,
+                                      save_figure, train_runs, update_markdown,
+                                      write_text_atomically)
 from models.lm import LanguageModelConfig, ops_per_timestep
 from moe_tf import MoEConfig
 
@@ -172,10 +177,6 @@ def collect_row(row: RouterRow, metrics: Dict) -> Dict:
     return result
 
 
-def _number(value, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _observations(rows: Sequence[Dict]) -> List[str]:
     """What the finished rows say, by valid perplexity (the test split is not used to
     choose)."""
@@ -208,8 +209,8 @@ def markdown(rows: Sequence[Dict], *, budget: str, plot_path: str,
             f"{row['ops_per_timestep']:,} | {row['params_excl_embedding_softmax']:,} | "
             f"{row['test_perplexity']:.2f} | {row['valid_perplexity']:.2f} | "
             f"{row['train_perplexity']:.2f} | {row['tokens_per_second']:,.0f} | "
-            f"{_number(row['cv_importance'])} | {_number(row['max_mean_load'])} | "
-            f"{_number(row['experts_per_token'])} | {_number(row['dropped_fraction'])} |")
+            f"{format_number(row['cv_importance'])} | {format_number(row['max_mean_load'])} | "
+            f"{format_number(row['experts_per_token'])} | {format_number(row['dropped_fraction'])} |")
     relative_plot = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(
         markdown_path)))
     lines += ["", budget, "", *[f"- {line}" for line in _observations(rows)], "",
@@ -232,7 +233,7 @@ def plot(rows: Sequence[Dict], path: str) -> None:
     axes.invert_yaxis()
     axes.set_xlabel("test perplexity (equal ops/timestep and token budget)")
     axes.grid(True, axis="x", alpha=0.3)
-    lm_table.save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -248,13 +249,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rows", default=",".join(row.name for row in ROWS),
                         help="Comma-separated rows to train, of: "
                              + ", ".join(row.name for row in ROWS))
+    add_parallel_runs_argument(parser)
     args = parser.parse_args(argv)
+    check_parallel_runs(parser, args)
     known = {row.name: row for row in ROWS}
     unknown = [name for name in args.rows.split(",") if name and name not in known]
     if unknown:
         parser.error(f"--rows: unknown {unknown}; choose from {list(known)}")
     args.selected = [known[name] for name in args.rows.split(",") if name]
     return args
+
+
+def budget_text(args: argparse.Namespace, preset: Dict, steps: int) -> str:
+    return (f"Budget: {steps} steps of about {preset['batch_tokens']} tokens (padding "
+            f"included) for every row; preset `{args.preset}`, model_dim "
+            f"{preset['model_dim']}, Transformers of {preset['num_layers']} blocks "
+            f"and {preset['num_heads']} heads, attention counted over "
+            f"{preset['max_length']}-token sentences.")
+
+
+def write_outputs(args: argparse.Namespace, preset: Dict, steps: int, output_dir: str) -> None:
+    """The table's JSON, plot and Markdown block from the rows finished so far."""
+    rows = []
+    for row in ROWS:
+        metrics = read_metrics(os.path.join(output_dir, row.directory), steps)
+        if metrics is not None:
+            rows.append(collect_row(row, metrics))
+    write_text_atomically(output_dir + ".json", json.dumps(rows, indent=2))
+    if rows:
+        plot(rows, output_dir + ".png")
+    update_markdown(args.markdown, markdown(
+        rows, budget=budget_text(args, preset, steps), plot_path=output_dir + ".png",
+        markdown_path=args.markdown), MARKERS)
 
 
 def main(argv=None) -> int:
@@ -264,37 +290,18 @@ def main(argv=None) -> int:
     output_dir = os.path.abspath(args.output_dir)
     for row in args.selected:  # every size error before any training
         matched_hidden_size(row, preset)
-    budget = (f"Budget: {steps} steps of about {preset['batch_tokens']} tokens (padding "
-              f"included) for every row; preset `{args.preset}`, model_dim "
-              f"{preset['model_dim']}, Transformers of {preset['num_layers']} blocks "
-              f"and {preset['num_heads']} heads, attention counted over "
-              f"{preset['max_length']}-token sentences.")
-
-    def write_outputs():
-        rows = []
-        for row in ROWS:
-            metrics = lm_table.read_metrics(os.path.join(output_dir, row.directory), steps)
-            if metrics is not None:
-                rows.append(collect_row(row, metrics))
-        lm_table.write_text_atomically(output_dir + ".json", json.dumps(rows, indent=2))
-        if rows:
-            plot(rows, output_dir + ".png")
-        lm_table.update_markdown(args.markdown, markdown(
-            rows, budget=budget, plot_path=output_dir + ".png",
-            markdown_path=args.markdown), MARKERS)
-
-    failed = []
-    for row in args.selected:
-        model_dir = os.path.join(output_dir, row.directory)
-        if not lm_table.run_training(
-                f"[router_table] {row.name}", model_dir,
-                train_flags(row, preset=preset, train_steps=steps, model_dir=model_dir),
-                steps):
-            failed.append(row.name)
-        write_outputs()
+    runs = [TrainingRun(f"[router_table] {row.name}", os.path.join(output_dir, row.directory),
+                        train_flags(row, preset=preset, train_steps=steps,
+                                    model_dir=os.path.join(output_dir, row.directory)))
+            for row in args.selected]
+    failed = train_runs(runs, steps, parallel_runs=args.parallel_runs,
+                        after_each=lambda: write_outputs(args, preset, steps, output_dir))
+    if not runs:
+        write_outputs(args, preset, steps, output_dir)
     print(f"[router_table] results: {output_dir}.json, {args.markdown}", flush=True)
     if failed:
-        print(f"[router_table] failed: {', '.join(failed)} (rerun to resume them)",
+        names = [row.name for row, run in zip(args.selected, runs) if run in failed]
+        print(f"[router_table] failed: {', '.join(names)} (rerun to resume them)",
               flush=True)
         return 1
     return 0

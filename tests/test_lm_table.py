@@ -9,7 +9,7 @@ import sys
 import pytest
 from absl import flags
 
-from benchmarks import hierarchical_probe, lm_table
+from benchmarks import hierarchical_probe, lm_table, results_table
 from models.lm import lstm_ops
 from train.training import flags as training_flags
 
@@ -66,17 +66,6 @@ def test_train_flags_give_train_lm_the_moe_settings_the_table_counts():
         assert training_flags.moe_config_from_flags(flag_values) == config.moe, spec.name
 
 
-@pytest.mark.parametrize("document,expected", [
-    ("# R\n\nbefore\n<!-- lm_table:begin -->\nold\n<!-- lm_table:end -->\nafter\n",
-     "# R\n\nbefore\n<!-- lm_table:begin -->\nnew\n<!-- lm_table:end -->\nafter\n"),
-    ("# R\n", "# R\n\n<!-- lm_table:begin -->\nnew\n<!-- lm_table:end -->\n"),
-    ("", "<!-- lm_table:begin -->\nnew\n<!-- lm_table:end -->\n"),
-])
-def test_markdown_block_replaced_or_appended(document, expected):
-    block = f"{lm_table.BEGIN_MARKER}\nnew\n{lm_table.END_MARKER}"
-    assert lm_table.replace_block(document, block) == expected
-
-
 def run_table(output_dir, markdown, *flags):
     command = [sys.executable, "-m", "benchmarks.lm_table", "--preset=tiny", *flags,
                "--models=4xLSTM,MoE-4", "--ablation_model=MoE-4", "--ablation_weights=",
@@ -95,7 +84,7 @@ def test_tiny_table_end_to_end_and_resumed(tmp_path):
     # Two runs at a time, each on its own CPUs (where the machine has two).
     parallel_runs = min(2, len(os.sched_getaffinity(0)))
     stdout = run_table(output_dir, markdown, f"--parallel_runs={parallel_runs}")
-    for cpus in lm_table.cpu_slots(sorted(os.sched_getaffinity(0)), parallel_runs):
+    for cpus in results_table.cpu_slots(sorted(os.sched_getaffinity(0)), parallel_runs):
         assert f"training on CPUs {','.join(map(str, cpus))};" in stdout
 
     rows = json.loads((tmp_path / "lm_table.json").read_text())
@@ -156,24 +145,6 @@ def test_tiny_table_end_to_end_and_resumed(tmp_path):
             shutil.rmtree(run_directory / events, ignore_errors=True)
     run_table(output_dir, markdown)
     assert json.loads((tmp_path / "lm_table.json").read_text()) == rows
-
-
-def test_cpu_slots_are_disjoint_and_as_even_as_they_go():
-    assert lm_table.cpu_slots([0, 1], 2) == [[0], [1]]
-    assert lm_table.cpu_slots([0, 1], 1) == [[0, 1]]
-    assert lm_table.cpu_slots([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]
-    assert lm_table.cpu_slots([3, 5, 8, 9], 3) == [[3, 5], [8], [9]]
-    with pytest.raises(ValueError, match="cannot cut 2 CPUs into 3 slots"):
-        lm_table.cpu_slots([0, 1], 3)
-
-
-def test_parallel_runs_beyond_the_cpus_are_refused(capsys):
-    cpus = len(os.sched_getaffinity(0))
-    for bad in (0, cpus + 1):
-        with pytest.raises(SystemExit):
-            lm_table.parse_args([f"--parallel_runs={bad}"])
-        assert (f"--parallel_runs must be between 1 and the {cpus} CPUs this process may "
-                f"use; got {bad}") in capsys.readouterr().err
 
 
 def test_merge_seed_runs_reports_mean_spread_and_runs():

@@ -21,15 +21,17 @@ PAGES = [README] + DOCS
 ABSL_BINARIES = ("train.lm", "train.nmt", "train.score", "train.translate")
 CONSOLE_SCRIPTS = {"moe-train-lm": "train.lm", "moe-score-lm": "train.score",
                    "moe-train-nmt": "train.nmt", "moe-translate": "train.translate"}
-# Other command lines, whose flags are read from their source (argparse, bash).
+# Other command lines, whose flags are read from their source (argparse, bash): one file,
+# or a tuple of the files that define them.
 SOURCE_COMMANDS = {
     "benchmarks.layer_bench": "benchmarks/layer_bench.py",
     "benchmarks.memory_bench": "benchmarks/memory_bench.py",
     "benchmarks.profile_layer": "benchmarks/profile_layer.py",
-    "benchmarks.lm_table": "benchmarks/lm_table.py",
+    "benchmarks.lm_table": ("benchmarks/lm_table.py", "benchmarks/results_table.py"),
     "benchmarks.dtensor_comm": "benchmarks/dtensor_comm.py",
     "benchmarks.serving_bench": "benchmarks/serving_bench.py",
-    "benchmarks.router_table": "benchmarks/router_table.py",
+    "benchmarks.router_table": ("benchmarks/router_table.py",
+                                "benchmarks/results_table.py"),
     "benchmarks.keras_hub_bench": "benchmarks/keras_hub_bench.py",
     "benchmarks.quantized_experts_bench": "benchmarks/quantized_experts_bench.py",
     "benchmarks.hierarchical_probe": "benchmarks/hierarchical_probe.py",
@@ -86,9 +88,12 @@ def absl_flags(module):
 
 
 @functools.lru_cache(maxsize=None)
-def source_flags(path):
-    """The flags an argparse program or bash script spells out as string literals."""
-    return set(re.findall(r"""["'](?:--)([A-Za-z][\w-]*)["']""", read(os.path.join(ROOT, path))))
+def source_flags(paths):
+    """The flags an argparse program or bash script spells out as string literals in its
+    file, or in any of a tuple of files."""
+    return set().union(*(
+        re.findall(r"""["'](?:--)([A-Za-z][\w-]*)["']""", read(os.path.join(ROOT, path)))
+        for path in ((paths,) if isinstance(paths, str) else paths)))
 
 
 def command_flags(command):

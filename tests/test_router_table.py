@@ -67,4 +67,5 @@ def test_tiny_table_end_to_end(tmp_path):
     text = markdown.read_text()
     assert "kept" in text and "| Switch-32 | top-1" in text
     assert text.count(router_table.MARKERS[0]) == 1
-    # (A rerun skips complete rows: lm_table.run_training, tested in test_lm_table.py.)
+    # (A rerun skips complete rows: results_table.run_training, tested in
+    # test_lm_table.py.)
