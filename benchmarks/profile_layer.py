@@ -113,11 +113,11 @@ def main(argv=None) -> None:
     total = sum(by_type.values())
     print(f"{config.name}, T={config.tokens}: wall {1e3 * wall / args.steps:.0f} ms/step, "
           f"op time {total * per_step:.0f} ms/step (summed over threads)")
-    print(f"\n| op type | ms/step | share | calls/step |\n| --- | --- | --- | --- |")
+    print("\n| op type | ms/step | share | calls/step |\n| --- | --- | --- | --- |")
     for op_type, ps in by_type.most_common(args.top):
         print(f"| {op_type} | {ps * per_step:.1f} | {ps / total:.1%} | "
               f"{calls[op_type] / args.steps:.0f} |")
-    print(f"\n| op | ms/step | share |\n| --- | --- | --- |")
+    print("\n| op | ms/step | share |\n| --- | --- | --- |")
     for name, ps in by_name.most_common(args.top):
         print(f"| {name} | {ps * per_step:.1f} | {ps / total:.1%} |")
 

@@ -10,7 +10,6 @@ import re
 import resource
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
