@@ -209,8 +209,7 @@ def markdown(rows: Sequence[Dict], *, budget: str, plot_path: str,
             f"{row['ops_per_timestep']:,} | {row['params_excl_embedding_softmax']:,} | "
             f"{row['test_perplexity']:.2f} | {row['valid_perplexity']:.2f} | "
             f"{row['train_perplexity']:.2f} | {row['tokens_per_second']:,.0f} | "
-            f"{format_number(row['cv_importance'])} | {format_number(row['max_mean_load'])} | "
-            f"{format_number(row['experts_per_token'])} | {format_number(row['dropped_fraction'])} |")
+            + " | ".join(format_number(row[key]) for key in BALANCE_KEYS) + " |")
     relative_plot = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(
         markdown_path)))
     lines += ["", budget, "", *[f"- {line}" for line in _observations(rows)], "",
@@ -300,9 +299,9 @@ def main(argv=None) -> int:
         write_outputs(args, preset, steps, output_dir)
     print(f"[router_table] results: {output_dir}.json, {args.markdown}", flush=True)
     if failed:
-        names = [row.name for row, run in zip(args.selected, runs) if run in failed]
-        print(f"[router_table] failed: {', '.join(names)} (rerun to resume them)",
-              flush=True)
+        print(f"[router_table] failed: "
+              f"{', '.join(os.path.basename(run.model_dir) for run in failed)} "
+              "(rerun to resume them)", flush=True)
         return 1
     return 0
 
