@@ -191,9 +191,9 @@ def _observations(rows: Sequence[Dict]) -> List[str]:
         for row in rows:
             if row is not dense:
                 change = row["test_perplexity"] / dense["test_perplexity"] - 1
+                speed = row["tokens_per_second"] / dense["tokens_per_second"]
                 lines.append(f"{row['model']}: test perplexity {change:+.1%} against the "
-                             f"dense Transformer, at {row['tokens_per_second'] / dense['tokens_per_second']:.2f}x "
-                             "its tokens/s.")
+                             f"dense Transformer, at {speed:.2f}x its tokens/s.")
     return lines
 
 
