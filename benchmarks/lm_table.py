@@ -52,7 +52,7 @@ from tensorflow.core.util import event_pb2
 from benchmarks.expert_specialisation import expert_specialisation
 from benchmarks.results_table import (TrainingRun, add_parallel_runs_argument,
                                       check_parallel_runs, format_number, read_metrics,
-                                      save_figure, train_runs, update_markdown,
+                                      save_figure, train_and_write_table, update_markdown,
                                       write_text_atomically)
 from models.lm import LanguageModelConfig, ops_per_timestep
 from moe_tf import MoEConfig
@@ -667,16 +667,10 @@ def main(argv=None) -> int:
         matched_hidden_size(spec, model_dim=preset["model_dim"])
     runs = [training_run(spec, output_dir=output_dir, preset=preset, train_steps=steps)
             for spec in run_order(args.seed_runs) + args.ablation_specs]
-    failed = train_runs(runs, steps, parallel_runs=args.parallel_runs,
-                        after_each=lambda: write_outputs(args, preset, steps, output_dir))
-    if not runs:
-        write_outputs(args, preset, steps, output_dir)
-    print(f"[lm_table] results: {output_dir}.json, {args.markdown}", flush=True)
-    if failed:
-        print(f"[lm_table] failed: {', '.join(os.path.basename(run.model_dir) for run in failed)}"
-              " (rerun to resume them)", flush=True)
-        return 1
-    return 0
+    return train_and_write_table(
+        "lm_table", runs, steps, parallel_runs=args.parallel_runs,
+        write_outputs=lambda: write_outputs(args, preset, steps, output_dir),
+        results=f"{output_dir}.json, {args.markdown}")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,25 @@ def train_runs(runs: Sequence[TrainingRun], train_steps: int, *, parallel_runs: 
     return failed
 
 
+def train_and_write_table(name: str, runs: Sequence[TrainingRun], train_steps: int, *,
+                          parallel_runs: int, write_outputs: Callable[[], None],
+                          results: str) -> int:
+    """A table's main loop: `train_runs`, the outputs rewritten after every run (once
+    when there is none to train), then where the results are and which runs failed.
+    Returns the exit status: 1 if a run failed (a rerun resumes it), else 0."""
+    failed = train_runs(runs, train_steps, parallel_runs=parallel_runs,
+                        after_each=write_outputs)
+    if not runs:
+        write_outputs()
+    print(f"[{name}] results: {results}", flush=True)
+    if failed:
+        print(f"[{name}] failed: "
+              f"{', '.join(os.path.basename(run.model_dir) for run in failed)} "
+              "(rerun to resume them)", flush=True)
+        return 1
+    return 0
+
+
 def add_parallel_runs_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel_runs", type=int, default=1,
                         help="Runs trained at a time, each on its own share of the CPUs.")

@@ -35,7 +35,7 @@ import matplotlib
 from benchmarks import lm_table
 from benchmarks.results_table import (TrainingRun, add_parallel_runs_argument,
                                       check_parallel_runs, format_number, read_metrics,
-                                      save_figure, train_runs, update_markdown,
+                                      save_figure, train_and_write_table, update_markdown,
                                       write_text_atomically)
 from models.lm import LanguageModelConfig, ops_per_timestep
 from moe_tf import MoEConfig
@@ -293,17 +293,10 @@ def main(argv=None) -> int:
                         train_flags(row, preset=preset, train_steps=steps,
                                     model_dir=os.path.join(output_dir, row.directory)))
             for row in args.selected]
-    failed = train_runs(runs, steps, parallel_runs=args.parallel_runs,
-                        after_each=lambda: write_outputs(args, preset, steps, output_dir))
-    if not runs:
-        write_outputs(args, preset, steps, output_dir)
-    print(f"[router_table] results: {output_dir}.json, {args.markdown}", flush=True)
-    if failed:
-        print(f"[router_table] failed: "
-              f"{', '.join(os.path.basename(run.model_dir) for run in failed)} "
-              "(rerun to resume them)", flush=True)
-        return 1
-    return 0
+    return train_and_write_table(
+        "router_table", runs, steps, parallel_runs=args.parallel_runs,
+        write_outputs=lambda: write_outputs(args, preset, steps, output_dir),
+        results=f"{output_dir}.json, {args.markdown}")
 
 
 if __name__ == "__main__":
