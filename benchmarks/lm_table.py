@@ -45,21 +45,17 @@ import statistics
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import matplotlib
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
 from benchmarks.expert_specialisation import expert_specialisation
 from benchmarks.results_table import (TrainingRun, add_parallel_runs_argument,
-                                      check_parallel_runs, format_number, read_metrics,
-                                      save_figure, train_and_write_table, update_markdown,
-                                      write_text_atomically)
+                                      check_parallel_runs, format_number, new_figure,
+                                      read_metrics, save_figure, train_and_write_table,
+                                      update_markdown, write_text_atomically)
 from models.lm import LanguageModelConfig, ops_per_timestep
 from moe_tf import MoEConfig
 from train.data import text as text_data
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 BEGIN_MARKER = "<!-- lm_table:begin -->"
 END_MARKER = "<!-- lm_table:end -->"
@@ -346,7 +342,7 @@ def parse_weights(text: str) -> List[Tuple[float, float]]:
 
 def plot(rows: Sequence[Dict], path: str) -> None:
     """Test perplexity against experts (log x); the dense baselines as horizontal lines."""
-    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    figure, axes = new_figure(6.4, 4.2)
     for hierarchical, marker, label in ((False, "o-", "MoE, flat k = 4"),
                                         (True, "s--", "MoE, hierarchical 2 + 2")):
         points = sorted((r["num_experts"], r["test_perplexity"]) for r in rows

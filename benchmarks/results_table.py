@@ -167,6 +167,12 @@ def write_text_atomically(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def new_figure(width: float, height: float):
+    """A (figure, axes) pair `width` x `height` inches for `save_figure`; the tables draw
+    with matplotlib through this module only, which selects the file-only backend."""
+    return plt.subplots(figsize=(width, height))
+
+
 def save_figure(figure, path: str) -> None:
     """Writes `figure` as a PNG to `path` (whole or not at all) and closes it."""
     figure.tight_layout()

@@ -30,18 +30,13 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import matplotlib
-
 from benchmarks import lm_table
 from benchmarks.results_table import (TrainingRun, add_parallel_runs_argument,
-                                      check_parallel_runs, format_number, read_metrics,
-                                      save_figure, train_and_write_table, update_markdown,
-                                      write_text_atomically)
+                                      check_parallel_runs, format_number, new_figure,
+                                      read_metrics, save_figure, train_and_write_table,
+                                      update_markdown, write_text_atomically)
 from models.lm import LanguageModelConfig, ops_per_timestep
 from moe_tf import MoEConfig
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 MARKERS = ("<!-- router_table:begin -->", "<!-- router_table:end -->")
 # The language-model table's row that stands for the LSTM-MoE (its best valid perplexity).
@@ -219,7 +214,7 @@ def markdown(rows: Sequence[Dict], *, budget: str, plot_path: str,
 
 def plot(rows: Sequence[Dict], path: str) -> None:
     """Test perplexity of each row, the dense Transformer as a line."""
-    figure, axes = plt.subplots(figsize=(7.0, 4.2))
+    figure, axes = new_figure(7.0, 4.2)
     names = [row["model"] for row in rows]
     axes.barh(names, [row["test_perplexity"] for row in rows], color="tab:blue")
     for row in rows:
