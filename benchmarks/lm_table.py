@@ -362,8 +362,28 @@ def plot(rows: Sequence[Dict], path: str) -> None:
     save_figure(figure, path)
 
 
+def _with_seeds(row: Dict) -> str:
+    """A row's test perplexity and how many runs it stands for."""
+    seeds = row.get("seeds", 1)
+    return (f"{row['test_perplexity']:.2f}, "
+            + (f"mean of {seeds} seeds" if seeds > 1 else "1 seed"))
+
+
+def experts_step(fewer: Dict, more: Dict) -> str:
+    """How test perplexity moves from the row with fewer experts to the one with more: a
+    move smaller than either row's standard deviation over seeds is called level, since
+    one more seed could reverse it."""
+    spread = max(row.get("test_perplexity_std") or 0.0 for row in (fewer, more))
+    change = more["test_perplexity"] - fewer["test_perplexity"]
+    between = f"from {fewer['num_experts']} to {more['num_experts']}"
+    if abs(change) < spread:
+        return f"level {between} (within the seeds' standard deviation, {spread:.2f})"
+    return ("falls " if change < 0 else "rises ") + between
+
+
 def _observations(rows: Sequence[Dict]) -> List[str]:
-    """Facts the table implies: MoE against the dense baselines, and overfitting."""
+    """Facts the table implies: MoE against the dense baselines, the trend in experts, and
+    overfitting."""
     lines = []
     dense = [r for r in rows if r["num_experts"] <= 1]
     moe = [r for r in rows if r["num_experts"] > 1]
@@ -371,17 +391,17 @@ def _observations(rows: Sequence[Dict]) -> List[str]:
         best_dense = min(dense, key=lambda r: r["test_perplexity"])
         best_moe = min(moe, key=lambda r: r["test_perplexity"])
         change = best_moe["test_perplexity"] / best_dense["test_perplexity"] - 1
-        lines.append(f"Best MoE ({best_moe['model']}, test {best_moe['test_perplexity']:.2f}) "
-                     f"against the best dense baseline ({best_dense['model']}, "
-                     f"{best_dense['test_perplexity']:.2f}): {change:+.1%}.")
-        flat = sorted((r["num_experts"], r["test_perplexity"]) for r in moe
-                      if not r["hierarchical"])
+        lines.append(f"Best MoE ({best_moe['model']}, test {_with_seeds(best_moe)}) against "
+                     f"the best dense baseline ({best_dense['model']}, "
+                     f"{_with_seeds(best_dense)}): {change:+.1%}.")
+        flat = sorted((r for r in moe if not r["hierarchical"]), key=lambda r: r["num_experts"])
         if len(flat) > 1:
-            monotone = all(b[1] < a[1] for a, b in zip(flat, flat[1:]))
+            steps = [experts_step(a, b) for a, b in zip(flat, flat[1:])]
+            trend = ("falls with every step in experts" if all(
+                step.startswith("falls") for step in steps) else ", ".join(steps))
             lines.append("Flat MoE test perplexity " + " -> ".join(
-                f"{p:.2f} ({n})" for n, p in flat) + (": falls with every step in experts."
-                                                     if monotone else
-                                                     ": does not fall monotonically."))
+                f"{r['test_perplexity']:.2f} ({r['num_experts']})" for r in flat)
+                + f": {trend}.")
     for r in rows:
         curve = {int(s): v for s, v in r["valid_perplexity_curve"].items()}
         if curve and min(curve.values()) < 0.99 * r["valid_perplexity"]:

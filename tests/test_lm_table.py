@@ -162,6 +162,35 @@ def test_merge_seed_runs_reports_mean_spread_and_runs():
     assert lm_table.merge_seed_runs(runs[:1], train_tokens=1)["test_perplexity_std"] is None
 
 
+def _row(model, experts, test, std=None, seeds=1):
+    return dict(model=model, num_experts=experts, hierarchical=False, test_perplexity=test,
+                test_perplexity_std=std, seeds=seeds, test_perplexity_runs=[test] * seeds,
+                valid_perplexity=test, valid_perplexity_curve={}, train_perplexity=test,
+                ops_per_timestep=1, params_excl_embedding_softmax=1, tokens_per_second=1.0)
+
+
+def test_a_step_in_experts_within_the_seeds_spread_is_called_level():
+    four, moe32 = _row("MoE-4", 4, 97.51), _row("MoE-32", 32, 92.09, 0.70, 2)
+    moe256 = _row("MoE-256", 256, 92.08, 0.94, 2)
+    assert lm_table.experts_step(four, moe32) == "falls from 4 to 32"
+    assert lm_table.experts_step(moe32, moe256) == (
+        "level from 32 to 256 (within the seeds' standard deviation, 0.94)")
+    # One seed each: no spread to judge by, so the sign decides.
+    assert lm_table.experts_step(_row("a", 32, 92.09), _row("b", 256, 92.10)) == (
+        "rises from 32 to 256")
+    dense = _row("4xLSTM", 0, 97.29, 0.20, 2)
+    text = lm_table.markdown([dense, four, moe32, moe256], [], None, budget="", window=50,
+                             plot_path="t.png", markdown_path="RESULTS.md")
+    assert ("Flat MoE test perplexity 97.51 (4) -> 92.09 (32) -> 92.08 (256): falls from 4 "
+            "to 32, level from 32 to 256 (within the seeds' standard deviation, 0.94).") in text
+    assert ("Best MoE (MoE-256, test 92.08, mean of 2 seeds) against the best dense baseline "
+            "(4xLSTM, 97.29, mean of 2 seeds): -5.4%.") in text
+    moe256["test_perplexity"] = 90.0
+    assert "97.51 (4) -> 92.09 (32) -> 90.00 (256): falls with every step in experts." in (
+        lm_table.markdown([dense, four, moe32, moe256], [], None, budget="", window=50,
+                          plot_path="t.png", markdown_path="RESULTS.md"))
+
+
 def test_runs_go_seed_by_seed_and_each_seed_has_its_directory():
     args = lm_table.parse_args(["--preset=manuals", "--models=4xLSTM,MoE-4,MoE-32"])
     assert args.seeds == 3 and args.output_dir == "benchmarks/results/lm_table_manuals"
