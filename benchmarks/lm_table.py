@@ -371,8 +371,8 @@ def _with_seeds(row: Dict) -> str:
 
 def experts_step(fewer: Dict, more: Dict) -> str:
     """How test perplexity moves from the row with fewer experts to the one with more: a
-    move smaller than either row's standard deviation over seeds is called level, since
-    one more seed could reverse it."""
+    move smaller than the larger of the two rows' standard deviations over seeds is called
+    level, since one more seed could reverse it."""
     spread = max(row.get("test_perplexity_std") or 0.0 for row in (fewer, more))
     change = more["test_perplexity"] - fewer["test_perplexity"]
     between = f"from {fewer['num_experts']} to {more['num_experts']}"
