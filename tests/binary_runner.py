@@ -60,13 +60,16 @@ def run_command_lines(module, command_lines):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def command_lines_fixture(module, base_flags, command_lines):
+def command_lines_fixture(module, base_flags, command_lines, prepare=None):
     """A module fixture running `command_lines` (lists of flags) of binary `module` in
     order, in one process: maps each command line's flags joined by spaces to (its end,
-    the fixture's directory). `{tmp}` in the flags is that directory."""
+    the fixture's directory). `{tmp}` in the flags is that directory; `prepare(tmp)`
+    writes there the files the command lines read, before they run."""
     @pytest.fixture(scope="module")
     def fixture(tmp_path_factory):
         tmp = tmp_path_factory.mktemp("runs")
+        if prepare is not None:
+            prepare(tmp)
         ends = run_command_lines(module, [
             [*base_flags, *(flag.format(tmp=tmp) for flag in line)]
             for line in command_lines])

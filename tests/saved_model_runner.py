@@ -1,10 +1,11 @@
 """Runs a SavedModel's `serving_default` signature in a process without this project.
 
-Usage: python saved_model_runner.py SAVED_MODEL_DIR INPUT.npy OUTPUT.npy [INPUT OUTPUT...]
-Each input array (numbers, or an object array of str or bytes) is passed as the
+Usage: python saved_model_runner.py SAVED_MODEL_DIR INPUT.npy OUTPUT.npy [SAVED_MODEL_DIR
+INPUT.npy OUTPUT.npy ...]
+Each input array (numbers, or an object array of str or bytes) is passed as its SavedModel
 signature's one input; the outputs are saved stacked in the order of their sorted names.
-Only TensorFlow and tensorflow_text (whose ops the language models' tokenizers use) are
-imported.
+Many SavedModels are served by one process: TensorFlow starts once. Only TensorFlow and
+tensorflow_text (whose ops the language models' tokenizers use) are imported.
 """
 
 import importlib.abc
@@ -22,15 +23,21 @@ class _BlockProjectPackages(importlib.abc.MetaPathFinder):
         return None
 
 
-def main(saved_model_dir, *paths):
+def main(*paths):
     sys.meta_path.insert(0, _BlockProjectPackages())
     import numpy as np
     import tensorflow as tf
     import tensorflow_text  # noqa: F401  (tokenizer ops)
 
-    signature = tf.saved_model.load(saved_model_dir).signatures["serving_default"]
-    (input_name,) = signature.structured_input_signature[1]
-    for input_path, output_path in zip(paths[::2], paths[1::2]):
+    if not paths or len(paths) % 3:
+        raise SystemExit(f"expected SAVED_MODEL_DIR INPUT OUTPUT triples; got {paths}")
+    signatures = {}
+    for saved_model_dir, input_path, output_path in zip(*[iter(paths)] * 3):
+        if saved_model_dir not in signatures:
+            signatures[saved_model_dir] = tf.saved_model.load(
+                saved_model_dir).signatures["serving_default"]
+        signature = signatures[saved_model_dir]
+        (input_name,) = signature.structured_input_signature[1]
         values = np.load(input_path, allow_pickle=True)
         if values.dtype == object:
             values = tf.constant([value if isinstance(value, bytes) else

@@ -63,33 +63,6 @@ def write_corpus(path, lines):
         f.write(b"\n".join(lines) + b"\n")
 
 
-def test_text_source_skips_and_counts_corrupt_lines(tmp_path):
-    with gzip.open(os.path.join(ROOT, "train/data/bible/en.train.txt.gz"), "rb") as f:
-        good = f.read().splitlines()[:1500]
-    corrupt = [b"", b"   ", b"caf\xe9 latin-1 bytes", b"\xff\xfe broken", b""]
-    lines = good[:700] + corrupt[:3] + good[700:] + corrupt[3:]
-    write_corpus(tmp_path / "corpus.txt", lines)
-    model_dir = tmp_path / "run"
-    run_ok(lm_command(model_dir, f"--data=text:{tmp_path / 'corpus.txt'}",
-                      "--train_steps=6", "--export_dir="))
-    skipped = metrics(model_dir)["skipped_lines"]
-    # Held-out lines are chosen by a hash of the line: count where each bad line went.
-    assert sum(skipped.values()) == len(corrupt)
-
-
-def test_text_source_with_explicit_held_out_files(tmp_path):
-    with gzip.open(os.path.join(ROOT, "train/data/bible/es.train.txt.gz"), "rb") as f:
-        lines = f.read().splitlines()[:1200]
-    write_corpus(tmp_path / "train.txt", lines[:1000])
-    write_corpus(tmp_path / "valid.txt", lines[1000:1100])
-    write_corpus(tmp_path / "test.txt", lines[1100:])
-    run_ok(lm_command(tmp_path / "run", f"--data=text:{tmp_path / 'train.txt'}",
-                      f"--valid_data={tmp_path / 'valid.txt'}",
-                      f"--test_data={tmp_path / 'test.txt'}", "--train_steps=4",
-                      "--export_dir="))
-    check_metrics(metrics(tmp_path / "run"), 4)
-
-
 def test_tfds_lm1b_source_with_mock_data(tmp_path):
     # 64 mock sentences of random words: fewer than 512 subwords.
     run_ok([sys.executable, TFDS_MOCK_RUNNER, "--preset=tiny", "--data=tfds:lm1b",
@@ -121,11 +94,82 @@ TINY_RUNS = {
 # nothing, and writes that export.
 INT8_EXPORT = ("--train_steps=5 --export_expert_dtype=int8 "
                "--export_dir={tmp}/transformer_moe/int8")
+# Then runs that read files of their own (`write_run_inputs`), or that a second command
+# line resumes: name -> (their --model_dir under the fixture's directory, flags).
+CAPACITY_XLA = ("--dispatch=capacity --capacity_factor=1.0 --train_steps=6 "
+                "--length_multiple=8 --max_eval_batches=2 --dropout=0 --nonoisy_gating")
+RUNS = {
+    "corrupt lines": ("corrupt", "--data=text:{tmp}/corrupt.txt --train_steps=6"),
+    "held-out files": ("held_out", "--data=text:{tmp}/train.txt --valid_data={tmp}/valid.txt "
+                                   "--test_data={tmp}/test.txt --train_steps=4"),
+    "factored adam": ("factored", "--train_steps=4 --optimizer=factored_adam "
+                                  "--gating=balanced"),
+    "factored adam, resumed with adam": ("factored", "--train_steps=4 --gating=balanced"),
+    "legacy": ("legacy", "--train_steps=2"),
+    "legacy, resumed with k = 1": ("legacy", "--train_steps=2 --k=1"),
+    # Lengths padded to multiples of 8: fewer batch shapes for XLA to compile.
+    "capacity": ("capacity", f"{CAPACITY_XLA} --nojit_compile"),
+    "capacity under XLA": ("capacity_xla", f"{CAPACITY_XLA} --jit_compile"),
+}
+CORRUPT_LINES = [b"", b"   ", b"caf\xe9 latin-1 bytes", b"\xff\xfe broken", b""]
+
+
+def run_line(model_dir, flags):
+    return [*flags.split(), f"--model_dir={{tmp}}/{model_dir}"]
+
+
+def write_run_inputs(tmp):
+    """The files RUNS read: a corpus with corrupt lines, one with held-out files of its
+    own, and a run directory recorded before MoEConfig."""
+    with gzip.open(os.path.join(ROOT, "train/data/bible/en.train.txt.gz"), "rb") as f:
+        good = f.read().splitlines()[:1500]
+    write_corpus(tmp / "corrupt.txt",
+                 good[:700] + CORRUPT_LINES[:3] + good[700:] + CORRUPT_LINES[3:])
+    with gzip.open(os.path.join(ROOT, "train/data/bible/es.train.txt.gz"), "rb") as f:
+        lines = f.read().splitlines()[:1200]
+    write_corpus(tmp / "train.txt", lines[:1000])
+    write_corpus(tmp / "valid.txt", lines[1000:1100])
+    write_corpus(tmp / "test.txt", lines[1100:])
+    (tmp / "legacy").mkdir()
+    (tmp / "legacy" / "run_config.json").write_text(json.dumps(LEGACY_RUN_CONFIG))
+
+
 tiny_runs = command_lines_fixture(
     "train.lm", ["--preset=tiny", "--train_steps=3", "--log_every=1", "--export_dir="],
     [[*flags.split(), f"--model_dir={{tmp}}/{i}"] for i, flags in enumerate(TINY_RUNS)]
     + [TRANSFORMER_MOE.split(), [*TRANSFORMER_MOE.split(), "--train_steps=5", "--verbosity=0"],
-       [*TRANSFORMER_MOE.split(), *INT8_EXPORT.split()]])
+       [*TRANSFORMER_MOE.split(), *INT8_EXPORT.split()]]
+    + [run_line(*RUNS[name]) for name in RUNS], prepare=write_run_inputs)
+
+
+def finished(tiny_runs, name):
+    """RUNS' run `name`: its end and its model_dir."""
+    model_dir, flags = RUNS[name]
+    end, tmp = tiny_runs[" ".join(run_line(model_dir, flags))]
+    return end, tmp / model_dir
+
+
+def finished_ok(tiny_runs, name):
+    end, model_dir = finished(tiny_runs, name)
+    assert end["status"] == 0, end["stderr"][-3000:]
+    return model_dir
+
+
+def refused_resumption(tiny_runs, name):
+    """The stderr of RUNS' run `name`, which must have ended before training."""
+    end, _ = finished(tiny_runs, name)
+    assert end["status"] not in (0, "exception"), end["stderr"][-3000:]
+    return end["stderr"]
+
+
+def test_text_source_skips_and_counts_corrupt_lines(tiny_runs):
+    skipped = metrics(finished_ok(tiny_runs, "corrupt lines"))["skipped_lines"]
+    # Held-out lines are chosen by a hash of the line: count where each bad line went.
+    assert sum(skipped.values()) == len(CORRUPT_LINES)
+
+
+def test_text_source_with_explicit_held_out_files(tiny_runs):
+    check_metrics(metrics(finished_ok(tiny_runs, "held-out files")), 4)
 
 
 @pytest.mark.parametrize("flags", list(TINY_RUNS))
@@ -268,9 +312,10 @@ def assert_export_serves_the_checkpoint(model_dir, tmp_path):
     np.save(tmp_path / "text.npy", np.array(sentences, dtype=object))
     np.save(tmp_path / "empty.npy", np.array([], dtype=object))
     served = subprocess.run(
-        [sys.executable, SAVED_MODEL_RUNNER, str(model_dir / "export"),
-         str(tmp_path / "text.npy"), str(tmp_path / "out.npy"),
-         str(tmp_path / "empty.npy"), str(tmp_path / "empty_out.npy")],
+        [sys.executable, SAVED_MODEL_RUNNER,
+         str(model_dir / "export"), str(tmp_path / "text.npy"), str(tmp_path / "out.npy"),
+         str(model_dir / "export"), str(tmp_path / "empty.npy"),
+         str(tmp_path / "empty_out.npy")],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert served.returncode == 0, served.stderr[-3000:]
     log_prob, num_tokens, truncated, valid_utf8 = np.load(tmp_path / "out.npy")
@@ -482,55 +527,41 @@ def test_upgrade_run_config_reads_a_legacy_record_in_todays_layout():
     assert upgrade_run_config(LanguageModelConfig, other) == other
 
 
-def test_run_recorded_before_moe_config_resumes_and_restores(tmp_path):
+def test_run_recorded_before_moe_config_resumes_and_restores(tiny_runs):
     from train.serving.trained_model import restore_trained_model
     from models.lm import LanguageModelConfig, build_language_model
 
-    (tmp_path / "run_config.json").write_text(json.dumps(LEGACY_RUN_CONFIG))
-    flags = ("--train_steps=2", "--export_dir=")
-    run_ok(lm_command(tmp_path, *flags))
-    check_metrics(metrics(tmp_path), 2)
+    model_dir = finished_ok(tiny_runs, "legacy")
+    check_metrics(metrics(model_dir), 2)
     # The record is kept as it was written, and still restores the model.
-    assert json.loads((tmp_path / "run_config.json").read_text()) == LEGACY_RUN_CONFIG
-    model = restore_trained_model(str(tmp_path), LanguageModelConfig,
+    assert json.loads((model_dir / "run_config.json").read_text()) == LEGACY_RUN_CONFIG
+    model = restore_trained_model(str(model_dir), LanguageModelConfig,
                                   build_language_model).model
     assert model.get_layer("moe").k == 2
-    result = run(lm_command(tmp_path, *flags, "--k=1"))
-    assert result.returncode != 0
-    assert "--model.moe.k: was 2, now 1" in result.stderr, result.stderr[-1500:]
+    assert "--model.moe.k: was 2, now 1" in refused_resumption(
+        tiny_runs, "legacy, resumed with k = 1")
 
 
-def test_factored_adam_trains_and_the_optimizer_is_part_of_the_run(tmp_path):
-    flags = ("--train_steps=4", "--export_dir=", "--optimizer=factored_adam",
-             "--gating=balanced")
-    run_ok(lm_command(tmp_path, *flags))
-    check_metrics(metrics(tmp_path), 4)
-    recorded = json.loads((tmp_path / "run_config.json").read_text())
+def test_factored_adam_trains_and_the_optimizer_is_part_of_the_run(tiny_runs):
+    model_dir = finished_ok(tiny_runs, "factored adam")
+    check_metrics(metrics(model_dir), 4)
+    recorded = json.loads((model_dir / "run_config.json").read_text())
     assert recorded["optimizer"] == "factored_adam"
     assert recorded["model"]["moe"]["gating"] == "balanced"
     assert recorded["model"]["moe"]["noisy_gating"] is None
     assert recorded["model"]["moe"]["threshold_loss_weight"] == 1.0
     assert "num_experts" not in recorded["model"]
-    result = run(lm_command(tmp_path, "--train_steps=4", "--export_dir=",
-                            "--gating=balanced"))
-    assert result.returncode != 0
-    assert "--optimizer: was 'factored_adam', now 'adam'" in result.stderr, \
-        result.stderr[-1500:]
+    assert "--optimizer: was 'factored_adam', now 'adam'" in refused_resumption(
+        tiny_runs, "factored adam, resumed with adam")
 
 
-def test_capacity_dispatch_trains_under_xla_as_without_it(tmp_path):
+def test_capacity_dispatch_trains_under_xla_as_without_it(tiny_runs):
     """--jit_compile compiles the steps with XLA: the same losses and dropped assignments
     as uncompiled. Without dropout and gating noise: XLA draws other random numbers."""
-    values = {}
-    for jit in ("--nojit_compile", "--jit_compile"):
-        model_dir = tmp_path / jit
-        # Lengths padded to multiples of 8: fewer batch shapes for XLA to compile.
-        run_ok(lm_command(model_dir, "--dispatch=capacity", "--capacity_factor=1.0",
-                          "--train_steps=6", "--export_dir=", "--length_multiple=8",
-                          "--max_eval_batches=2", "--dropout=0", "--nonoisy_gating", jit))
-        values[jit] = metrics(model_dir)
-        check_metrics(values[jit], 6)
-    compiled, uncompiled = values["--jit_compile"], values["--nojit_compile"]
+    compiled, uncompiled = (metrics(finished_ok(tiny_runs, name))
+                            for name in ("capacity under XLA", "capacity"))
+    check_metrics(compiled, 6)
+    check_metrics(uncompiled, 6)
     assert compiled["balance"]["moe/dropped_fraction"] > 0
     assert compiled["balance"]["moe/dropped_fraction"] == pytest.approx(
         uncompiled["balance"]["moe/dropped_fraction"], abs=1e-6)
