@@ -22,14 +22,15 @@ $(KERNELS_STAMP): $(wildcard moe_tf/kernels/*.cc moe_tf/kernels/*.h) moe_tf/kern
 
 install: $(STAMP) $(KERNELS_STAMP)
 
-# Two pytest processes: the end-to-end tests spend much of their time starting
-# TensorFlow in subprocesses, which two workers overlap (see docs/development.md). Each
-# module runs on one worker (`--dist loadscope`): with `--dist load` both workers ran the
-# module-scoped fixtures, the training runs the end-to-end tests share, twice. Modules go
-# in tests/conftest.py's order, longest first (`--no-loadscope-reorder`). The 25
-# slowest tests close the report: where the suite's 15 minutes go.
+# Three pytest processes on two cores: the end-to-end tests spend much of their time
+# starting TensorFlow in subprocesses and waiting for them, which a third worker fills
+# (see docs/development.md). Each module runs on one worker (`--dist loadscope`): with
+# `--dist load` the workers each ran the module-scoped fixtures, the training runs the
+# end-to-end tests share. Modules go in tests/conftest.py's order, longest first
+# (`--no-loadscope-reorder`). The 25 slowest tests close the report: where the suite's
+# 15 minutes go.
 test: install
-	$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder --durations=25 tests
+	$(PY) -m pytest -n 3 --dist loadscope --no-loadscope-reorder --durations=25 tests
 
 # The default MoE language model on the built-in English corpus (12 minutes of training
 # on a 2-core CPU without AVX-512, 14 in all from a fresh clone), then a sentence scored

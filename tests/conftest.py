@@ -52,7 +52,7 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if is_end_to_end(item):
             item.add_marker(pytest.mark.slow)
-    # `make test` hands each module to one of two workers in the order of its first test
+    # `make test` hands each module to one of its workers in the order of its first test
     # (xdist's `loadscope` mode without its reordering by test count, which put the few
     # long tests of test_faults last). Longest first: the end-to-end modules in their
     # order, then the modules with slow tests, so that no long module runs alone at the end.
