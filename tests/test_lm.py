@@ -136,7 +136,7 @@ def write_run_inputs(tmp):
 
 tiny_runs = command_lines_fixture(
     "train.lm", ["--preset=tiny", "--train_steps=3", "--log_every=1", "--export_dir="],
-    [[*flags.split(), f"--model_dir={{tmp}}/{i}"] for i, flags in enumerate(TINY_RUNS)]
+    [run_line(i, flags) for i, flags in enumerate(TINY_RUNS)]
     + [TRANSFORMER_MOE.split(), [*TRANSFORMER_MOE.split(), "--train_steps=5", "--verbosity=0"],
        [*TRANSFORMER_MOE.split(), *INT8_EXPORT.split()]]
     + [run_line(*RUNS[name]) for name in RUNS], prepare=write_run_inputs)
@@ -174,9 +174,10 @@ def test_text_source_with_explicit_held_out_files(tiny_runs):
 
 @pytest.mark.parametrize("flags", list(TINY_RUNS))
 def test_every_model_and_router_trains_through_the_binary(flags, tiny_runs):
-    (end, tmp) = tiny_runs[f"{flags} --model_dir={{tmp}}/{list(TINY_RUNS).index(flags)}"]
+    index = list(TINY_RUNS).index(flags)
+    (end, tmp) = tiny_runs[" ".join(run_line(index, flags))]
     assert end["status"] == 0, end["stderr"][-3000:]
-    model_dir = tmp / str(list(TINY_RUNS).index(flags))
+    model_dir = tmp / str(index)
     values = metrics(model_dir)
     check_metrics(values, 3)
     assert values["skipped_lines"] == {"train": 0, "valid": 0, "test": 0}
