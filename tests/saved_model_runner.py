@@ -6,10 +6,12 @@ Each input array (numbers, or an object array of str or bytes) is passed as its 
 signature's one input; the outputs are saved stacked in the order of their sorted names.
 Many SavedModels are served by one process: TensorFlow starts once. Only TensorFlow and
 tensorflow_text (whose ops the language models' tokenizers use) are imported.
+Imported, it gives the tests `serve_in_fresh_process`.
 """
 
 import importlib.abc
 import os
+import subprocess
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -21,6 +23,17 @@ class _BlockProjectPackages(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in PROJECT_PACKAGES:
             raise ImportError(f"{name} must not be needed to serve the SavedModel")
         return None
+
+
+def serve_in_fresh_process(requests, directory):
+    """Runs this script in a child process (in `directory`, without PYTHONPATH) on
+    `requests`, (SAVED_MODEL_DIR, INPUT.npy, OUTPUT.npy) triples; it must succeed."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    served = subprocess.run([sys.executable, os.path.abspath(__file__),
+                             *[str(path) for request in requests for path in request]],
+                            cwd=directory, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert served.returncode == 0, served.stderr[-3000:]
 
 
 def main(*paths):

@@ -14,10 +14,10 @@ import tensorflow as tf
 
 from tests.binary_runner import (check_refused, command_lines_fixture,
                                  refused_setups_fixture, run_command_lines)
+from tests.saved_model_runner import serve_in_fresh_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TFDS_MOCK_RUNNER = os.path.join(os.path.dirname(__file__), "tfds_mock_runner.py")
-SAVED_MODEL_RUNNER = os.path.join(os.path.dirname(__file__), "saved_model_runner.py")
 
 
 def lm_command(model_dir, *flags):
@@ -312,13 +312,10 @@ def assert_export_serves_the_checkpoint(model_dir, tmp_path):
                  b"caf\xe9 \xff\xfe not UTF-8"]
     np.save(tmp_path / "text.npy", np.array(sentences, dtype=object))
     np.save(tmp_path / "empty.npy", np.array([], dtype=object))
-    served = subprocess.run(
-        [sys.executable, SAVED_MODEL_RUNNER,
-         str(model_dir / "export"), str(tmp_path / "text.npy"), str(tmp_path / "out.npy"),
-         str(model_dir / "export"), str(tmp_path / "empty.npy"),
-         str(tmp_path / "empty_out.npy")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert served.returncode == 0, served.stderr[-3000:]
+    serve_in_fresh_process(
+        [(model_dir / "export", tmp_path / "text.npy", tmp_path / "out.npy"),
+         (model_dir / "export", tmp_path / "empty.npy", tmp_path / "empty_out.npy")],
+        tmp_path)
     log_prob, num_tokens, truncated, valid_utf8 = np.load(tmp_path / "out.npy")
     assert np.load(tmp_path / "empty_out.npy").shape == (4, 0)
 

@@ -1,18 +1,13 @@
 """A model holding the layer, exported and served in a fresh process without moe_tf."""
 
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from moe_tf import SparselyGatedMoE
+from tests.saved_model_runner import serve_in_fresh_process
 from tests.test_sparsely_gated_moe import randomize
-
-RUNNER = os.path.join(os.path.dirname(__file__), "saved_model_runner.py")
 
 
 X = np.random.default_rng(2).normal(size=(3, 5, 4)).astype(np.float32)
@@ -88,11 +83,8 @@ def served(tmp_path_factory):
             save_with_signature(model, exports[name, "saved_model"])
     np.save(tmp / "x.npy", X)
     outputs = {key: tmp / f"{key[0]}.{key[1]}.npy" for key in exports}
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, RUNNER, *[str(path) for key in exports
-                                              for path in (exports[key], tmp / "x.npy",
-                                                           outputs[key])]],
-                   check=True, env=env, cwd=tmp, timeout=300)
+    serve_in_fresh_process([(exports[key], tmp / "x.npy", outputs[key]) for key in exports],
+                           tmp)
     return {(name, export): (models[name], models[name](X, training=False).numpy(),
                              np.load(outputs[name, export])[0])
             for name, export in exports}
